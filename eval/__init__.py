@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval tasks scored against one live model, again and again."""

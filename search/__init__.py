@@ -1,0 +1,1 @@
+"""Search: Optuna studies over merge recipes."""
