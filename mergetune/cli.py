@@ -49,3 +49,69 @@ def main(
 ) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@app.command()
+@user_errors
+def merge(
+    recipe: Path = typer.Argument(..., help="mergekit-style recipe YAML (one or several stages)."),
+    out_dir: Path = typer.Argument(..., help="Directory to create with the merged model."),
+    seed: Optional[int] = typer.Option(None, help="Seed for random methods (DARE, DELLA); recorded in the card."),
+    device: str = typer.Option("cpu", help="Where the tensor math runs: cpu, cuda, cuda:N."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also read pickled .bin checkpoints (can run code)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 2GB, 500MB."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Merge models as RECIPE says and write the result to OUT_DIR."""
+    from tqdm import tqdm
+
+    from mergetune.merge_ops.disk import merge_recipe_file
+    from mergetune.merge_ops.recipe import load_recipes
+
+    recipe_file = load_recipes(recipe)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if quiet:
+            return
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="tensor", file=sys.stderr)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    result = merge_recipe_file(
+        recipe_file,
+        out_dir,
+        seed=seed,
+        device=device,
+        allow_pickle=allow_pickle,
+        overwrite=overwrite,
+        shard_bytes=parse_size(shard_size),
+        progress=progress,
+    )
+    for warning in result.warnings:
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+    seed_note = f", seed {result.seed}" if result.seed is not None else ""
+    typer.echo(f"wrote {result.output} ({result.tensors} tensors, {result.layers} layers{seed_note})")
+
+
+def parse_size(text: str) -> int:
+    """'5GB' → 5_000_000_000; plain numbers are bytes."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    cleaned = text.strip().upper()
+    for unit, factor in units.items():
+        if cleaned.endswith(unit):
+            number = cleaned[: -len(unit)].strip()
+            break
+    else:
+        number, factor = cleaned, 1
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise MergetuneError(f"--shard-size: cannot read '{text}' as a size like 5GB or 500MB") from None
+    if value <= 0:
+        raise MergetuneError(f"--shard-size: must be positive, got '{text}'")
+    return value

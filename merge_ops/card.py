@@ -1,0 +1,57 @@
+"""A short model card (README.md) for a merged model, in the community's usual shape."""
+
+from __future__ import annotations
+
+import html
+from typing import Optional
+
+from mergetune.merge_ops.plan import MergePlan
+from mergetune.merge_ops.recipe import Recipe
+
+
+def _escape(text: str) -> str:
+    """Model names are user input: keep them from injecting Markdown or HTML."""
+    return html.escape(text).replace("|", "\\|").replace("`", "\\`")
+
+
+def model_card(recipe: Recipe, plan: MergePlan, recipe_yaml: str, seed: Optional[int], extra: str = "") -> str:
+    models = recipe.referenced_models()
+    front = ["---", "library_name: transformers", "tags:", "- merge", "- mergetune", "- mergekit"]
+    hub_models = [model for model in models if model.count("/") == 1 and not model.startswith((".", "/"))]
+    if hub_models:
+        front.append("base_model:")
+        front.extend(f"- {model}" for model in hub_models)
+    front.append("---")
+    lines = [
+        *front,
+        "",
+        "# Merged model",
+        "",
+        f"Built with [mergetune](https://github.com/) using the **{plan.method.pretty_name}** merge method"
+        + (f" ([reference]({plan.method.reference}))" if plan.method.reference else "")
+        + ".",
+        "",
+        "## Models merged",
+        "",
+    ]
+    for model in models:
+        role = " (base)" if model == recipe.base_model else ""
+        lines.append(f"* {_escape(model)}{role}")
+    lines += [
+        "",
+        f"Output: {plan.config.get('num_hidden_layers', '?')} layers, {len(plan.ops)} tensors"
+        + (f", random seed {seed}" if seed is not None and plan.method.randomized else "")
+        + ".",
+        "",
+        "## Configuration",
+        "",
+        "This recipe reproduces the merge with `mergetune merge` or `mergekit-yaml`:",
+        "",
+        "```yaml",
+        recipe_yaml.rstrip().replace("```", "ʼʼʼ"),
+        "```",
+        "",
+    ]
+    if extra:
+        lines += [extra.rstrip(), ""]
+    return "\n".join(lines)

@@ -1,0 +1,203 @@
+"""Disk merge: a recipe file → a complete model directory (`mergetune merge`).
+
+Stages run in order; a named stage is written under the output's temporary
+directory and read back lazily by the stages after it. Tensors stream from
+memory-mapped inputs through the method into pre-sized safetensors shards, so
+peak memory is a few tensors. The directory is renamed into place only when
+everything (weights, config, tokenizer, recipe, model card) is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from mergetune.errors import MergetuneError
+from mergetune.merge_ops.card import model_card
+from mergetune.merge_ops.execute import run_op
+from mergetune.merge_ops.plan import MergePlan, plan_merge, validate_recipe
+from mergetune.merge_ops.recipe import Recipe, RecipeFile
+from mergetune.merge_ops.sources import TOKENIZER_FILES, CheckpointSource, TensorSource, open_source
+from mergetune.merge_ops.vocab import VocabAlignment, tokenizer_vocab
+from mergetune.merge_ops.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorEntry, atomic_directory
+
+log = logging.getLogger(__name__)
+
+RECIPE_FILE = "mergekit_config.yml"
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+Progress = Callable[[str, int, int], None]  # (stage, tensors done, tensors in stage)
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    tensors: int
+    layers: int
+    seed: Optional[int]
+    warnings: list[str]
+
+
+class SourceCache:
+    """Opens each referenced model once, whichever stages use it."""
+
+    def __init__(self, allow_pickle: bool):
+        self.allow_pickle = allow_pickle
+        self.opened: dict[str, TensorSource] = {}
+
+    def get(self, reference: str) -> TensorSource:
+        if reference not in self.opened:
+            self.opened[reference] = open_source(reference, allow_pickle=self.allow_pickle)
+        return self.opened[reference]
+
+
+def vocab_alignment(recipe: Recipe, sources: dict[str, TensorSource]) -> Optional[VocabAlignment]:
+    """The alignment `tokenizer_source` asks for, or None when tokenizers are kept as they are."""
+    choice = recipe.tokenizer_source
+    if choice is None:
+        return None
+    donor = recipe.base_model if choice == "base" else choice
+    if donor is None:
+        raise MergetuneError("tokenizer_source: 'base' needs a base_model")
+    if donor not in sources:
+        raise MergetuneError(f"tokenizer_source: {donor} is not one of the recipe's models")
+    vocabs = {name: tokenizer_vocab(source.directory, name) for name, source in sources.items()}
+    sizes = {name: int(source.config.get("vocab_size", len(vocabs[name]))) for name, source in sources.items()}
+    return VocabAlignment.build(vocabs[donor], vocabs, sizes, recipe.base_model)
+
+
+def tokenizer_donor(recipe: Recipe, plan: MergePlan) -> str:
+    choice = recipe.tokenizer_source
+    if choice and choice != "base":
+        return choice
+    return recipe.base_model or plan.donor
+
+
+def resolve_chat_template(value: str, sources: dict[str, TensorSource]) -> str:
+    if value == "auto":
+        found = []
+        for source in sources.values():
+            config = (source.directory / "tokenizer_config.json") if source.directory else None
+            if config and config.exists():
+                template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+                if isinstance(template, str):
+                    found.append(template.strip())
+            jinja = source.directory / "chat_template.jinja" if source.directory else None
+            if jinja and jinja.exists():
+                found.append(jinja.read_text(encoding="utf-8").strip())
+        if not found:
+            raise MergetuneError("chat_template: 'auto' but none of the input models has a chat template")
+        return Counter(found).most_common(1)[0][0]
+    if value == "chatml":
+        return CHATML
+    if "{" not in value:
+        raise MergetuneError(f"chat_template: '{value}' is neither a Jinja template, 'auto' nor 'chatml'")
+    return value
+
+
+def write_side_files(
+    directory: Path, recipe: Recipe, plan: MergePlan, sources: dict[str, TensorSource], recipe_yaml: str, seed: Optional[int]
+) -> None:
+    """config.json, generation config, tokenizer, chat template, recipe and model card."""
+    (directory / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+    donor_dir = sources[plan.donor].directory
+    if donor_dir and (donor_dir / "generation_config.json").exists():
+        shutil.copy(donor_dir / "generation_config.json", directory / "generation_config.json")
+    tokenizer_dir = sources[tokenizer_donor(recipe, plan)].directory
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).exists():
+                shutil.copy(tokenizer_dir / name, directory / name)
+    if recipe.chat_template:
+        template = resolve_chat_template(recipe.chat_template, sources)
+        (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+        config_path = directory / "tokenizer_config.json"
+        if config_path.exists():
+            tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))
+            tokenizer_config["chat_template"] = template
+            config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+    (directory / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
+    (directory / "README.md").write_text(model_card(recipe, plan, recipe_yaml, seed), encoding="utf-8")
+
+
+def merge_stage(
+    recipe: Recipe,
+    sources: dict[str, TensorSource],
+    directory: Path,
+    recipe_yaml: str,
+    seed: Optional[int],
+    device: str = "cpu",
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Optional[Progress] = None,
+) -> MergePlan:
+    """Plan one stage and stream its tensors into `directory`."""
+    plan = plan_merge(recipe, sources, vocab_alignment(recipe, sources))
+    writer = ShardedWriter(directory, [TensorEntry(op.output, op.shape, op.dtype) for op in plan.ops], shard_bytes)
+
+    def fetch(item):
+        return sources[item.model].get(item.name, device)
+
+    label = recipe.name or "merge"
+    try:
+        for index, op in enumerate(plan.ops):
+            writer.write(op.output, run_op(op, plan.method, fetch, seed, device))
+            if progress:
+                progress(label, index + 1, len(plan.ops))
+        writer.close()
+    except OSError as error:
+        writer.abort()
+        raise MergetuneError(f"writing {directory}: {error.strerror or error}") from None
+    except BaseException:
+        writer.abort()
+        raise
+    write_side_files(directory, recipe, plan, sources, recipe_yaml, seed)
+    return plan
+
+
+def merge_recipe_file(
+    recipe_file: RecipeFile,
+    out_dir: Path,
+    seed: Optional[int] = None,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Optional[Progress] = None,
+) -> MergeResult:
+    """Run every stage of a recipe file; the last stage's output becomes `out_dir`."""
+    for stage in recipe_file.stages:
+        validate_recipe(stage)
+    if seed is None and any(_randomized(stage) for stage in recipe_file.stages):
+        seed = secrets.randbelow(2**31)
+        log.warning("no --seed given for a random method; using seed %d (recorded in the model card)", seed)
+    cache = SourceCache(allow_pickle)
+    stage_outputs: dict[str, TensorSource] = {}
+    warnings: list[str] = []
+    with atomic_directory(out_dir, overwrite=overwrite) as partial:
+        for stage in recipe_file.stages:
+            sources = {
+                ref: stage_outputs[ref] if ref in stage_outputs else cache.get(ref) for ref in stage.referenced_models()
+            }
+            is_final = stage is recipe_file.final
+            directory = partial if is_final else partial / ".stages" / stage.name
+            directory.mkdir(parents=True, exist_ok=True)
+            yaml_text = recipe_file.to_yaml() if is_final else stage.to_yaml()
+            plan = merge_stage(stage, sources, directory, yaml_text, seed, device, shard_bytes, progress)
+            warnings.extend(plan.warnings)
+            if not is_final:
+                stage_outputs[stage.name] = CheckpointSource(stage.name, directory)
+        stage_outputs.clear()
+        shutil.rmtree(partial / ".stages", ignore_errors=True)
+    return MergeResult(out_dir, len(plan.ops), int(plan.config.get("num_hidden_layers", 0)), seed, warnings)
+
+
+def _randomized(recipe: Recipe) -> bool:
+    return validate_recipe(recipe).randomized

@@ -1,0 +1,45 @@
+"""Executing one planned operation: fetch its inputs, run the method, cast the result."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Optional
+
+import torch
+
+from mergetune.errors import MergetuneError
+from mergetune.merge_ops.methods import MergeInputs, MethodSpec
+from mergetune.merge_ops.plan import TensorInput, TensorOp
+
+Fetch = Callable[[TensorInput], torch.Tensor]
+
+
+def tensor_generator(seed: int, output: str, model: str, device: str) -> torch.Generator:
+    """A generator seeded from (seed, tensor, model): order-independent, reproducible randomness."""
+    key = zlib.crc32(f"{seed}\x00{output}\x00{model}".encode())
+    return torch.Generator(device=device).manual_seed(key)
+
+
+def merge_inputs(
+    op: TensorOp, tensors: list[torch.Tensor], method: MethodSpec, seed: Optional[int], device: str
+) -> MergeInputs:
+    generators = None
+    if method.randomized and seed is not None:
+        generators = [tensor_generator(seed, op.output, item.model, device) for item in op.inputs]
+    return MergeInputs(tensors=tensors, base_index=op.base_index, per_input=op.per_input, generators=generators)
+
+
+def run_op(op: TensorOp, method: MethodSpec, fetch: Fetch, seed: Optional[int], device: str = "cpu") -> torch.Tensor:
+    """The output tensor of one operation, in the op's output dtype, on `device`."""
+    tensors = [fetch(item).to(device=device) for item in op.inputs]
+    if not op.compute_dtype.is_floating_point:
+        # Integer buffers (e.g. position ids) are copied, never averaged.
+        return tensors[op.base_index or 0].clone()
+    tensors = [tensor.to(op.compute_dtype) for tensor in tensors]
+    if op.vocab is not None:
+        tensors = op.vocab.align([item.model for item in op.inputs], tensors)
+    try:
+        result = method.merge(merge_inputs(op, tensors, method, seed, device), **op.shared)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise MergetuneError(f"tensor {op.output}: {method.name} failed: {error}") from None
+    return result.to(op.dtype)

@@ -1,0 +1,405 @@
+"""Planning: a recipe plus its sources' metadata → one operation per output tensor.
+
+No tensor data is read here. The plan names, for every output tensor, which input
+tensors feed it, the method's parameters resolved for it (filters, gradients,
+lookup order), and its shape and dtype. Executing a plan (to disk, or into a live
+model) is a separate step; the search re-plans each candidate in milliseconds.
+
+Layout rules, as mergekit's: a `models:` recipe is one slice over every layer of
+every model (the base is appended if it is not listed); each output slice's
+layers get `t = i / (n - 1)` for gradients; embeddings come from the first
+slice's sources and the final norm / lm_head from the last slice's, with t = 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+import torch
+
+from mergetune.errors import MergetuneError
+from mergetune.merge_ops.methods import METHODS, REQUIRED, BasePolicy, MethodSpec, Scope
+from mergetune.merge_ops.parameters import (
+    check_value,
+    coercer,
+    empty_gradients,
+    filters_of,
+    numeric_leaves,
+    resolve,
+)
+from mergetune.merge_ops.recipe import InputSlice, OutputSlice, Parameters, Recipe
+from mergetune.merge_ops.sources import TensorSource
+
+if TYPE_CHECKING:
+    from mergetune.merge_ops.vocab import VocabAlignment
+
+log = logging.getLogger(__name__)
+
+LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<suffix>.+)$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPE_NAMES = {value: key for key, value in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    model: str
+    name: str
+
+
+@dataclass
+class TensorOp:
+    """How to make one output tensor."""
+
+    output: str
+    inputs: tuple[TensorInput, ...]
+    base_index: Optional[int]
+    shared: dict[str, Any]
+    per_input: dict[str, list[Any]]
+    shape: tuple[int, ...]
+    compute_dtype: torch.dtype
+    dtype: torch.dtype
+    t: float
+    # Set for embedding-like tensors when the inputs' vocabularies are aligned first (vocab.py).
+    vocab: Optional["VocabAlignment"] = None
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MethodSpec
+    ops: list[TensorOp]
+    config: dict[str, Any]
+    donor: str
+    warnings: list[str] = field(default_factory=list)
+
+    def op(self, output: str) -> TensorOp:
+        return next(op for op in self.ops if op.output == output)
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """A model's tensor names split into decoder layers and the rest."""
+
+    prefix: Optional[str]
+    layers: list[list[str]]  # suffixes per layer index
+    pre: list[str]  # embeddings: taken from the first slice
+    post: list[str]  # final norm, lm_head: taken from the last slice
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def layout_of(source: TensorSource) -> LayerLayout:
+    prefix = None
+    layers: dict[int, list[str]] = {}
+    rest = []
+    for name in source.names():
+        match = LAYER_PATTERN.match(name)
+        if match:
+            prefix = prefix or match["prefix"]
+            layers.setdefault(int(match["index"]), []).append(match["suffix"])
+        else:
+            rest.append(name)
+    count = len(layers)
+    if layers and sorted(layers) != list(range(count)):
+        raise MergetuneError(f"model {source.label}: layer indices are not contiguous from 0: {sorted(layers)}")
+    pre = [name for name in rest if "embed" in name or name.split(".")[-2:-1] in (["wte"], ["wpe"])]
+    post = [name for name in rest if name not in pre]
+    return LayerLayout(prefix, [layers[index] for index in range(count)], pre, post)
+
+
+def _is_tied_head(name: str) -> bool:
+    return name.endswith("lm_head.weight")
+
+
+# ------------------------------------------------------------------- validation
+
+
+def validate_recipe(recipe: Recipe) -> MethodSpec:
+    """Checks that need no model: method, parameter names, types and ranges."""
+    method = METHODS.get(recipe.merge_method)
+    if method is None:
+        raise MergetuneError(
+            f"unknown merge_method '{recipe.merge_method}'; supported: {', '.join(sorted(METHODS))}"
+        )
+    for where, parameters in _parameter_scopes(recipe):
+        for name, setting in (parameters or {}).items():
+            spec = method.param(name)
+            if spec is None:
+                known = ", ".join(p.name for p in method.params) or "none"
+                raise MergetuneError(f"{where}: unknown parameter '{name}' for {method.name} (it takes: {known})")
+            if empty_gradients(setting):
+                raise MergetuneError(f"{where}.{name}: empty gradient list")
+            coerce = coercer(spec.value_type)
+            for value in numeric_leaves(setting):
+                problem = check_value(coerce, value)
+                if problem:
+                    raise MergetuneError(f"{where}.{name}: {value!r} is not valid: {problem}")
+                if spec.low is not None and isinstance(value, (int, float)) and spec.out_of_range(value):
+                    raise MergetuneError(f"{where}.{name}: {value} is outside {spec.range_text()}")
+    for dtype_field in ("dtype", "out_dtype"):
+        value = getattr(recipe, dtype_field)
+        if value is not None and value not in DTYPES:
+            raise MergetuneError(f"{dtype_field}: '{value}' is not one of {', '.join(DTYPES)}")
+    if recipe.tokenizer_source == "union":
+        raise MergetuneError("tokenizer_source: 'union' is not supported; use 'base' or a model path")
+    return method
+
+
+def _parameter_scopes(recipe: Recipe):
+    yield "parameters", recipe.parameters
+    for index, model in enumerate(recipe.models or []):
+        yield f"models[{index}] ({model.model}).parameters", model.parameters
+    for slice_index, out_slice in enumerate(recipe.slices or []):
+        yield f"slices[{slice_index}].parameters", out_slice.parameters
+        for source_index, source in enumerate(out_slice.sources):
+            yield f"slices[{slice_index}].sources[{source_index}] ({source.model}).parameters", source.parameters
+
+
+# --------------------------------------------------------------------- planning
+
+
+class Planner:
+    """Builds a `MergePlan` for one recipe stage from its sources' metadata."""
+
+    def __init__(self, recipe: Recipe, sources: Mapping[str, TensorSource]):
+        self.recipe = recipe
+        self.method = validate_recipe(recipe)
+        missing = [name for name in recipe.referenced_models() if name not in sources]
+        if missing:
+            raise MergetuneError(f"no source for model(s): {', '.join(missing)}")
+        self.sources = sources
+        self.layouts = {name: layout_of(sources[name]) for name in recipe.referenced_models()}
+        self._names = {name: set(sources[name].names()) for name in recipe.referenced_models()}
+        self._coercers = {spec.name: coercer(spec.value_type) for spec in self.method.params}
+
+    # -- structure
+
+    def slices(self) -> list[OutputSlice]:
+        if self.recipe.slices:
+            return self.recipe.slices
+        sources = [
+            InputSlice(model=model.model, layer_range=(0, self._layer_count(model.model)), parameters=model.parameters)
+            for model in self.recipe.models or []
+        ]
+        base = self.recipe.base_model
+        if base and all(source.model != base for source in sources):
+            sources.append(InputSlice(model=base, layer_range=(0, self._layer_count(base))))
+        return [OutputSlice(sources=sources)]
+
+    def _layer_count(self, model: str) -> int:
+        count = self.layouts[model].num_layers
+        if count == 0:
+            raise MergetuneError(f"model {model}: no decoder layers found (tensor names like '*.layers.N.*')")
+        return count
+
+    def _check_contract(self, index: int, out_slice: OutputSlice) -> Optional[int]:
+        """Validate input counts and the base for one slice; return the base's position."""
+        models = [source.model for source in out_slice.sources]
+        where = f"slice {index}" if self.recipe.slices else "models"
+        if len(set(models)) != len(models):
+            raise MergetuneError(f"{where}: a model is listed twice ({', '.join(models)})")
+        method = self.method
+        base = out_slice.base_model or self.recipe.base_model
+        base_index = models.index(base) if base in models else None
+        if method.base == BasePolicy.REQUIRED:
+            if base is None:
+                raise MergetuneError(f"{method.name} needs a base_model")
+            if base_index is None:
+                raise MergetuneError(f"{where}: base_model {base} is not among its sources")
+        if method.base == BasePolicy.IGNORED:
+            base_index = None
+        count = len(models)
+        if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
+            expected = (
+                f"exactly {method.min_inputs}"
+                if method.max_inputs == method.min_inputs
+                else f"at least {method.min_inputs}" + (f" and at most {method.max_inputs}" if method.max_inputs else "")
+            )
+            raise MergetuneError(f"{where}: {method.name} takes {expected} input model(s), got {count}")
+        if method.non_base_count is not None:
+            non_base = count - (base_index is not None)
+            if non_base != method.non_base_count:
+                raise MergetuneError(
+                    f"{where}: {method.name} takes exactly {method.non_base_count} models besides the base, got {non_base}"
+                )
+        for source in out_slice.sources:
+            available = self.layouts[source.model].num_layers
+            if source.layer_range[1] > available:
+                raise MergetuneError(
+                    f"{where}: layer_range {list(source.layer_range)} of {source.model} exceeds its {available} layers"
+                )
+        lengths = {source.layer_range[1] - source.layer_range[0] for source in out_slice.sources}
+        if len(lengths) > 1:
+            ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in out_slice.sources)
+            raise MergetuneError(f"{where}: all sources of a slice need the same number of layers ({ranges})")
+        return base_index
+
+    # -- tensors
+
+    def plan(self, vocab: Optional["VocabAlignment"] = None) -> MergePlan:
+        slices = self.slices()
+        bases = [self._check_contract(index, out_slice) for index, out_slice in enumerate(slices)]
+        donor = self.recipe.base_model or self.recipe.referenced_models()[0]
+        out_prefix = self.layouts[donor].prefix or self.layouts[slices[0].sources[0].model].prefix
+        ops: list[TensorOp] = []
+        first, last = slices[0], slices[-1]
+        for name in self._non_layer_names(first, "pre"):
+            ops.append(self._op(name, [(s, name) for s in first.sources], bases[0], first, 0.0, vocab))
+        out_layer = 0
+        for out_slice, base_index in zip(slices, bases):
+            length = out_slice.sources[0].layer_range[1] - out_slice.sources[0].layer_range[0]
+            for offset in range(length):
+                t = offset / (length - 1) if length > 1 else 1.0
+                anchor = out_slice.sources[0]
+                for suffix in self.layouts[anchor.model].layers[anchor.layer_range[0] + offset]:
+                    inputs = [
+                        (source, f"{self.layouts[source.model].prefix}.{source.layer_range[0] + offset}.{suffix}")
+                        for source in out_slice.sources
+                    ]
+                    ops.append(self._op(f"{out_prefix}.{out_layer}.{suffix}", inputs, base_index, out_slice, t, None))
+                out_layer += 1
+        for name in self._non_layer_names(last, "post"):
+            ops.append(self._op(name, [(s, name) for s in last.sources], bases[-1], last, 0.0, vocab))
+        config = self._output_config(donor, out_layer, vocab)
+        plan = MergePlan(self.recipe, self.method, ops, config, donor)
+        plan.warnings.extend(self._unmatched_filters(ops))
+        for warning in plan.warnings:
+            log.info(warning)
+        return plan
+
+    def _non_layer_names(self, out_slice: OutputSlice, part: str) -> list[str]:
+        names: dict[str, None] = {}
+        for source in out_slice.sources:
+            for name in getattr(self.layouts[source.model], part):
+                names[name] = None
+        return list(names)
+
+    def _resolve_input_name(self, model: str, name: str) -> str:
+        if name in self._names[model]:
+            return name
+        if _is_tied_head(name):
+            embed = next((n for n in self.layouts[model].pre if n.endswith("embed_tokens.weight")), None)
+            if embed:
+                return embed  # tied embeddings: lm_head is the embedding matrix
+        raise MergetuneError(f"tensor {name} is missing from model {model}")
+
+    def _op(
+        self,
+        output: str,
+        inputs: Sequence[tuple[InputSlice, str]],
+        base_index: Optional[int],
+        out_slice: OutputSlice,
+        t: float,
+        vocab: Optional["VocabAlignment"],
+    ) -> TensorOp:
+        resolved = [TensorInput(source.model, self._resolve_input_name(source.model, name)) for source, name in inputs]
+        shapes = [self.sources[item.model].shape(item.name) for item in resolved]
+        aligned = vocab if vocab is not None and vocab.applies(resolved, shapes) else None
+        shape = shapes[0] if aligned is None else (aligned.size, *shapes[0][1:])
+        if aligned is None:
+            for item, item_shape in zip(resolved[1:], shapes[1:]):
+                if item_shape != shapes[0]:
+                    raise MergetuneError(
+                        f"tensor {output}: shape {list(shapes[0])} in {resolved[0].model} ({resolved[0].name}) "
+                        f"but {list(item_shape)} in {item.model} ({item.name})"
+                        + (" — set tokenizer_source to merge models with different vocabularies" if "embed" in output or "lm_head" in output else "")
+                    )
+        dtypes = [self.sources[item.model].dtype(item.name) for item in resolved]
+        if self.recipe.dtype:
+            compute = DTYPES[self.recipe.dtype]
+        else:
+            compute = dtypes[0]
+            for dtype in dtypes[1:]:
+                compute = torch.promote_types(compute, dtype)
+        if not compute.is_floating_point:
+            out_dtype = dtypes[0]
+        else:
+            out_dtype = DTYPES[self.recipe.out_dtype] if self.recipe.out_dtype else compute
+        shared, per_input = self._parameters(output, inputs, resolved, base_index, out_slice, t)
+        return TensorOp(
+            output=output,
+            inputs=tuple(resolved),
+            base_index=base_index,
+            shared=shared,
+            per_input=per_input,
+            shape=tuple(shape),
+            compute_dtype=compute,
+            dtype=out_dtype,
+            t=t,
+            vocab=aligned,
+        )
+
+    def _parameters(
+        self,
+        output: str,
+        inputs: Sequence[tuple[InputSlice, str]],
+        resolved: Sequence[TensorInput],
+        base_index: Optional[int],
+        out_slice: OutputSlice,
+        t: float,
+    ) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+        global_scopes: list[Optional[Parameters]] = [out_slice.parameters, self.recipe.parameters]
+        shared = {}
+        per_input: dict[str, list[Any]] = {}
+        for spec in self.method.params:
+            coerce = self._coercers[spec.name]
+            if spec.scope == Scope.SHARED:
+                shared[spec.name] = self._required(
+                    spec.name, resolve(spec.name, global_scopes, output, t, coerce, spec.default), output, None
+                )
+                continue
+            values = []
+            for position, ((source, _), item) in enumerate(zip(inputs, resolved)):
+                if spec.scope == Scope.NON_BASE and position == base_index:
+                    values.append(None)
+                    continue
+                scopes = [s.parameters for s in out_slice.sources if s.model == source.model] + global_scopes
+                value = resolve(spec.name, scopes, item.name, t, coerce, spec.default)
+                values.append(self._required(spec.name, value, item.name, source.model))
+            per_input[spec.name] = values
+        return shared, per_input
+
+    def _required(self, name: str, value: Any, tensor: str, model: Optional[str]) -> Any:
+        if value is REQUIRED:
+            owner = f" of model {model}" if model else ""
+            raise MergetuneError(
+                f"parameter '{name}' is required by {self.method.name} but has no value for tensor {tensor}{owner}"
+            )
+        return value
+
+    def _unmatched_filters(self, ops: list[TensorOp]) -> list[str]:
+        names = [op.output for op in ops] + [item.name for op in ops for item in op.inputs]
+        warnings = []
+        for where, parameters in _parameter_scopes(self.recipe):
+            for name, setting in (parameters or {}).items():
+                for text in filters_of(setting):
+                    if not any(text in tensor for tensor in names):
+                        warnings.append(f"{where}.{name}: filter '{text}' matches no tensor")
+        return warnings
+
+    def _output_config(self, donor: str, num_layers: int, vocab: Optional["VocabAlignment"]) -> dict[str, Any]:
+        config = copy.deepcopy(self.sources[donor].config)
+        if "num_hidden_layers" in config or "n_layer" not in config:
+            config["num_hidden_layers"] = num_layers
+        else:
+            config["n_layer"] = num_layers
+        dtype_name = self.recipe.out_dtype or self.recipe.dtype
+        if dtype_name:
+            config["torch_dtype"] = dtype_name
+            config["dtype"] = dtype_name
+        if vocab is not None:
+            config["vocab_size"] = vocab.size
+        return config
+
+
+def plan_merge(
+    recipe: Recipe, sources: Mapping[str, TensorSource], vocab: Optional["VocabAlignment"] = None
+) -> MergePlan:
+    return Planner(recipe, sources).plan(vocab)
+

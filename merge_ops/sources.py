@@ -1,0 +1,231 @@
+"""Where input tensors come from: checkpoints on disk (lazily, memory-mapped) or tensors in memory.
+
+Every source answers the same questions (names, shapes, dtypes, a tensor by
+name, the model config), so the planner and the executor never care whether a
+model is a sharded safetensors directory, a hub id fetched into the cache, an
+earlier stage of a multi-stage recipe, or weights already resident on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from mergetune.errors import MergetuneError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+# Files a merge output carries over from its donor model, besides weights and config.
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class TensorSource(Protocol):
+    """What the planner and executor need to know about one input model."""
+
+    label: str
+    config: dict[str, Any]
+    directory: Optional[Path]
+
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def get(self, name: str, device: str = "cpu") -> torch.Tensor: ...
+
+
+class CheckpointSource:
+    """A model directory of safetensors shards, read tensor by tensor through mmap.
+
+    Only headers are read up front; a tensor's bytes are paged in when it is asked
+    for, so the merge never holds a whole model in memory.
+    """
+
+    def __init__(self, label: str, directory: Path, allow_pickle: bool = False):
+        self.label = label
+        self.directory = directory
+        self.config = _read_config(directory, label)
+        self._shard_of: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._handles: dict[Path, Any] = {}
+        self._pickled: dict[str, torch.Tensor] = {}
+        shards = _safetensors_shards(directory, label)
+        if shards:
+            self._index_safetensors(shards)
+        else:
+            self._load_pickled(directory, label, allow_pickle)
+
+    def _index_safetensors(self, shards: list[Path]) -> None:
+        for shard in shards:
+            handle = self._open(shard)
+            for name in handle.keys():
+                tensor_slice = handle.get_slice(name)
+                self._shard_of[name] = shard
+                self._shapes[name] = tuple(tensor_slice.get_shape())
+                self._dtypes[name] = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.float32)
+
+    def _open(self, shard: Path):
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(str(shard), framework="pt")
+            except (SafetensorError, OSError, ValueError) as error:
+                raise MergetuneError(f"model {self.label}: cannot read {shard}: {error} (corrupt or truncated?)") from None
+        return self._handles[shard]
+
+    def _load_pickled(self, directory: Path, label: str, allow_pickle: bool) -> None:
+        files = sorted(directory.glob("pytorch_model*.bin"))
+        if not files:
+            raise MergetuneError(f"model {label}: no *.safetensors (or pytorch_model*.bin) weights in {directory}")
+        if not allow_pickle:
+            raise MergetuneError(
+                f"model {label}: only pickled weights ({files[0].name}) in {directory}; pickles can run code when "
+                "loaded. Convert them to safetensors, or pass --allow-pickle if you trust this model"
+            )
+        for file in files:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as error:  # torch raises many types for a bad pickle
+                raise MergetuneError(f"model {label}: cannot load {file}: {error}") from None
+            self._pickled.update(state)
+        for name, tensor in self._pickled.items():
+            self._shapes[name] = tuple(tensor.shape)
+            self._dtypes[name] = tensor.dtype
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[name]
+
+    def get(self, name: str, device: str = "cpu") -> torch.Tensor:
+        if name in self._pickled:
+            return self._pickled[name].to(device)
+        shard = self._shard_of[name]
+        try:
+            tensor = self._open(shard).get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise MergetuneError(f"model {self.label}: cannot read tensor {name} from {shard}: {error}") from None
+        return tensor.to(device) if device != "cpu" else tensor
+
+
+class MemorySource:
+    """Tensors already in memory: an earlier stage's output, or sources kept resident for a search."""
+
+    def __init__(
+        self,
+        label: str,
+        tensors: Mapping[str, torch.Tensor],
+        config: dict[str, Any],
+        directory: Optional[Path] = None,
+    ):
+        self.label = label
+        self.tensors = dict(tensors)
+        self.config = config
+        self.directory = directory
+
+    @classmethod
+    def resident(cls, source: TensorSource, device: str = "cpu") -> "MemorySource":
+        """Load every tensor of `source` onto `device` once."""
+        tensors = {name: source.get(name, device) for name in source.names()}
+        return cls(source.label, tensors, source.config, source.directory)
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def get(self, name: str, device: str = "cpu") -> torch.Tensor:
+        return self.tensors[name].to(device)
+
+
+def _read_config(directory: Path, label: str) -> dict[str, Any]:
+    path = directory / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MergetuneError(f"model {label}: no config.json in {directory}") from None
+    except (OSError, ValueError) as error:
+        raise MergetuneError(f"model {label}: cannot read {path}: {error}") from None
+
+
+def _safetensors_shards(directory: Path, label: str) -> list[Path]:
+    index = directory / SAFETENSORS_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as error:
+            raise MergetuneError(f"model {label}: cannot read {index}: {error}") from None
+        shards = sorted({directory / file for file in weight_map.values()})
+        missing = [shard.name for shard in shards if not shard.exists()]
+        if missing:
+            raise MergetuneError(f"model {label}: {index.name} lists shard(s) that are missing: {', '.join(missing)}")
+        return shards
+    return sorted(directory.glob("*.safetensors"))
+
+
+def resolve_model_directory(reference: str) -> Path:
+    """A local directory as is; anything else is a hub id fetched (or found) in the HF cache."""
+    path = Path(os.path.expanduser(reference))
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise MergetuneError(f"model {reference}: is a file, expected a model directory")
+    if reference.startswith((".", "/", "~")) or reference.count("/") != 1:
+        raise MergetuneError(f"model {reference}: no such directory (and not a hub id of the form org/name)")
+    from huggingface_hub import snapshot_download
+
+    log.info("fetching %s from the Hugging Face hub (safetensors, config, tokenizer)", reference)
+    try:
+        return Path(
+            snapshot_download(
+                reference,
+                allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.model", "*.jinja", "merges.txt"],
+            )
+        )
+    except Exception as error:  # hub errors come in many types; all mean "can't get it"
+        raise MergetuneError(
+            f"model {reference}: not a local directory, and fetching it from the hub failed: {error}"
+        ) from None
+
+
+def open_source(reference: str, allow_pickle: bool = False) -> CheckpointSource:
+    return CheckpointSource(reference, resolve_model_directory(reference), allow_pickle=allow_pickle)

@@ -1,0 +1,119 @@
+"""Pruning of task vectors (delta = model - base) before they are combined.
+
+`magnitude` keeps the largest entries (TIES), `bernoulli` keeps a random fraction
+(DARE), `magnitude_outliers` drops the smallest and the largest (Model
+Breadcrumbs), `della_magprune` keeps each entry with a probability that grows with
+its rank in its row (DELLA). With `rescale`, the pruned tensor is scaled back to
+the L1 norm of the original, as mergekit does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+import torch
+
+
+class Sparsifier(Protocol):
+    def __call__(
+        self,
+        tensor: torch.Tensor,
+        *,
+        density: float,
+        rescale: bool,
+        generator: Optional[torch.Generator] = None,
+        **extra: float,
+    ) -> torch.Tensor: ...
+
+
+def _masked(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+    masked = tensor * mask
+    if not rescale:
+        return masked
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def _sort_key(tensor: torch.Tensor) -> torch.Tensor:
+    """Magnitudes to rank by; sorted in float32 on the CPU, where half types are slow or missing."""
+    magnitudes = tensor.abs().reshape(-1)
+    return magnitudes.float() if magnitudes.device.type == "cpu" else magnitudes
+
+
+def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """bernoulli has no float16 CPU kernel: sample in float32 there."""
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        return tensor.dtype
+    return torch.float32
+
+
+def magnitude(
+    tensor: torch.Tensor, *, density: float, rescale: bool, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    if density >= 1:
+        return tensor
+    if density <= 0 or tensor.numel() == 0:
+        return torch.zeros_like(tensor)
+    keep = max(1, int(density * tensor.numel()))
+    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+    mask[torch.argsort(_sort_key(tensor), descending=True)[:keep]] = 1
+    return _masked(tensor, mask.reshape_as(tensor), rescale)
+
+
+def magnitude_outliers(
+    tensor: torch.Tensor,
+    *,
+    density: float,
+    rescale: bool,
+    gamma: float = 0.01,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    if density >= 1:
+        return tensor
+    count = tensor.numel()
+    keep = int(density * count)
+    top = int(gamma * count)
+    bottom = max(0, count - keep - top)
+    order = torch.sort(_sort_key(tensor), descending=False).indices
+    mask = torch.zeros(count, dtype=tensor.dtype, device=tensor.device)
+    mask[order[bottom : bottom + keep]] = 1
+    return _masked(tensor, mask.reshape_as(tensor), rescale)
+
+
+def bernoulli(
+    tensor: torch.Tensor, *, density: float, rescale: bool, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    if density >= 1:
+        return tensor
+    work = _work_dtype(tensor)
+    mask = torch.bernoulli(torch.full_like(tensor, density, dtype=work), generator=generator)
+    return _masked(tensor.to(work), mask, rescale).to(tensor.dtype)
+
+
+def della_magprune(
+    tensor: torch.Tensor,
+    *,
+    density: float,
+    rescale: bool,
+    epsilon: float = 0.15,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    if density >= 1:
+        return tensor
+    if density <= 0:
+        return torch.zeros_like(tensor)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"DELLA needs density ± epsilon inside (0, 1); got density={density}, epsilon={epsilon}")
+    shape = tensor.shape
+    work = _work_dtype(tensor)
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    position = ((ranks - low) / (high - low)).clamp(0, 1)
+    probabilities = (density - epsilon) + position * 2 * epsilon
+    mask = torch.bernoulli(probabilities, generator=generator).to(work)
+    return _masked(rows.to(work), mask, rescale).to(tensor.dtype).reshape(shape)

@@ -1,0 +1,156 @@
+"""Streaming sharded safetensors output, and directories that appear only when complete.
+
+The plan knows every output tensor's name, shape and dtype before any is
+computed, so each shard's header is written first and tensors are appended as
+they are produced: memory holds one tensor at a time, never a shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator, Optional, Sequence
+
+import torch
+
+from mergetune.errors import MergetuneError
+
+SAFETENSORS_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _shard_layout(entries: Sequence[TensorEntry], max_shard_bytes: int) -> list[list[TensorEntry]]:
+    shards: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def _header(entries: Sequence[TensorEntry]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": SAFETENSORS_DTYPE_NAMES[entry.dtype],
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
+        offset += entry.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class ShardedWriter:
+    """Writes the planned tensors, in plan order, into sharded safetensors files."""
+
+    def __init__(self, directory: Path, entries: Sequence[TensorEntry], max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.directory = directory
+        self.shards = _shard_layout(entries, max_shard_bytes)
+        total = len(self.shards)
+        self.files = (
+            ["model.safetensors"]
+            if total == 1
+            else [f"model-{index + 1:05d}-of-{total:05d}.safetensors" for index in range(total)]
+        )
+        self._order = [(shard, entry) for shard, members in enumerate(self.shards) for entry in members]
+        self._position = 0
+        self._open_shard = -1
+        self._handle: Optional[BinaryIO] = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, entry = self._order[self._position]
+        if entry.name != name:
+            raise RuntimeError(f"tensors must be written in plan order: expected {entry.name}, got {name}")
+        if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+            raise MergetuneError(
+                f"tensor {name}: produced shape {list(tensor.shape)} {tensor.dtype}, "
+                f"planned {list(entry.shape)} {entry.dtype}"
+            )
+        if shard != self._open_shard:
+            self._switch_to(shard)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._handle.write(memoryview(data))
+        self._position += 1
+
+    def _switch_to(self, shard: int) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self._handle = open(self.directory / self.files[shard], "wb")
+        self._handle.write(_header(self.shards[shard]))
+        self._open_shard = shard
+
+    def abort(self) -> None:
+        """Release the open shard after a failure (the caller discards the directory)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def close(self) -> None:
+        self.abort()
+        if self._position != len(self._order):
+            raise RuntimeError(f"only {self._position} of {len(self._order)} planned tensors were written")
+        if len(self.files) > 1:
+            weight_map = {entry.name: self.files[shard] for shard, entry in self._order}
+            total = sum(entry.nbytes for _, entry in self._order)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a sibling temporary directory; rename it onto `target` only if the block succeeds.
+
+    A failed, killed or interrupted merge leaves no directory at `target`, so
+    nothing half-written can pass for a finished model.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise MergetuneError(f"output directory {target} already exists (use --overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
