@@ -1,0 +1,127 @@
+"""In-memory builds: resident source tensors + a live model + a recipe → merged weights in place.
+
+This is the search's hot path. Sources are loaded onto the device once; each
+candidate recipe is planned (milliseconds) and its tensors are computed from the
+resident inputs and copied straight into the live model's existing parameters:
+no disk I/O, no reallocation of the model, no reload. SLERP's per-tensor geometry
+(norms and angle of each pair) does not depend on `t`, so it is measured once and
+each candidate costs a single weighted sum per tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Mapping, Optional
+
+import torch
+
+from mergetune.errors import MergetuneError
+from mergetune.merge_ops.execute import run_op
+from mergetune.merge_ops.methods import SlerpGeometry, slerp_coefficients, slerp_combine, slerp_geometry
+from mergetune.merge_ops.plan import MergePlan, TensorOp, plan_merge
+from mergetune.merge_ops.recipe import Recipe, RecipeFile
+from mergetune.merge_ops.sources import MemorySource, TensorSource
+
+log = logging.getLogger(__name__)
+
+
+def live_model(config: dict, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """An uninitialised transformers model of the output architecture, parameters allocated on `device`.
+
+    Parameters are created empty (no random init: a 7B model would take minutes);
+    buffers such as rotary frequencies are built normally. The first build fills
+    every parameter.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise MergetuneError("output config has no model_type; cannot build a live model")
+    fields = {key: value for key, value in config.items() if key not in ("model_type", "transformers_version")}
+    hf_config = AutoConfig.for_model(model_type, **fields)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.device.type == "meta":
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False
+                )
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+class InMemoryBuilder:
+    """Builds candidate recipes into one live model, again and again."""
+
+    def __init__(self, sources: Mapping[str, TensorSource], model: torch.nn.Module, device: str = "cpu"):
+        self.device = device
+        self.sources: dict[str, TensorSource] = {
+            name: source if isinstance(source, MemorySource) else MemorySource.resident(source, device)
+            for name, source in sources.items()
+        }
+        self.model = model
+        self.targets = model.state_dict(keep_vars=True)
+        self._geometry: dict[tuple, SlerpGeometry] = {}
+
+    @classmethod
+    def for_recipe(
+        cls, recipe: Recipe, sources: Mapping[str, TensorSource], device: str = "cpu", dtype: Optional[torch.dtype] = None
+    ) -> "InMemoryBuilder":
+        """Resident sources and a live model shaped like `recipe`'s output."""
+        resident = {name: MemorySource.resident(source, device) for name, source in sources.items()}
+        config = plan_merge(recipe, resident).config
+        return cls(resident, live_model(config, device, dtype), device)
+
+    def build(self, recipe: Recipe | RecipeFile, seed: Optional[int] = None) -> MergePlan:
+        """Write the recipe's merged tensors into the live model's parameters."""
+        stages = recipe.stages if isinstance(recipe, RecipeFile) else [recipe]
+        sources = dict(self.sources)
+        for stage in stages[:-1]:
+            plan = plan_merge(stage, sources)
+            tensors = {op.output: self._compute(op, plan, sources, seed) for op in plan.ops}
+            sources[stage.name] = MemorySource(stage.name, tensors, plan.config)
+        plan = plan_merge(stages[-1], sources)
+        self._check_fits(plan)
+        with torch.no_grad():
+            for op in plan.ops:
+                target = self.targets[op.output]
+                target.copy_(self._compute(op, plan, sources, seed))
+        return plan
+
+    def _check_fits(self, plan: MergePlan) -> None:
+        for op in plan.ops:
+            target = self.targets.get(op.output)
+            if target is None:
+                raise MergetuneError(f"tensor {op.output}: the live model has no such parameter")
+            if tuple(target.shape) != op.shape:
+                raise MergetuneError(
+                    f"tensor {op.output}: merged shape {list(op.shape)} but the live model has {list(target.shape)}"
+                )
+        produced = {op.output for op in plan.ops}
+        # named_parameters lists a tied lm_head once, under the embedding's name.
+        missing = [name for name, _ in self.model.named_parameters() if name not in produced]
+        if missing:
+            raise MergetuneError(f"the recipe produces no value for parameter(s): {', '.join(missing[:5])}")
+
+    def _compute(
+        self, op: TensorOp, plan: MergePlan, sources: Mapping[str, TensorSource], seed: Optional[int]
+    ) -> torch.Tensor:
+        def fetch(item):
+            return sources[item.model].get(item.name, self.device)
+
+        if plan.method.name == "slerp" and op.vocab is None and op.compute_dtype.is_floating_point:
+            base = fetch(op.inputs[op.base_index]).to(op.compute_dtype)
+            other = fetch(op.inputs[1 - op.base_index]).to(op.compute_dtype)
+            # Only the builder's own resident sources are stable enough to cache against.
+            cacheable = all(sources[item.model] is self.sources.get(item.model) for item in op.inputs)
+            key = (op.inputs, op.compute_dtype)
+            geometry = self._geometry.get(key) if cacheable else None
+            if geometry is None:
+                geometry = slerp_geometry(base, other)
+                if cacheable:
+                    self._geometry[key] = geometry
+            return slerp_combine(base, other, slerp_coefficients(op.shared["t"], geometry)).to(op.dtype)
+        return run_op(op, plan.method, fetch, seed, self.device)
+

@@ -1,0 +1,294 @@
+"""Given tiny models and a recipe, mergetune writes the tensors mergekit 0.1.5 writes.
+
+Each recipe runs through mergekit's own `run_merge` and through `mergetune merge`'s
+engine; every output tensor must have the same name, shape and dtype, and equal
+values within the dtype's float tolerance. Random methods run at density 1.0 here
+(mergekit's random draws follow its task order); their seeded behaviour below 1.0
+is specified in test_merge_engine.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mergetune.merge_ops.disk import merge_recipe_file
+from mergetune.merge_ops.recipe import parse_recipes
+
+mergekit_merge = pytest.importorskip("mergekit.merge")
+from mergekit.config import MergeConfiguration  # noqa: E402
+from mergekit.options import MergeOptions  # noqa: E402
+
+SLERP_CURVES = {
+    "t": [
+        {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+        {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+        {"value": 0.5},
+    ]
+}
+
+RECIPES = {
+    "linear": {
+        "merge_method": "linear",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.3}},
+            {"model": "model_b", "parameters": {"weight": [0.2, 0.9]}},
+        ],
+    },
+    "linear_unnormalized_filtered": {
+        "merge_method": "linear",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": [{"filter": "mlp", "value": 0.8}, {"value": 0.4}]}},
+            {"model": "model_b", "parameters": {"weight": 0.5}},
+        ],
+        "parameters": {"normalize": False},
+    },
+    "slerp": {
+        "merge_method": "slerp",
+        "base_model": "base",
+        "models": [{"model": "base"}, {"model": "model_a"}],
+        "parameters": SLERP_CURVES,
+    },
+    "slerp_colinear": {
+        # A model with itself: every pair is colinear, so SLERP falls back to lerp.
+        "merge_method": "slerp",
+        "base_model": "model_a",
+        "slices": [
+            {"sources": [{"model": "model_a", "layer_range": [0, 4]}, {"model": "base", "layer_range": [0, 4]}]}
+        ],
+        "parameters": {"t": 0.0},
+    },
+    "nuslerp_with_base": {
+        "merge_method": "nuslerp",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.4}},
+            {"model": "model_b", "parameters": {"weight": 0.6}},
+        ],
+    },
+    "nuslerp_row_wise": {
+        "merge_method": "nuslerp",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 1.0}},
+            {"model": "model_b", "parameters": {"weight": 3.0}},
+        ],
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+    },
+    "task_arithmetic": {
+        "merge_method": "task_arithmetic",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.5}},
+            {"model": "model_b", "parameters": {"weight": 0.3}},
+        ],
+        "parameters": {"lambda": 0.9},
+    },
+    "ties": {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.5, "density": 0.5}},
+            {"model": "model_b", "parameters": {"weight": 0.5, "density": [0.3, 0.8]}},
+        ],
+    },
+    "ties_int8_mask": {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 1.0, "density": 0.7}},
+            {"model": "model_b", "parameters": {"weight": 0.4, "density": 0.7}},
+        ],
+        "parameters": {"int8_mask": True, "normalize": False},
+    },
+    "dare_ties": {
+        "merge_method": "dare_ties",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.5, "density": 1.0}},
+            {"model": "model_b", "parameters": {"weight": 0.5, "density": 1.0}},
+        ],
+    },
+    "dare_linear": {
+        "merge_method": "dare_linear",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.6}},
+            {"model": "model_b", "parameters": {"weight": 0.4}},
+        ],
+    },
+    "breadcrumbs": {
+        "merge_method": "breadcrumbs",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.5, "density": 0.9, "gamma": 0.02}},
+            {"model": "model_b", "parameters": {"weight": 0.5, "density": 0.8}},
+        ],
+    },
+    "breadcrumbs_ties": {
+        "merge_method": "breadcrumbs_ties",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.7, "density": 0.9}},
+            {"model": "model_b", "parameters": {"weight": 0.3, "density": 0.9}},
+        ],
+    },
+    "della": {
+        "merge_method": "della",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.5, "density": 1.0}},
+            {"model": "model_b", "parameters": {"weight": 0.5, "density": 1.0}},
+        ],
+    },
+    "della_linear": {
+        "merge_method": "della_linear",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.5}},
+            {"model": "model_b", "parameters": {"weight": 0.5}},
+        ],
+        "parameters": {"lambda": 1.2},
+    },
+    "model_stock": {
+        "merge_method": "model_stock",
+        "base_model": "base",
+        "models": [{"model": "model_a"}, {"model": "model_b"}, {"model": "model_c"}],
+    },
+    "model_stock_filter_wise": {
+        "merge_method": "model_stock",
+        "base_model": "base",
+        "models": [{"model": "model_a"}, {"model": "model_b"}, {"model": "model_c"}],
+        "parameters": {"filter_wise": True},
+    },
+    "passthrough_stack": {
+        # 4 + 4 layers → 6: model_a's layers 0-2 then model_b's layers 1-3.
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "model_a", "layer_range": [0, 3]}]},
+            {"sources": [{"model": "model_b", "layer_range": [1, 4]}]},
+        ],
+    },
+    "passthrough_scaled": {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "model_a", "layer_range": [0, 2], "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}, {"value": 1.0}]}}]},
+            {"sources": [{"model": "model_a", "layer_range": [1, 4]}]},
+        ],
+    },
+    "slerp_out_dtype": {
+        "merge_method": "slerp",
+        "base_model": "base",
+        "models": [{"model": "base"}, {"model": "model_b"}],
+        "parameters": {"t": [0.1, 0.9]},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    },
+}
+
+
+def with_paths(node, paths: dict[str, Path]):
+    """Replace model names in a recipe with the fixture's absolute directories."""
+    if isinstance(node, dict):
+        return {
+            key: str(paths[value]) if key in ("model", "base_model") and value in paths else with_paths(value, paths)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [with_paths(item, paths) for item in node]
+    return node
+
+
+def run_mergekit(recipe: dict, out: Path) -> Path:
+    config = MergeConfiguration.model_validate(recipe)
+    options = MergeOptions(copy_tokenizer=False, lazy_unpickle=False, quiet=True, write_model_card=False)
+    mergekit_merge.run_merge(config, str(out), options)
+    return out
+
+
+def run_mergetune(recipe_text: str, out: Path, seed=None) -> Path:
+    merge_recipe_file(parse_recipes(recipe_text), out, seed=seed)
+    return out
+
+
+def load_all(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for name, reference in theirs.items():
+        assert ours[name].dtype == reference.dtype, name
+        assert ours[name].shape == reference.shape, name
+        torch.testing.assert_close(ours[name], reference, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["family_f32", "family_bf16_tied"])
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_matches_mergekit(name, family, request, tmp_path):
+    paths = request.getfixturevalue(family)
+    recipe = with_paths(RECIPES[name], paths)
+    if family == "family_bf16_tied" and "dtype" not in recipe:
+        recipe["dtype"] = "bfloat16"
+    theirs = load_all(run_mergekit(recipe, tmp_path / "mergekit"))
+    ours = load_all(run_mergetune(yaml.safe_dump(recipe), tmp_path / "mergetune", seed=0))
+    assert_same_tensors(ours, theirs)
+
+
+def test_stack_layer_layout_and_config(family_f32, tmp_path):
+    """A passthrough stack of 3 + 3 layers has 6 layers, renumbered, and says so in config.json."""
+    recipe = with_paths(RECIPES["passthrough_stack"], family_f32)
+    out = run_mergetune(yaml.safe_dump(recipe), tmp_path / "stack")
+    tensors = load_all(out)
+    source_b = load_all(family_f32["model_b"])
+    assert max(int(name.split(".")[2]) for name in tensors if ".layers." in name) == 5
+    torch.testing.assert_close(
+        tensors["model.layers.3.mlp.up_proj.weight"], source_b["model.layers.1.mlp.up_proj.weight"], rtol=0, atol=0
+    )
+    config = yaml.safe_load((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6
+
+
+def test_multi_stage_slerp_of_two_stacks_matches_mergekit_run_stage_by_stage(family_f32, tmp_path):
+    """Stage 1 and 2 build stacks; stage 3 SLERPs them — the same as three mergekit runs chained by hand."""
+    stack = lambda first, second: {  # noqa: E731
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": first, "layer_range": [0, 3]}]},
+            {"sources": [{"model": second, "layer_range": [1, 4]}]},
+        ],
+    }
+    stage_a = with_paths(stack("model_a", "base"), family_f32)
+    stage_b = with_paths(stack("model_b", "base"), family_f32)
+    final = {
+        "merge_method": "slerp",
+        "base_model": "stack_a",
+        "slices": [
+            {"sources": [{"model": "stack_a", "layer_range": [0, 6]}, {"model": "stack_b", "layer_range": [0, 6]}]}
+        ],
+        "parameters": {
+            "t": [
+                {"filter": "lm_head", "value": 0.75},
+                {"filter": "embed_tokens", "value": 0.25},
+                {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                {"filter": "layernorm", "value": [0, 1]},
+                {"value": 0.5},
+            ]
+        },
+    }
+    text = yaml.safe_dump_all([{"name": "stack_a", **stage_a}, {"name": "stack_b", **stage_b}, final])
+    ours = load_all(run_mergetune(text, tmp_path / "ours"))
+
+    dir_a = run_mergekit(stage_a, tmp_path / "mk_a")
+    dir_b = run_mergekit(stage_b, tmp_path / "mk_b")
+    final_paths = with_paths(final, {"stack_a": dir_a, "stack_b": dir_b})
+    theirs = load_all(run_mergekit(final_paths, tmp_path / "mk_final"))
+    assert_same_tensors(ours, theirs)
+    assert not (tmp_path / "ours" / ".stages").exists()
