@@ -229,3 +229,9 @@ def resolve_model_directory(reference: str) -> Path:
 
 def open_source(reference: str, allow_pickle: bool = False) -> CheckpointSource:
     return CheckpointSource(reference, resolve_model_directory(reference), allow_pickle=allow_pickle)
+
+
+def load_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, by name (for checks and small models)."""
+    source = CheckpointSource(str(directory), Path(directory))
+    return {name: source.get(name) for name in source.names()}

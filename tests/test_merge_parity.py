@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from mergetune.merge_ops.disk import merge_recipe_file
 from mergetune.merge_ops.recipe import parse_recipes
+from mergetune.merge_ops.sources import load_state
 
 mergekit_merge = pytest.importorskip("mergekit.merge")
 from mergekit.config import MergeConfiguration  # noqa: E402
@@ -214,11 +214,6 @@ def run_mergetune(recipe_text: str, out: Path, seed=None) -> Path:
     return out
 
 
-def load_all(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(shard))
-    return tensors
 
 
 def assert_same_tensors(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
@@ -236,8 +231,8 @@ def test_recipe_matches_mergekit(name, family, request, tmp_path):
     recipe = with_paths(RECIPES[name], paths)
     if family == "family_bf16_tied" and "dtype" not in recipe:
         recipe["dtype"] = "bfloat16"
-    theirs = load_all(run_mergekit(recipe, tmp_path / "mergekit"))
-    ours = load_all(run_mergetune(yaml.safe_dump(recipe), tmp_path / "mergetune", seed=0))
+    theirs = load_state(run_mergekit(recipe, tmp_path / "mergekit"))
+    ours = load_state(run_mergetune(yaml.safe_dump(recipe), tmp_path / "mergetune", seed=0))
     assert_same_tensors(ours, theirs)
 
 
@@ -245,8 +240,8 @@ def test_stack_layer_layout_and_config(family_f32, tmp_path):
     """A passthrough stack of 3 + 3 layers has 6 layers, renumbered, and says so in config.json."""
     recipe = with_paths(RECIPES["passthrough_stack"], family_f32)
     out = run_mergetune(yaml.safe_dump(recipe), tmp_path / "stack")
-    tensors = load_all(out)
-    source_b = load_all(family_f32["model_b"])
+    tensors = load_state(out)
+    source_b = load_state(family_f32["model_b"])
     assert max(int(name.split(".")[2]) for name in tensors if ".layers." in name) == 5
     torch.testing.assert_close(
         tensors["model.layers.3.mlp.up_proj.weight"], source_b["model.layers.1.mlp.up_proj.weight"], rtol=0, atol=0
@@ -284,11 +279,11 @@ def test_multi_stage_slerp_of_two_stacks_matches_mergekit_run_stage_by_stage(fam
         },
     }
     text = yaml.safe_dump_all([{"name": "stack_a", **stage_a}, {"name": "stack_b", **stage_b}, final])
-    ours = load_all(run_mergetune(text, tmp_path / "ours"))
+    ours = load_state(run_mergetune(text, tmp_path / "ours"))
 
     dir_a = run_mergekit(stage_a, tmp_path / "mk_a")
     dir_b = run_mergekit(stage_b, tmp_path / "mk_b")
     final_paths = with_paths(final, {"stack_a": dir_a, "stack_b": dir_b})
-    theirs = load_all(run_mergekit(final_paths, tmp_path / "mk_final"))
+    theirs = load_state(run_mergekit(final_paths, tmp_path / "mk_final"))
     assert_same_tensors(ours, theirs)
     assert not (tmp_path / "ours" / ".stages").exists()

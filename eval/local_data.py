@@ -1,0 +1,209 @@
+"""Offline evaluation data: lm-eval task configs that read local JSON Lines files.
+
+Air-gapped clusters cannot reach the Hugging Face hub, so `--data-dir DIR` points
+the suite at JSONL copies of the benchmark datasets (one folder per dataset, one
+file per split, hub field schemas; see `LOCAL_DATASETS`). For every task whose
+files exist we write a small YAML that *includes lm-eval's own task config* and
+only swaps the data source, so prompts, few-shot rules and metrics stay lm-eval's.
+The generated directory is an ordinary lm-eval `include_path`: the `lm_eval` CLI
+reads the same files, which is what the parity tests rely on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lm_eval.tasks
+import yaml
+
+from mergetune.errors import MergetuneError
+
+log = logging.getLogger(__name__)
+
+LM_EVAL_TASKS_DIR = Path(lm_eval.tasks.__file__).resolve().parent
+
+#: Tasks whose local data is a lossy stand-in for the real benchmark; their
+#: scores are labelled as proxies wherever they appear.
+PROXY_TASKS: Mapping[str, str] = {
+    "hellaswag_proxy_llamacpp": "lossy HellaSwag stand-in (llama.cpp text dump); not HellaSwag",
+}
+
+
+@dataclass(frozen=True)
+class LocalDataset:
+    """One folder of the local data layout and the lm-eval task configs it feeds."""
+
+    folder: str
+    splits: tuple[str, ...]
+    #: task name -> lm-eval YAML (relative to lm_eval/tasks) that the local config includes
+    tasks: Mapping[str, str]
+    #: extra config keys, for data whose schema or splits differ from the hub's
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+LOCAL_DATASETS: tuple[LocalDataset, ...] = (
+    LocalDataset("arc_challenge", ("train", "validation", "test"), {"arc_challenge": "arc/arc_challenge.yaml"}),
+    LocalDataset("arc_easy", ("train", "validation", "test"), {"arc_easy": "arc/arc_easy.yaml"}),
+    LocalDataset(
+        "truthfulqa_mc",
+        ("validation",),
+        {"truthfulqa_mc1": "truthfulqa/truthfulqa_mc1.yaml", "truthfulqa_mc2": "truthfulqa/truthfulqa_mc2.yaml"},
+    ),
+    LocalDataset("winogrande", ("train", "validation"), {"winogrande": "winogrande/default.yaml"}),
+    LocalDataset("hellaswag", ("train", "validation"), {"hellaswag": "hellaswag/hellaswag.yaml"}),
+    LocalDataset(
+        "hellaswag_proxy_llamacpp",
+        ("validation",),
+        {"hellaswag_proxy_llamacpp": "hellaswag/hellaswag.yaml"},
+        # No train split: shots come from validation, never the scored document itself
+        # (lm-eval excludes the eval doc only when the few-shot split is the test split).
+        overrides={
+            "training_split": None,
+            "validation_split": None,
+            "test_split": "validation",
+            "fewshot_split": "validation",
+            "process_docs": "mergetune.eval.local_data.hellaswag_proxy_docs",
+        },
+    ),
+)
+
+_MMLU = LocalDataset("mmlu", ("dev", "validation", "test"), {})
+_FUNCTION_KEYS = ("custom_dataset", "process_docs")
+
+
+def _mmlu_subject_configs() -> dict[str, tuple[str, str]]:
+    """task name -> (lm-eval YAML, subject) for every MMLU subject task lm-eval defines."""
+    configs = {}
+    for path in sorted((LM_EVAL_TASKS_DIR / "mmlu" / "default").glob("mmlu_*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        configs[cfg["task"]] = (str(path.relative_to(LM_EVAL_TASKS_DIR)), cfg["dataset_name"])
+    return configs
+
+
+def _render(config: dict[str, Any]) -> str:
+    """YAML text for one task config; callables are written as lm-eval `!function` tags."""
+    lines = []
+    for key, value in config.items():
+        if key in _FUNCTION_KEYS:
+            lines.append(f"{key}: !function {value}")
+        else:
+            lines.append(f"{key}: {json.dumps(value)}")  # JSON is valid YAML
+    return "\n".join(lines) + "\n"
+
+
+def _task_config(
+    name: str, included_yaml: str, folder: Path, splits: tuple[str, ...], extra: Mapping[str, Any]
+) -> dict[str, Any]:
+    data_files = {split: str(folder / f"{split}.jsonl") for split in splits}
+    return {
+        "include": str(LM_EVAL_TASKS_DIR / included_yaml),
+        "task": name,
+        # Keep lm-eval's tags and groups pointing at names, not at our files.
+        "tag": None,
+        "dataset_path": str(folder),
+        "dataset_name": None,
+        "custom_dataset": "mergetune.eval.local_data.load_split_files",
+        "dataset_kwargs": {"data_files": data_files, **extra.get("dataset_kwargs", {})},
+        **{key: value for key, value in extra.items() if key != "dataset_kwargs"},
+    }
+
+
+def local_task_configs(data_dir: Path) -> dict[str, dict[str, Any]]:
+    """Config of every task the data directory can feed, keyed by task name."""
+    configs: dict[str, dict[str, Any]] = {}
+    for dataset in LOCAL_DATASETS:
+        folder = data_dir / dataset.folder
+        if not all((folder / f"{split}.jsonl").is_file() for split in dataset.splits):
+            continue
+        for name, included in dataset.tasks.items():
+            configs[name] = _task_config(name, included, folder, dataset.splits, dataset.overrides)
+    mmlu_folder = data_dir / _MMLU.folder
+    if all((mmlu_folder / f"{split}.jsonl").is_file() for split in _MMLU.splits):
+        for name, (included, subject) in _mmlu_subject_configs().items():
+            extra = {"dataset_kwargs": {"subject": subject}}
+            configs[name] = _task_config(name, included, mmlu_folder, _MMLU.splits, extra)
+    return configs
+
+
+@functools.lru_cache(maxsize=None)
+def local_task_dir(data_dir: Path) -> Path:
+    """Write (once per process) an lm-eval include_path that serves `data_dir`'s tasks.
+
+    Raises MergetuneError when the directory is missing or holds none of the
+    known datasets, naming what was expected.
+    """
+    data_dir = Path(data_dir).expanduser().resolve()
+    if not data_dir.is_dir():
+        raise MergetuneError(f"--data-dir {data_dir} does not exist or is not a directory")
+    configs = local_task_configs(data_dir)
+    if not configs:
+        expected = ", ".join(d.folder for d in (*LOCAL_DATASETS, _MMLU))
+        raise MergetuneError(
+            f"--data-dir {data_dir} holds none of the known datasets "
+            f"(expected folders with <split>.jsonl files: {expected})"
+        )
+    out = Path(tempfile.mkdtemp(prefix="mergetune-local-tasks-"))
+    for name, config in configs.items():
+        (out / f"{name}.yaml").write_text(_render(config))
+    log.info("local data %s: %d task configs written to %s", data_dir, len(configs), out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _read_jsonl(path: str) -> datasets.Dataset:
+    """Parse a split file once per process; MMLU's 57 subject tasks share each file."""
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return datasets.Dataset.from_list(rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_by_subject(path: str) -> dict[str, list[int]]:
+    index: dict[str, list[int]] = {}
+    for row, subject in enumerate(_read_jsonl(path)["subject"]):
+        index.setdefault(subject, []).append(row)
+    return index
+
+
+def load_split_files(
+    data_files: Mapping[str, str], subject: str | None = None, **_task_metadata: Any
+) -> datasets.DatasetDict:
+    """lm-eval `custom_dataset` hook: the local split files as a DatasetDict.
+
+    `subject` keeps one MMLU subject's rows, in file order (so `first_n` few-shot
+    sampling picks the same dev shots as on the hub). lm-eval also passes the
+    task's metadata (version, model args) as keyword arguments; they are unused.
+    """
+    splits = {}
+    for split, path in data_files.items():
+        dataset = _read_jsonl(path)
+        if subject is not None:
+            dataset = dataset.select(_rows_by_subject(path).get(subject, []))
+        splits[split] = dataset
+    return datasets.DatasetDict(splits)
+
+
+def hellaswag_proxy_docs(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Map the proxy schema {activity_label, ctx, endings, label} onto lm-eval's HellaSwag fields.
+
+    The proxy has no ctx_a/ctx_b split, so the query is built from `ctx` as is;
+    lm-eval's own HellaSwag text cleanup is applied to it and to the endings.
+    """
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    def convert(doc: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "query": preprocess(doc["activity_label"] + ": " + doc["ctx"]),
+            "choices": [preprocess(ending) for ending in doc["endings"]],
+            "gold": int(doc["label"]),
+        }
+
+    return dataset.map(convert)

@@ -1,0 +1,193 @@
+"""`mergetune merge` from a user's seat: outputs, clear errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mergetune.cli import app
+from mergetune.tiny import TinySpec, build_family
+
+runner = CliRunner()
+
+
+def write_recipe(tmp_path: Path, recipe) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe))
+    return path
+
+
+def slerp(paths, **overrides):
+    recipe = {
+        "merge_method": "slerp",
+        "base_model": str(paths["base"]),
+        "models": [{"model": str(paths["base"])}, {"model": str(paths["model_a"])}],
+        "parameters": {"t": 0.5},
+    }
+    recipe.update(overrides)
+    return recipe
+
+
+def test_merge_writes_a_complete_model_directory(family_f32, tmp_path):
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(write_recipe(tmp_path, slerp(family_f32))), str(out), "--shard-size", "100KB"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {path.name for path in out.glob("model-*.safetensors")}
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "mergekit_config.yml", "README.md"):
+        assert (out / name).exists(), name
+    assert "merge_method: slerp" in (out / "README.md").read_text()
+    assert not list(tmp_path.glob(".merged.partial-*"))
+
+
+def test_chat_template_is_written_into_the_tokenizer(family_f32, tmp_path):
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(write_recipe(tmp_path, slerp(family_f32, chat_template="chatml"))), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "<|im_start|>" in json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def corrupt_copy(paths, tmp_path: Path) -> dict:
+    broken = tmp_path / "broken"
+    shutil.copytree(paths["model_a"], broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:50])
+    return {**paths, "model_a": broken}
+
+
+def pickled_copy(paths, tmp_path: Path) -> dict:
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(paths["model_a"] / "config.json", pickled / "config.json")
+    (pickled / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    return {**paths, "model_a": pickled}
+
+
+def deeper_copy(paths, tmp_path: Path) -> dict:
+    six = build_family(tmp_path / "six", names=("base",), spec=TinySpec(num_hidden_layers=6))["base"]
+    return {**paths, "model_a": six}
+
+
+def wider_copy(paths, tmp_path: Path) -> dict:
+    wide = build_family(tmp_path / "wide", names=("base",), spec=TinySpec(intermediate_size=96))["base"]
+    return {**paths, "model_a": wide}
+
+
+HOSTILE = [
+    ("unknown method", lambda p, d: slerp(p, merge_method="slurp"), "unknown merge_method 'slurp'"),
+    ("unknown parameter", lambda p, d: slerp(p, parameters={"t": 0.5, "temperature": 1}), "unknown parameter 'temperature' for slerp"),
+    ("t above 1", lambda p, d: slerp(p, parameters={"t": [0, 1.5]}), "parameters.t: 1.5 is outside [0.0, 1.0]"),
+    ("empty gradient", lambda p, d: slerp(p, parameters={"t": []}), "parameters.t: empty gradient list"),
+    (
+        "density zero",
+        lambda p, d: {
+            "merge_method": "dare_ties",
+            "base_model": str(p["base"]),
+            "models": [{"model": str(p["model_a"]), "parameters": {"weight": 1, "density": 0}}],
+        },
+        "density: 0 is outside (0.0, 1.0]",
+    ),
+    ("wrong type", lambda p, d: slerp(p, parameters={"t": "half"}), "parameters.t: 'half' is not valid"),
+    ("unknown field", lambda p, d: {**slerp(p), "paramters": {}}, "paramters: unknown field"),
+    ("missing base", lambda p, d: {k: v for k, v in slerp(p).items() if k != "base_model"}, "slerp needs a base_model"),
+    ("missing model dir", lambda p, d: slerp({**p, "model_a": d / "nowhere"}), "nowhere: no such directory"),
+    ("corrupt shard", lambda p, d: slerp(corrupt_copy(p, d)), "corrupt or truncated"),
+    ("pickled weights", lambda p, d: slerp(pickled_copy(p, d)), "pass --allow-pickle if you trust this model"),
+    ("layer counts differ", lambda p, d: slerp(deeper_copy(p, d)), "need the same number of layers"),
+    (
+        "shapes differ",
+        lambda p, d: slerp(wider_copy(p, d)),
+        "tensor model.layers.0.mlp.down_proj.weight: shape [64, 128] in",
+    ),
+    ("not yaml", lambda p, d: "merge_method: [slerp", "not valid YAML"),
+    ("not a mapping", lambda p, d: "- just\n- a list\n", "a recipe must be a mapping"),
+    ("models and slices", lambda p, d: {**slerp(p), "slices": [{"sources": [{"model": "x", "layer_range": [0, 1]}]}]}, "exactly one of 'models' or 'slices'"),
+]
+
+
+@pytest.mark.parametrize("case, make, message", HOSTILE, ids=[case for case, _, _ in HOSTILE])
+def test_bad_input_gives_one_clear_message_and_writes_nothing(case, make, message, family_f32, tmp_path):
+    recipe = write_recipe(tmp_path, make(family_f32, tmp_path))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["merge", str(recipe), str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_missing_recipe_file_is_named(tmp_path):
+    result = runner.invoke(app, ["merge", str(tmp_path / "nope.yaml"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "recipe file not found" in result.output
+
+
+def test_filter_that_matches_nothing_warns_but_merges(family_f32, tmp_path):
+    recipe = slerp(family_f32, parameters={"t": [{"filter": "attention_sink", "value": 0.1}, {"value": 0.5}]})
+    result = runner.invoke(app, ["merge", str(write_recipe(tmp_path, recipe)), str(tmp_path / "out")])
+    assert result.exit_code == 0
+    assert "filter 'attention_sink' matches no tensor" in result.output
+
+
+def test_existing_output_is_refused_unless_overwrite(family_f32, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = str(write_recipe(tmp_path, slerp(family_f32)))
+    assert runner.invoke(app, ["merge", recipe, str(out)]).exit_code == 2
+    assert runner.invoke(app, ["merge", recipe, str(out), "--overwrite"]).exit_code == 0
+    assert (out / "model.safetensors").exists()
+
+
+def test_a_merge_killed_midway_leaves_no_output_directory(family_f32, tmp_path):
+    """SIGKILL during the merge: the target never appears; only a hidden partial directory may remain."""
+    recipe = write_recipe(tmp_path, slerp(family_f32))
+    out = tmp_path / "out"
+    script = (
+        "import os, signal, sys\n"
+        "import mergetune.merge_ops.writer as writer\n"
+        "original = writer.ShardedWriter.write\n"
+        "def write(self, name, tensor):\n"
+        "    if self._position == 5: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    original(self, name, tensor)\n"
+        "writer.ShardedWriter.write = write\n"
+        "from mergetune.cli import app\n"
+        f"sys.argv = ['mergetune', 'merge', {str(recipe)!r}, {str(out)!r}]\n"
+        "app()\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == -9
+    assert not out.exists()
+
+
+def test_ctrl_c_exits_130_and_cleans_up(family_f32, tmp_path, monkeypatch):
+    import mergetune.merge_ops.writer as writer
+
+    def interrupted(self, name, tensor):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer.ShardedWriter, "write", interrupted)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["merge", str(write_recipe(tmp_path, slerp(family_f32))), str(out)])
+    assert result.exit_code == 130
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_pickled_weights_load_with_allow_pickle(family_f32, tmp_path):
+    import torch
+
+    from mergetune.merge_ops.sources import load_state
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(family_f32["model_a"] / "config.json", pickled / "config.json")
+    torch.save(load_state(family_f32["model_a"]), pickled / "pytorch_model.bin")
+    recipe = write_recipe(tmp_path, slerp({**family_f32, "model_a": pickled}))
+    result = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--allow-pickle"])
+    assert result.exit_code == 0, result.output
