@@ -70,13 +70,13 @@ LOCAL_DATASETS: tuple[LocalDataset, ...] = (
             "validation_split": None,
             "test_split": "validation",
             "fewshot_split": "validation",
-            "process_docs": "mergetune.eval.local_data.hellaswag_proxy_docs",
+            "dataset_kwargs": {"schema": "hellaswag_proxy"},
         },
     ),
 )
 
 _MMLU = LocalDataset("mmlu", ("dev", "validation", "test"), {})
-_FUNCTION_KEYS = ("custom_dataset", "process_docs")
+_FUNCTION_KEYS = ("custom_dataset",)
 
 
 def _mmlu_subject_configs() -> dict[str, tuple[str, str]]:
@@ -157,53 +157,59 @@ def local_task_dir(data_dir: Path) -> Path:
     return out
 
 
+def _proxy_hellaswag_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A proxy row {activity_label, ctx, endings, label} in the hub's HellaSwag fields.
+
+    The proxy has no ctx_a/ctx_b split: all of `ctx` goes to ctx_a, so lm-eval's
+    own HellaSwag `process_docs` builds the query from it (uncapitalised, which is
+    one of the ways the proxy differs from the real data).
+    """
+    return {
+        "activity_label": row["activity_label"],
+        "ctx_a": row["ctx"],
+        "ctx_b": "",
+        "endings": row["endings"],
+        "label": row["label"],
+    }
+
+
+_ROW_SCHEMAS = {"hellaswag_proxy": _proxy_hellaswag_row}
+
+
 @functools.lru_cache(maxsize=None)
-def _read_jsonl(path: str) -> datasets.Dataset:
+def _read_jsonl(path: str, schema: str | None) -> datasets.Dataset:
     """Parse a split file once per process; MMLU's 57 subject tasks share each file."""
+    convert = _ROW_SCHEMAS[schema] if schema else dict
     with open(path, encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
+        rows = [convert(json.loads(line)) for line in handle if line.strip()]
     return datasets.Dataset.from_list(rows)
 
 
 @functools.lru_cache(maxsize=None)
 def _rows_by_subject(path: str) -> dict[str, list[int]]:
     index: dict[str, list[int]] = {}
-    for row, subject in enumerate(_read_jsonl(path)["subject"]):
+    for row, subject in enumerate(_read_jsonl(path, None)["subject"]):
         index.setdefault(subject, []).append(row)
     return index
 
 
 def load_split_files(
-    data_files: Mapping[str, str], subject: str | None = None, **_task_metadata: Any
+    data_files: Mapping[str, str],
+    subject: str | None = None,
+    schema: str | None = None,
+    **_task_metadata: Any,
 ) -> datasets.DatasetDict:
     """lm-eval `custom_dataset` hook: the local split files as a DatasetDict.
 
     `subject` keeps one MMLU subject's rows, in file order (so `first_n` few-shot
-    sampling picks the same dev shots as on the hub). lm-eval also passes the
-    task's metadata (version, model args) as keyword arguments; they are unused.
+    sampling picks the same dev shots as on the hub). `schema` names a row
+    conversion for stand-in data. lm-eval also passes the task's metadata
+    (version, model args) as keyword arguments; they are unused.
     """
     splits = {}
     for split, path in data_files.items():
-        dataset = _read_jsonl(path)
+        dataset = _read_jsonl(path, schema)
         if subject is not None:
             dataset = dataset.select(_rows_by_subject(path).get(subject, []))
         splits[split] = dataset
     return datasets.DatasetDict(splits)
-
-
-def hellaswag_proxy_docs(dataset: datasets.Dataset) -> datasets.Dataset:
-    """Map the proxy schema {activity_label, ctx, endings, label} onto lm-eval's HellaSwag fields.
-
-    The proxy has no ctx_a/ctx_b split, so the query is built from `ctx` as is;
-    lm-eval's own HellaSwag text cleanup is applied to it and to the endings.
-    """
-    from lm_eval.tasks.hellaswag.utils import preprocess
-
-    def convert(doc: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "query": preprocess(doc["activity_label"] + ": " + doc["ctx"]),
-            "choices": [preprocess(ending) for ending in doc["endings"]],
-            "gold": int(doc["label"]),
-        }
-
-    return dataset.map(convert)

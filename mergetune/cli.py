@@ -115,3 +115,20 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise MergetuneError(f"--shard-size: must be positive, got '{text}'")
     return value
+
+
+@app.command()
+@user_errors
+def demo(
+    out_dir: Path = typer.Option(Path("demo-out"), help="Where models, recipes and merges go."),
+    seed: int = typer.Option(0, help="Seed for DARE's random drops."),
+) -> None:
+    """Build tiny models offline and merge them (SLERP t-curves, DARE TIES), on disk and in memory."""
+    from mergetune.demo import run_merge_demo
+
+    results = run_merge_demo(out_dir, seed=seed, say=typer.echo)
+    for result in results:
+        typer.echo(
+            f"{result.name:10s} recipe {result.recipe_path} → {result.output}  "
+            f"disk merge {result.disk_seconds:.2f}s, in-memory rebuild {result.in_memory_seconds * 1000:.1f}ms"
+        )

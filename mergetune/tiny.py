@@ -117,6 +117,9 @@ def save_model(
     max_shard_size: str | int = "50GB",
 ) -> Path:
     """Write a checkpoint as safetensors (sharded when large) with config and tokenizer."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.to(dtype)

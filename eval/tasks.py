@@ -1,0 +1,194 @@
+"""Suites and lm-eval task loading: what gets scored, with lm-eval's own task definitions.
+
+Indexing lm-eval's ~15k task configs takes seconds, so one `TaskManager` is
+built per process (per set of include paths) and shared by every evaluator.
+A suite is a list of `SuiteTask`s: an lm-eval task, tag or group name, its
+few-shot count and the metric that stands for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lm_eval.api.group import Group
+from lm_eval.api.task import Task
+from lm_eval.tasks import TaskManager
+
+from mergetune.errors import MergetuneError
+from mergetune.eval.local_data import PROXY_TASKS, local_task_configs, local_task_dir
+from mergetune.eval.quiet import quieted
+
+log = logging.getLogger(__name__)
+
+#: Output types scored from log-likelihoods; generation tasks are not supported.
+SUPPORTED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """One scored entry: an lm-eval task, tag or group, its shots and headline metric.
+
+    `num_fewshot=None` keeps the task config's own count (0 when it has none);
+    `metric=None` takes the task's first metric (a group's first aggregate metric).
+    """
+
+    name: str
+    num_fewshot: int | None = None
+    metric: str | None = None
+
+
+#: The Open LLM Leaderboard v1 suite, as the merges this project serves are compared.
+SUITES: dict[str, tuple[SuiteTask, ...]] = {
+    "leaderboard": (
+        SuiteTask("arc_challenge", 25, "acc_norm"),
+        SuiteTask("hellaswag", 10, "acc_norm"),
+        SuiteTask("truthfulqa_mc2", 0, "acc"),
+        SuiteTask("mmlu", 5, "acc"),
+        SuiteTask("winogrande", 5, "acc"),
+    ),
+}
+
+_HELLASWAG_PROXY = "hellaswag_proxy_llamacpp"
+
+
+@dataclass
+class LoadedTask:
+    """A suite entry with its lm-eval objects: leaf tasks and, for a group, the group.
+
+    A group's documents are sampled per leaf (stratified) and its score is
+    aggregated the way lm-eval aggregates the group.
+    """
+
+    name: str
+    metric: str
+    #: None when a group's leaves run with different counts
+    num_fewshot: int | None
+    leaves: dict[str, Task]
+    group: Group | None = None
+
+    @property
+    def proxy(self) -> str | None:
+        """Why this entry's score is only an approximation, or None."""
+        return PROXY_TASKS.get(self.name)
+
+
+class _DropCustomDatasetNotice(logging.Filter):
+    """lm-eval logs a hint about `--metadata` for every task with a `custom_dataset`
+    (all local-data tasks); it does not apply here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+_CUSTOM_DATASET_NOTICE = _DropCustomDatasetNotice()
+
+
+@functools.lru_cache(maxsize=None)
+def task_manager(include_paths: tuple[str, ...] = ()) -> TaskManager:
+    """The process-wide lm-eval task index for these include paths (built once)."""
+    logging.getLogger("lm_eval.api.task").addFilter(_CUSTOM_DATASET_NOTICE)
+    # Local-data configs deliberately shadow lm-eval's tasks of the same name;
+    # one "overrides existing task" warning per task would only be noise.
+    with quieted("lm_eval.tasks._index"):
+        manager = TaskManager(include_path=list(include_paths) or None)
+    log.info("lm-eval task index built: %d names", len(manager.all_tasks))
+    return manager
+
+
+def include_paths(data_dir: Path | None, user_paths: Sequence[str | Path]) -> tuple[str, ...]:
+    """lm-eval include paths: the local-data configs first, so a user's own YAMLs win."""
+    paths = [str(local_task_dir(Path(data_dir)))] if data_dir is not None else []
+    for path in user_paths:
+        path = Path(path).expanduser().resolve()
+        if not path.is_dir():
+            raise MergetuneError(f"task directory {path} (--include-path) does not exist")
+        paths.append(str(path))
+    return tuple(paths)
+
+
+def suite_tasks(suite: str | None, tasks: Sequence[str], data_dir: Path | None) -> list[SuiteTask]:
+    """The entries to score: the named suite's, then any extra task names.
+
+    With local data that has only the HellaSwag stand-in, the suite's hellaswag
+    entry is scored on the stand-in, under the stand-in's (proxy) name.
+    """
+    if suite is not None and suite not in SUITES:
+        raise MergetuneError(f"unknown suite {suite!r}; known suites: {', '.join(SUITES)}")
+    entries = list(SUITES[suite]) if suite else []
+    if data_dir is not None:
+        local = local_task_configs(Path(data_dir).expanduser().resolve())
+        if "hellaswag" not in local and _HELLASWAG_PROXY in local:
+            entries = [
+                SuiteTask(_HELLASWAG_PROXY, e.num_fewshot, e.metric) if e.name == "hellaswag" else e
+                for e in entries
+            ]
+            if any(e.name == _HELLASWAG_PROXY for e in entries):
+                log.warning("hellaswag is scored on %s: %s", _HELLASWAG_PROXY, PROXY_TASKS[_HELLASWAG_PROXY])
+    known = {e.name for e in entries}
+    entries += [SuiteTask(name) for name in tasks if name not in known]
+    if not entries:
+        raise MergetuneError("nothing to score: give a suite or task names")
+    return entries
+
+
+def _fewshot(task: Task, suite_shots: int | None, override: int | None) -> int:
+    """Shots for one leaf: lm-eval's rule (a config that pins 0 shots keeps 0), then the suite's."""
+    configured = task.get_config("num_fewshot")
+    if override is not None:
+        return 0 if configured == 0 else override
+    if suite_shots is not None:
+        return suite_shots
+    return configured or 0
+
+
+def _check_scorable(task: Task) -> None:
+    if task.OUTPUT_TYPE not in SUPPORTED_OUTPUT_TYPES:
+        raise MergetuneError(
+            f"task {task.task_name!r} has output type {task.OUTPUT_TYPE!r}; mergetune scores "
+            f"log-likelihood tasks only ({', '.join(SUPPORTED_OUTPUT_TYPES)})"
+        )
+    if task.config.filter_list is not None:
+        raise MergetuneError(f"task {task.task_name!r} defines response filters; they are not supported")
+
+
+def _load(manager: TaskManager, name: str) -> dict:
+    if name not in manager.task_index:
+        raise MergetuneError(
+            f"unknown task {name!r}: not an lm-eval task, group or tag, nor in the include paths"
+        )
+    try:
+        return manager.load([name])
+    except Exception as error:  # lm-eval raises whatever the dataset loader raised
+        raise MergetuneError(
+            f"task {name!r} could not be loaded ({type(error).__name__}: {error}); "
+            "without network access, point --data-dir at local copies of the data"
+        ) from error
+
+
+def load_task(manager: TaskManager, entry: SuiteTask, num_fewshot: int | None) -> list[LoadedTask]:
+    """lm-eval objects for one suite entry, few-shot counts set.
+
+    A group with an aggregate metric stays one entry; a tag, or a group without
+    aggregation, becomes one entry per leaf task.
+    """
+    loaded = _load(manager, entry.name)
+    tasks: dict[str, Task] = loaded["tasks"]
+    group = loaded.get("groups", {}).get(entry.name)
+    for task in tasks.values():
+        _check_scorable(task)
+        task.set_config(key="num_fewshot", value=_fewshot(task, entry.num_fewshot, num_fewshot))
+    if group is not None and group.has_aggregation:
+        metric = entry.metric or group.aggregate_metric_list[0].metric
+        shots = {task.get_config("num_fewshot") for task in tasks.values()}
+        return [LoadedTask(entry.name, metric, shots.pop() if len(shots) == 1 else None, tasks, group)]
+    result = []
+    for name, task in tasks.items():
+        metric = entry.metric or next(iter(task.aggregation()))
+        if metric not in task.aggregation():
+            raise MergetuneError(f"task {name!r} has no metric {metric!r} (it has: {', '.join(task.aggregation())})")
+        result.append(LoadedTask(name, metric, task.get_config("num_fewshot"), {name: task}))
+    return result
