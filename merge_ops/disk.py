@@ -13,14 +13,15 @@ import json
 import logging
 import secrets
 import shutil
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.card import model_card
-from mergetune.merge_ops.execute import run_op
+from mergetune.merge_ops.execute import fetch_inputs, run_op
 from mergetune.merge_ops.plan import MergePlan, plan_merge, validate_recipe
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
 from mergetune.merge_ops.sources import TOKENIZER_FILES, CheckpointSource, TensorSource, open_source
@@ -34,6 +35,7 @@ CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+PREFETCH = 2  # operations whose inputs are read ahead: bounds memory to a few tensors
 Progress = Callable[[str, int, int], None]  # (stage, tensors done, tensors in stage)
 
 
@@ -147,10 +149,23 @@ def merge_stage(
 
     label = recipe.name or "merge"
     try:
-        for index, op in enumerate(plan.ops):
-            writer.write(op.output, run_op(op, plan.method, fetch, seed, device))
-            if progress:
-                progress(label, index + 1, len(plan.ops))
+        # Reading the next inputs and writing the last output overlap with the math.
+        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as output:
+            upcoming = deque(reader.submit(fetch_inputs, op, fetch, device) for op in plan.ops[:PREFETCH])
+            pending_write = None
+            for index, op in enumerate(plan.ops):
+                tensors = upcoming.popleft().result()
+                if index + PREFETCH < len(plan.ops):
+                    upcoming.append(reader.submit(fetch_inputs, plan.ops[index + PREFETCH], fetch, device))
+                merged = run_op(op, plan.method, tensors, seed, device)
+                del tensors
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = output.submit(writer.write, op.output, merged)
+                if progress:
+                    progress(label, index + 1, len(plan.ops))
+            if pending_write is not None:
+                pending_write.result()
         writer.close()
     except OSError as error:
         writer.abort()

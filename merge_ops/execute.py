@@ -14,6 +14,10 @@ from mergetune.merge_ops.plan import TensorInput, TensorOp
 Fetch = Callable[[TensorInput], torch.Tensor]
 
 
+def fetch_inputs(op: TensorOp, fetch: Fetch, device: str = "cpu") -> list[torch.Tensor]:
+    return [fetch(item).to(device=device) for item in op.inputs]
+
+
 def tensor_generator(seed: int, output: str, model: str, device: str) -> torch.Generator:
     """A generator seeded from (seed, tensor, model): order-independent, reproducible randomness."""
     key = zlib.crc32(f"{seed}\x00{output}\x00{model}".encode())
@@ -29,9 +33,10 @@ def merge_inputs(
     return MergeInputs(tensors=tensors, base_index=op.base_index, per_input=op.per_input, generators=generators)
 
 
-def run_op(op: TensorOp, method: MethodSpec, fetch: Fetch, seed: Optional[int], device: str = "cpu") -> torch.Tensor:
-    """The output tensor of one operation, in the op's output dtype, on `device`."""
-    tensors = [fetch(item).to(device=device) for item in op.inputs]
+def run_op(
+    op: TensorOp, method: MethodSpec, tensors: list[torch.Tensor], seed: Optional[int], device: str = "cpu"
+) -> torch.Tensor:
+    """The output tensor of one operation from its fetched inputs, in the op's output dtype."""
     if not op.compute_dtype.is_floating_point:
         # Integer buffers (e.g. position ids) are copied, never averaged.
         return tensors[op.base_index or 0].clone()

@@ -16,8 +16,8 @@ from typing import Mapping, Optional
 import torch
 
 from mergetune.errors import MergetuneError
-from mergetune.merge_ops.execute import run_op
-from mergetune.merge_ops.methods import SlerpGeometry, slerp_coefficients, slerp_combine, slerp_geometry
+from mergetune.merge_ops.execute import fetch_inputs, run_op
+from mergetune.merge_ops.methods import SlerpGeometry, slerp_accumulate, slerp_coefficients, slerp_geometry
 from mergetune.merge_ops.plan import MergePlan, TensorOp, plan_merge
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
 from mergetune.merge_ops.sources import MemorySource, TensorSource
@@ -64,6 +64,7 @@ class InMemoryBuilder:
         self.model = model
         self.targets = model.state_dict(keep_vars=True)
         self._geometry: dict[tuple, SlerpGeometry] = {}
+        self._scratch_buffer: Optional[torch.Tensor] = None
 
     @classmethod
     def for_recipe(
@@ -80,14 +81,16 @@ class InMemoryBuilder:
         sources = dict(self.sources)
         for stage in stages[:-1]:
             plan = plan_merge(stage, sources)
-            tensors = {op.output: self._compute(op, plan, sources, seed) for op in plan.ops}
+            tensors = {}
+            for op in plan.ops:
+                tensors[op.output] = torch.empty(op.shape, dtype=op.dtype, device=self.device)
+                self._build_into(tensors[op.output], op, plan, sources, seed)
             sources[stage.name] = MemorySource(stage.name, tensors, plan.config)
         plan = plan_merge(stages[-1], sources)
         self._check_fits(plan)
         with torch.no_grad():
             for op in plan.ops:
-                target = self.targets[op.output]
-                target.copy_(self._compute(op, plan, sources, seed))
+                self._build_into(self.targets[op.output], op, plan, sources, seed)
         return plan
 
     def _check_fits(self, plan: MergePlan) -> None:
@@ -105,13 +108,19 @@ class InMemoryBuilder:
         if missing:
             raise MergetuneError(f"the recipe produces no value for parameter(s): {', '.join(missing[:5])}")
 
-    def _compute(
-        self, op: TensorOp, plan: MergePlan, sources: Mapping[str, TensorSource], seed: Optional[int]
-    ) -> torch.Tensor:
+    def _scratch(self, numel: int) -> torch.Tensor:
+        """A float32 buffer reused across tensors and candidates (no allocation per build)."""
+        if self._scratch_buffer is None or self._scratch_buffer.numel() < numel:
+            self._scratch_buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return self._scratch_buffer[:numel]
+
+    def _build_into(
+        self, target: torch.Tensor, op: TensorOp, plan: MergePlan, sources: Mapping[str, TensorSource], seed: Optional[int]
+    ) -> None:
         def fetch(item):
             return sources[item.model].get(item.name, self.device)
 
-        if plan.method.name == "slerp" and op.vocab is None and op.compute_dtype.is_floating_point:
+        if plan.method.name == "slerp" and op.vocab is None and op.compute_dtype in (torch.bfloat16, torch.float16, torch.float32):
             base = fetch(op.inputs[op.base_index]).to(op.compute_dtype)
             other = fetch(op.inputs[1 - op.base_index]).to(op.compute_dtype)
             # Only the builder's own resident sources are stable enough to cache against.
@@ -122,6 +131,12 @@ class InMemoryBuilder:
                 geometry = slerp_geometry(base, other)
                 if cacheable:
                     self._geometry[key] = geometry
-            return slerp_combine(base, other, slerp_coefficients(op.shared["t"], geometry)).to(op.dtype)
-        return run_op(op, plan.method, fetch, seed, self.device)
-
+            scratch = self._scratch(base.numel()).view(base.shape)
+            slerp_accumulate(base, other, slerp_coefficients(op.shared["t"], geometry), scratch)
+            # Round through the compute dtype, exactly as the disk path does (one copy when dtypes agree).
+            if op.compute_dtype in (torch.float32, target.dtype):
+                target.copy_(scratch)
+            else:
+                target.copy_(scratch.to(op.compute_dtype))
+            return
+        target.copy_(run_op(op, plan.method, fetch_inputs(op, fetch, self.device), seed, self.device))

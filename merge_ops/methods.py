@@ -155,13 +155,25 @@ def slerp_coefficients(t: float, geometry: SlerpGeometry) -> tuple[float, float]
     return float(coef_base), float(coef_other)
 
 
-def slerp_combine(base: torch.Tensor, other: torch.Tensor, coefficients: tuple[float, float]) -> torch.Tensor:
-    """coef_base * base + coef_other * other, computed in float32, returned in the input dtype."""
-    dtype = _compute_dtype(base)
+def slerp_accumulate(
+    base: torch.Tensor, other: torch.Tensor, coefficients: tuple[float, float], out: torch.Tensor
+) -> torch.Tensor:
+    """out = coef_base * base + coef_other * other, in out's (float32) precision, without temporaries.
+
+    The in-memory builder passes a reused scratch buffer; the arithmetic is the
+    same as the disk path's, so both give bit-identical weights.
+    """
     coef_base, coef_other = coefficients
-    result = base.to(dtype) * coef_base
-    result.add_(other.to(dtype), alpha=coef_other)
-    return result.to(base.dtype)
+    out.copy_(base)
+    out.mul_(coef_base)
+    out.add_(other, alpha=coef_other)
+    return out
+
+
+def slerp_combine(base: torch.Tensor, other: torch.Tensor, coefficients: tuple[float, float]) -> torch.Tensor:
+    """The interpolated tensor, computed in float32, returned in the input dtype."""
+    out = torch.empty(base.shape, dtype=_compute_dtype(base), device=base.device)
+    return slerp_accumulate(base, other, coefficients, out).to(base.dtype)
 
 
 def slerp(inputs: MergeInputs, t: float) -> torch.Tensor:

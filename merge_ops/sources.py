@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Protocol
 
 import torch
-from safetensors import SafetensorError, safe_open
-
 from mergetune.errors import MergetuneError
 
 log = logging.getLogger(__name__)
@@ -65,44 +65,72 @@ class TensorSource(Protocol):
     def get(self, name: str, device: str = "cpu") -> torch.Tensor: ...
 
 
-class CheckpointSource:
-    """A model directory of safetensors shards, read tensor by tensor through mmap.
+@dataclass(frozen=True)
+class _Stored:
+    """Where one tensor's bytes are in a safetensors shard."""
 
-    Only headers are read up front; a tensor's bytes are paged in when it is asked
-    for, so the merge never holds a whole model in memory.
+    shard: Path
+    start: int
+    end: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class CheckpointSource:
+    """A model directory of safetensors shards, read tensor by tensor.
+
+    Only headers are read up front. A tensor's bytes are read with `pread` into a
+    fresh buffer when asked for — not memory-mapped, so pages already used do not
+    stay in the process's memory: the merge never holds a whole model.
     """
 
     def __init__(self, label: str, directory: Path, allow_pickle: bool = False):
         self.label = label
         self.directory = directory
         self.config = _read_config(directory, label)
-        self._shard_of: dict[str, Path] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._dtypes: dict[str, torch.dtype] = {}
-        self._handles: dict[Path, Any] = {}
+        self._stored: dict[str, _Stored] = {}
         self._pickled: dict[str, torch.Tensor] = {}
+        self._descriptors: dict[Path, int] = {}
         shards = _safetensors_shards(directory, label)
         if shards:
-            self._index_safetensors(shards)
+            for shard in shards:
+                self._stored.update(self._read_header(shard))
         else:
             self._load_pickled(directory, label, allow_pickle)
 
-    def _index_safetensors(self, shards: list[Path]) -> None:
-        for shard in shards:
-            handle = self._open(shard)
-            for name in handle.keys():
-                tensor_slice = handle.get_slice(name)
-                self._shard_of[name] = shard
-                self._shapes[name] = tuple(tensor_slice.get_shape())
-                self._dtypes[name] = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), torch.float32)
+    def _read_header(self, shard: Path) -> dict[str, _Stored]:
+        def corrupt(reason: str) -> MergetuneError:
+            return MergetuneError(f"model {self.label}: {shard} is corrupt or truncated ({reason})")
 
-    def _open(self, shard: Path):
-        if shard not in self._handles:
+        try:
+            size = shard.stat().st_size
+            with open(shard, "rb") as handle:
+                prefix = handle.read(8)
+                if len(prefix) < 8:
+                    raise corrupt("no header")
+                length = struct.unpack("<Q", prefix)[0]
+                if length > size - 8:
+                    raise corrupt(f"header of {length} bytes in a file of {size}")
+                header = json.loads(handle.read(length))
+        except OSError as error:
+            raise MergetuneError(f"model {self.label}: cannot read {shard}: {error}") from None
+        except ValueError as error:
+            raise corrupt(f"header is not JSON: {error}") from None
+        stored = {}
+        data_start = 8 + length
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
             try:
-                self._handles[shard] = safe_open(str(shard), framework="pt")
-            except (SafetensorError, OSError, ValueError) as error:
-                raise MergetuneError(f"model {self.label}: cannot read {shard}: {error} (corrupt or truncated?)") from None
-        return self._handles[shard]
+                begin, end = info["data_offsets"]
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                shape = tuple(int(dim) for dim in info["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise corrupt(f"bad entry for tensor {name}") from None
+            if data_start + end > size:
+                raise corrupt(f"tensor {name} ends at byte {data_start + end}, past the end of the file ({size})")
+            stored[name] = _Stored(shard, data_start + begin, data_start + end, shape, dtype)
+        return stored
 
     def _load_pickled(self, directory: Path, label: str, allow_pickle: bool) -> None:
         files = sorted(directory.glob("pytorch_model*.bin"))
@@ -119,28 +147,47 @@ class CheckpointSource:
             except Exception as error:  # torch raises many types for a bad pickle
                 raise MergetuneError(f"model {label}: cannot load {file}: {error}") from None
             self._pickled.update(state)
-        for name, tensor in self._pickled.items():
-            self._shapes[name] = tuple(tensor.shape)
-            self._dtypes[name] = tensor.dtype
 
     def names(self) -> list[str]:
-        return list(self._shapes)
+        return list(self._stored) or list(self._pickled)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._shapes[name]
+        if name in self._pickled:
+            return tuple(self._pickled[name].shape)
+        return self._stored[name].shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return self._dtypes[name]
+        if name in self._pickled:
+            return self._pickled[name].dtype
+        return self._stored[name].dtype
 
     def get(self, name: str, device: str = "cpu") -> torch.Tensor:
         if name in self._pickled:
             return self._pickled[name].to(device)
-        shard = self._shard_of[name]
+        stored = self._stored[name]
+        buffer = torch.empty(stored.end - stored.start, dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        descriptor = self._descriptor(stored.shard)
+        done = 0
         try:
-            tensor = self._open(shard).get_tensor(name)
-        except (SafetensorError, OSError) as error:
-            raise MergetuneError(f"model {self.label}: cannot read tensor {name} from {shard}: {error}") from None
+            while done < len(view):
+                count = os.preadv(descriptor, [view[done:]], stored.start + done)
+                if count == 0:
+                    raise OSError(f"unexpected end of file after {done} of {len(view)} bytes")
+                done += count
+        except OSError as error:
+            raise MergetuneError(f"model {self.label}: cannot read tensor {name} from {stored.shard}: {error}") from None
+        tensor = buffer.view(stored.dtype).reshape(stored.shape)
         return tensor.to(device) if device != "cpu" else tensor
+
+    def _descriptor(self, shard: Path) -> int:
+        if shard not in self._descriptors:
+            self._descriptors[shard] = os.open(shard, os.O_RDONLY)
+        return self._descriptors[shard]
+
+    def __del__(self) -> None:
+        for descriptor in getattr(self, "_descriptors", {}).values():
+            os.close(descriptor)
 
 
 class MemorySource:

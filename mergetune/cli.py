@@ -132,3 +132,9 @@ def demo(
             f"{result.name:10s} recipe {result.recipe_path} → {result.output}  "
             f"disk merge {result.disk_seconds:.2f}s, in-memory rebuild {result.in_memory_seconds * 1000:.1f}ms"
         )
+
+
+# `mergetune eval` lives in mergetune.eval.cli (issue #3); registered here so it shares the error handling.
+from mergetune.eval.cli import eval_command  # noqa: E402
+
+app.command("eval")(user_errors(eval_command))

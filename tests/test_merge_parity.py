@@ -287,3 +287,43 @@ def test_multi_stage_slerp_of_two_stacks_matches_mergekit_run_stage_by_stage(fam
     theirs = load_state(run_mergekit(final_paths, tmp_path / "mk_final"))
     assert_same_tensors(ours, theirs)
     assert not (tmp_path / "ours" / ".stages").exists()
+
+
+@pytest.fixture(scope="session")
+def family_other_vocab(tmp_path_factory, family_f32) -> dict[str, Path]:
+    """model_x: same architecture as family_f32 but a tokenizer with more (and renumbered) words."""
+    from mergetune.tiny import TinySpec, build_tokenizer, random_model, save_model
+
+    tokenizer = build_tokenizer(extra_text="zebra yak quokka aardvark")
+    model = random_model(TinySpec(), tokenizer, seed=5)
+    return {**family_f32, "model_x": save_model(model, tokenizer, tmp_path_factory.mktemp("vocab") / "model_x")}
+
+
+def test_different_vocabularies_are_aligned_like_mergekit(family_other_vocab, tmp_path):
+    """tokenizer_source: base re-indexes model_x's embedding rows by token before the linear merge."""
+    recipe = with_paths(
+        {
+            "merge_method": "linear",
+            "base_model": "base",
+            "models": [
+                {"model": "base", "parameters": {"weight": 0.5}},
+                {"model": "model_x", "parameters": {"weight": 0.5}},
+            ],
+            "tokenizer_source": "base",
+        },
+        family_other_vocab,
+    )
+    theirs = load_state(run_mergekit(recipe, tmp_path / "mergekit"))
+    ours = load_state(run_mergetune(yaml.safe_dump(recipe), tmp_path / "mergetune"))
+    assert_same_tensors(ours, theirs)
+
+
+def test_different_vocabularies_without_tokenizer_source_name_the_tensor(family_other_vocab, tmp_path):
+    from mergetune.errors import MergetuneError
+
+    recipe = with_paths(
+        {"merge_method": "linear", "models": [{"model": "base", "parameters": {"weight": 1}}, {"model": "model_x", "parameters": {"weight": 1}}]},
+        family_other_vocab,
+    )
+    with pytest.raises(MergetuneError, match="tensor model.embed_tokens.weight: shape .* set tokenizer_source"):
+        run_mergetune(yaml.safe_dump(recipe), tmp_path / "out")

@@ -1,0 +1,111 @@
+"""`hf` backend: lm-eval's HFLM around the live transformers model, in process.
+
+The search writes each candidate's weights into the model's parameters in
+place; HFLM holds the model object itself and keeps nothing derived from its
+weights between calls, so every call scores the current weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import torch
+from lm_eval.models.huggingface import HFLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mergetune.errors import MergetuneError
+from mergetune.eval.backends import Backend
+from mergetune.eval.quiet import quieted
+from mergetune.eval.requests import TokenRequest
+
+log = logging.getLogger(__name__)
+
+
+class _TimedHFLM(HFLM):
+    """HFLM that adds the wall time of each model call to `forward_seconds`."""
+
+    forward_seconds = 0.0
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+        start = perf_counter()
+        logits = super()._model_call(inps, attn_mask, labels)
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)
+        self.forward_seconds += perf_counter() - start
+        return logits
+
+
+class HFBackend(Backend):
+    """Scores the live model; `batch_size="auto"` picks one batch size per request length.
+
+    On a GPU the largest batch that fits is probed once (lm-eval's probe) for the
+    longest request seen so far; on a CPU there is nothing to probe and
+    `max_batch_size` is used.
+    """
+
+    name = "hf"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int | str = "auto",
+        max_batch_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if batch_size != "auto" and not (isinstance(batch_size, int) and batch_size > 0):
+            raise MergetuneError(f"batch size must be a positive integer or 'auto', not {batch_size!r}")
+        self.model = model.eval()
+        # HFLM warns that a pre-loaded model skips its device and parallel options: intended here.
+        with quieted("lm_eval.models.huggingface"):
+            self.lm = _TimedHFLM(
+                pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size
+            )
+        self._auto = batch_size == "auto"
+        self._max_batch_size = max_batch_size
+        self._probed: dict[int, int] = {}  # longest request length -> batch size
+
+    @classmethod
+    def from_dir(
+        cls, model_dir: str | Path, *, device: str | None = None, dtype: str = "auto", **options: Any
+    ) -> HFBackend:
+        """Load a checkpoint the way `lm_eval --model hf --model_args pretrained=DIR` does."""
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise MergetuneError(f"model directory {model_dir} does not exist or has no config.json")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return cls(model, tokenizer, **options)
+
+    @property
+    def forward_seconds(self) -> float:
+        return self.lm.forward_seconds
+
+    def _call_options(self, requests: Sequence[TokenRequest]) -> dict[str, Any]:
+        if not self._auto or not requests:
+            return {}
+        longest = max(len(r.context) + len(r.continuation) for r in requests)
+        if self.lm.device.type != "cuda":
+            return {"override_bs": self._max_batch_size}
+        # A batch size that fits longer requests fits these too.
+        covering = [length for length in self._probed if length >= longest]
+        if covering:
+            return {"override_bs": self._probed[min(covering)]}
+        probe = max(requests, key=lambda r: len(r.context) + len(r.continuation))
+        self._probed[longest] = self.lm._detect_batch_size([(probe.args, list(probe.context), list(probe.continuation))])
+        log.info("batch size %d for requests up to %d tokens", self._probed[longest], longest)
+        return {"override_bs": self._probed[longest]}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "device": str(self.lm.device),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+        }

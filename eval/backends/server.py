@@ -1,0 +1,76 @@
+"""`server` backend: an OpenAI-compatible /v1/completions endpoint, via lm-eval's local-completions.
+
+For models served elsewhere (e.g. `vllm serve` on a merge written to disk).
+Log-likelihoods come from echoed prompt logprobs; requests are sent as token ids,
+tokenized locally with the model's tokenizer, `num_concurrent` at a time.
+The evaluator cannot change a server's weights: it scores whatever is served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+from mergetune.errors import MergetuneError
+from mergetune.eval.backends import Backend
+from mergetune.eval.requests import TokenRequest
+
+
+def completions_url(base_url: str) -> str:
+    """The /v1/completions URL for a server root, a /v1 base or the full URL."""
+    url = base_url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise MergetuneError(f"server URL {base_url!r} must start with http:// or https://")
+    if url.endswith("/completions"):
+        return url
+    if url.endswith("/v1"):
+        return url + "/completions"
+    return url + "/v1/completions"
+
+
+class ServerBackend(Backend):
+    name = "server"
+
+    def __init__(
+        self,
+        base_url: str,
+        tokenizer: str | Path,
+        *,
+        model: str | None = None,
+        num_concurrent: int = 8,
+        batch_size: int = 1,
+        max_length: int = 2048,
+        max_retries: int = 3,
+        timeout: int = 300,
+    ) -> None:
+        """`tokenizer`: the served model's tokenizer (a directory); `model`: the served model name."""
+        super().__init__()
+        self.url = completions_url(base_url)
+        self.lm = LocalCompletionsAPI(
+            base_url=self.url,
+            model=model or str(tokenizer),
+            tokenizer=str(tokenizer),
+            tokenizer_backend="huggingface",
+            tokenized_requests=True,
+            num_concurrent=num_concurrent,
+            batch_size=batch_size,
+            max_length=max_length,
+            max_retries=max_retries,
+            timeout=timeout,
+        )
+
+    def loglikelihood(self, requests: Sequence[TokenRequest]) -> list[tuple[float, bool]]:
+        start = perf_counter()
+        try:
+            return super().loglikelihood(requests)
+        except Exception as error:  # aiohttp / requests / tenacity errors, after retries
+            raise MergetuneError(f"completions server {self.url} failed: {type(error).__name__}: {error}") from error
+        finally:
+            self._forward_seconds += perf_counter() - start
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "url": self.url, "model": self.lm.model}

@@ -1,0 +1,96 @@
+"""`mergetune eval`: score a checkpoint (or a served model) on a suite, print a table, write JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mergetune.errors import MergetuneError
+
+
+def _doc_ids_from(path: Path) -> dict[str, list[int]]:
+    """Document ids from an earlier `--json` output, or from a plain {task: [ids]} file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise MergetuneError(f"--doc-ids {path}: cannot read it as JSON ({error})") from error
+    if "tasks" in data:
+        return {task: ids for entry in data["tasks"].values() for task, ids in entry["doc_ids"].items()}
+    return {task: [int(i) for i in ids] for task, ids in data.items()}
+
+
+def _table(result) -> Table:
+    table = Table(title="mergetune eval")
+    for column in ("task", "metric", "value", "± stderr", "shots", "docs"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for score in result.tasks.values():
+        stderr = "—" if score.stderr is None else f"{score.stderr:.4f}"
+        shots = "mixed" if score.num_fewshot is None else str(score.num_fewshot)
+        table.add_row(score.label, score.metric, f"{score.value:.4f}", stderr, shots, str(score.n_docs))
+    if len(result.tasks) > 1:
+        stderr = "—" if result.average_stderr is None else f"{result.average_stderr:.4f}"
+        label = "average (includes proxy)" if result.includes_proxy else "average"
+        table.add_row(label, "", f"{result.average:.4f}", stderr, "", "", style="bold")
+    return table
+
+
+def eval_command(
+    model_dir: Path = typer.Argument(..., help="Checkpoint directory; for --backend server, the served model's tokenizer."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="A named suite: leaderboard."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated lm-eval tasks, groups or tags (added to --suite)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local JSONL copies of the datasets (offline)."),
+    include_path: list[Path] = typer.Option([], "--include-path", help="A directory of your own lm-eval task YAMLs."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Seeded random sample of N documents per task (stratified for groups)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot count for every task (default: per task)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the document sample."),
+    doc_ids: Optional[Path] = typer.Option(None, "--doc-ids", help="Score the documents of an earlier --json output."),
+    backend: str = typer.Option("hf", "--backend", help="hf | vllm | server"),
+    device: Optional[str] = typer.Option(None, "--device", help="hf: cpu, cuda, cuda:1, ... (default: cuda if available)."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="hf: an integer or 'auto'."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="server: e.g. http://127.0.0.1:8000/v1"),
+    served_model: Optional[str] = typer.Option(None, "--served-model", help="server: model name (default: MODEL_DIR)."),
+    num_concurrent: int = typer.Option(8, "--concurrency", help="server: requests in flight."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per engine."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-task metrics, stderrs and document ids here."),
+) -> None:
+    """Score a model on lm-eval tasks: a table here, and JSON with metrics, stderrs and document ids."""
+    from mergetune.eval import EvalConfig, Evaluator
+
+    if suite is None and not tasks:
+        raise MergetuneError("give --suite leaderboard or --tasks a,b,...")
+    if backend == "hf":
+        if batch_size != "auto" and not batch_size.isdigit():
+            raise MergetuneError(f"--batch-size must be an integer or 'auto', not {batch_size!r}")
+        options = {"device": device, "batch_size": batch_size if batch_size == "auto" else int(batch_size)}
+    elif backend == "vllm":
+        options = {"tensor_parallel_size": tensor_parallel_size}
+    elif backend == "server":
+        options = {"base_url": base_url, "model": served_model, "num_concurrent": num_concurrent}
+    else:
+        raise MergetuneError(f"unknown --backend {backend!r}; use hf, vllm or server")
+    config = EvalConfig(
+        suite=suite,
+        tasks=tuple(name.strip() for name in (tasks or "").split(",") if name.strip()),
+        include_paths=tuple(include_path),
+        data_dir=data_dir,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        seed=seed,
+    )
+    evaluator = Evaluator.from_dir(model_dir, config, backend=backend, **options)
+    try:
+        result = evaluator.score(doc_ids=_doc_ids_from(doc_ids) if doc_ids else None)
+    finally:
+        evaluator.close()
+    console = Console()
+    console.print(_table(result))
+    for score in result.tasks.values():
+        if score.proxy:
+            console.print(f"[yellow]{score.name} is a proxy: {score.proxy}[/yellow]")
+    if json_out is not None:
+        console.print(f"wrote {result.write_json(json_out)}")
