@@ -106,7 +106,13 @@ def resolve_chat_template(value: str, sources: dict[str, TensorSource]) -> str:
 
 
 def write_side_files(
-    directory: Path, recipe: Recipe, plan: MergePlan, sources: dict[str, TensorSource], recipe_yaml: str, seed: Optional[int]
+    directory: Path,
+    recipe: Recipe,
+    plan: MergePlan,
+    sources: dict[str, TensorSource],
+    recipe_yaml: str,
+    seed: Optional[int],
+    card_extra: str = "",
 ) -> None:
     """config.json, generation config, tokenizer, chat template, recipe and model card."""
     (directory / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
@@ -127,7 +133,7 @@ def write_side_files(
             tokenizer_config["chat_template"] = template
             config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
     (directory / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
-    (directory / "README.md").write_text(model_card(recipe, plan, recipe_yaml, seed), encoding="utf-8")
+    (directory / "README.md").write_text(model_card(recipe, plan, recipe_yaml, seed, card_extra), encoding="utf-8")
 
 
 def merge_stage(
@@ -139,6 +145,7 @@ def merge_stage(
     device: str = "cpu",
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Optional[Progress] = None,
+    card_extra: str = "",
 ) -> MergePlan:
     """Plan one stage and stream its tensors into `directory`."""
     plan = plan_merge(recipe, sources, vocab_alignment(recipe, sources))
@@ -173,7 +180,7 @@ def merge_stage(
     except BaseException:
         writer.abort()
         raise
-    write_side_files(directory, recipe, plan, sources, recipe_yaml, seed)
+    write_side_files(directory, recipe, plan, sources, recipe_yaml, seed, card_extra)
     return plan
 
 
@@ -186,6 +193,7 @@ def merge_recipe_file(
     overwrite: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Optional[Progress] = None,
+    card_extra: str = "",
 ) -> MergeResult:
     """Run every stage of a recipe file; the last stage's output becomes `out_dir`."""
     for stage in recipe_file.stages:
@@ -205,7 +213,8 @@ def merge_recipe_file(
             directory = partial if is_final else partial / ".stages" / stage.name
             directory.mkdir(parents=True, exist_ok=True)
             yaml_text = recipe_file.to_yaml() if is_final else stage.to_yaml()
-            plan = merge_stage(stage, sources, directory, yaml_text, seed, device, shard_bytes, progress)
+            extra = card_extra if is_final else ""
+            plan = merge_stage(stage, sources, directory, yaml_text, seed, device, shard_bytes, progress, extra)
             warnings.extend(plan.warnings)
             if not is_final:
                 stage_outputs[stage.name] = CheckpointSource(stage.name, directory)

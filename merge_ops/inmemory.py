@@ -17,7 +17,7 @@ import torch
 
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.execute import fetch_inputs, run_op
-from mergetune.merge_ops.methods import SlerpGeometry, slerp_accumulate, slerp_coefficients, slerp_geometry
+from mergetune.merge_ops.methods import SlerpGeometry, slerp_coefficients, slerp_geometry, slerp_into
 from mergetune.merge_ops.plan import MergePlan, TensorOp, plan_merge
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
 from mergetune.merge_ops.sources import MemorySource, TensorSource
@@ -64,7 +64,6 @@ class InMemoryBuilder:
         self.model = model
         self.targets = model.state_dict(keep_vars=True)
         self._geometry: dict[tuple, SlerpGeometry] = {}
-        self._scratch_buffer: Optional[torch.Tensor] = None
 
     @classmethod
     def for_recipe(
@@ -108,12 +107,6 @@ class InMemoryBuilder:
         if missing:
             raise MergetuneError(f"the recipe produces no value for parameter(s): {', '.join(missing[:5])}")
 
-    def _scratch(self, numel: int) -> torch.Tensor:
-        """A float32 buffer reused across tensors and candidates (no allocation per build)."""
-        if self._scratch_buffer is None or self._scratch_buffer.numel() < numel:
-            self._scratch_buffer = torch.empty(numel, dtype=torch.float32, device=self.device)
-        return self._scratch_buffer[:numel]
-
     def _build_into(
         self, target: torch.Tensor, op: TensorOp, plan: MergePlan, sources: Mapping[str, TensorSource], seed: Optional[int]
     ) -> None:
@@ -131,12 +124,10 @@ class InMemoryBuilder:
                 geometry = slerp_geometry(base, other)
                 if cacheable:
                     self._geometry[key] = geometry
-            scratch = self._scratch(base.numel()).view(base.shape)
-            slerp_accumulate(base, other, slerp_coefficients(op.shared["t"], geometry), scratch)
-            # Round through the compute dtype, exactly as the disk path does (one copy when dtypes agree).
-            if op.compute_dtype in (torch.float32, target.dtype):
-                target.copy_(scratch)
-            else:
-                target.copy_(scratch.to(op.compute_dtype))
+            coefficients = slerp_coefficients(op.shared["t"], geometry)
+            if target.dtype == op.compute_dtype and target.is_contiguous():
+                slerp_into(base, other, coefficients, target)
+            else:  # round through the compute dtype, as the disk path does
+                target.copy_(slerp_into(base, other, coefficients, torch.empty_like(base)))
             return
         target.copy_(run_op(op, plan.method, fetch_inputs(op, fetch, self.device), seed, self.device))

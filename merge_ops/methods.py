@@ -11,6 +11,7 @@ the tensors are built in.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -120,6 +121,13 @@ def linear(inputs: MergeInputs, normalize: bool = True) -> torch.Tensor:
 # ---------------------------------------------------------------------------- slerp
 
 DOT_THRESHOLD = 0.9995
+# Work in slices of ~1M elements so the float32 copies stay in cache: SLERP is
+# memory-bound, and whole-tensor temporaries would triple the traffic.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunks(count: int) -> range:
+    return range(0, count, CHUNK_ELEMENTS)
 
 
 @dataclass(frozen=True)
@@ -132,48 +140,45 @@ class SlerpGeometry:
 
 
 def slerp_geometry(base: torch.Tensor, other: torch.Tensor, eps: float = 1e-8) -> SlerpGeometry:
-    """Angle between the two flattened tensors, measured in float32."""
+    """Cosine of the angle between the two flattened tensors, accumulated chunk by chunk in float32."""
     dtype = _compute_dtype(base)
-    a = base.reshape(-1).to(dtype)
-    b = other.reshape(-1).to(dtype)
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
-    norm_a = norm_a if norm_a > eps else torch.ones_like(norm_a)
-    norm_b = norm_b if norm_b > eps else torch.ones_like(norm_b)
-    dot = float(torch.dot(a / norm_a, b / norm_b).clamp(-1, 1))
+    a, b = base.reshape(-1), other.reshape(-1)
+    square_a = square_b = product = 0.0
+    for start in _chunks(a.numel()):
+        x = a[start : start + CHUNK_ELEMENTS].to(dtype)
+        y = b[start : start + CHUNK_ELEMENTS].to(dtype)
+        square_a += float(torch.dot(x, x))
+        square_b += float(torch.dot(y, y))
+        product += float(torch.dot(x, y))
+    norm_a, norm_b = math.sqrt(square_a), math.sqrt(square_b)
+    norm_a = norm_a if norm_a > eps else 1.0
+    norm_b = norm_b if norm_b > eps else 1.0
+    dot = max(-1.0, min(1.0, product / (norm_a * norm_b)))
     colinear = abs(dot) > DOT_THRESHOLD
-    theta = 0.0 if colinear else float(torch.acos(torch.tensor(dot, dtype=torch.float64)))
-    return SlerpGeometry(dot=dot, theta=theta, colinear=colinear)
+    return SlerpGeometry(dot=dot, theta=0.0 if colinear else math.acos(dot), colinear=colinear)
 
 
 def slerp_coefficients(t: float, geometry: SlerpGeometry) -> tuple[float, float]:
     if geometry.colinear:
         return 1 - t, t
-    sin_theta = torch.sin(torch.tensor(geometry.theta, dtype=torch.float64))
-    coef_base = torch.sin(torch.tensor((1 - t) * geometry.theta, dtype=torch.float64)) / sin_theta
-    coef_other = torch.sin(torch.tensor(t * geometry.theta, dtype=torch.float64)) / sin_theta
-    return float(coef_base), float(coef_other)
+    sin_theta = math.sin(geometry.theta)
+    return math.sin((1 - t) * geometry.theta) / sin_theta, math.sin(t * geometry.theta) / sin_theta
 
 
-def slerp_accumulate(
-    base: torch.Tensor, other: torch.Tensor, coefficients: tuple[float, float], out: torch.Tensor
-) -> torch.Tensor:
-    """out = coef_base * base + coef_other * other, in out's (float32) precision, without temporaries.
+def slerp_into(base: torch.Tensor, other: torch.Tensor, coefficients: tuple[float, float], out: torch.Tensor) -> torch.Tensor:
+    """out = coef_base * base + coef_other * other, computed in float32 chunk by chunk.
 
-    The in-memory builder passes a reused scratch buffer; the arithmetic is the
-    same as the disk path's, so both give bit-identical weights.
+    `out` may be a live model's parameter: the disk merge and the in-memory build
+    share this arithmetic, so both give bit-identical weights.
     """
     coef_base, coef_other = coefficients
-    out.copy_(base)
-    out.mul_(coef_base)
-    out.add_(other, alpha=coef_other)
+    dtype = _compute_dtype(base)
+    a, b, target = base.reshape(-1), other.reshape(-1), out.view(-1)
+    for start in _chunks(a.numel()):
+        chunk = a[start : start + CHUNK_ELEMENTS].to(dtype, copy=True)
+        chunk.mul_(coef_base).add_(b[start : start + CHUNK_ELEMENTS], alpha=coef_other)
+        target[start : start + CHUNK_ELEMENTS].copy_(chunk)
     return out
-
-
-def slerp_combine(base: torch.Tensor, other: torch.Tensor, coefficients: tuple[float, float]) -> torch.Tensor:
-    """The interpolated tensor, computed in float32, returned in the input dtype."""
-    out = torch.empty(base.shape, dtype=_compute_dtype(base), device=base.device)
-    return slerp_accumulate(base, other, coefficients, out).to(base.dtype)
 
 
 def slerp(inputs: MergeInputs, t: float) -> torch.Tensor:
@@ -182,7 +187,8 @@ def slerp(inputs: MergeInputs, t: float) -> torch.Tensor:
         raise TypeError("SLERP requires floating-point tensors")
     base = inputs.tensors[inputs.base_index]
     other = inputs.tensors[1 - inputs.base_index]
-    return slerp_combine(base, other, slerp_coefficients(t, slerp_geometry(base, other)))
+    coefficients = slerp_coefficients(t, slerp_geometry(base, other))
+    return slerp_into(base, other, coefficients, torch.empty_like(base))
 
 
 # -------------------------------------------------------------------------- nuslerp

@@ -138,3 +138,18 @@ def demo(
 from mergetune.eval.cli import eval_command  # noqa: E402
 
 app.command("eval")(user_errors(eval_command))
+
+# The search's commands live in mergetune.search.cli (issue #4).
+from mergetune.search.cli import (  # noqa: E402
+    export_command,
+    leaderboard_command,
+    report_command,
+    study_app,
+    study_run,
+)
+
+study_app.command("run")(user_errors(study_run))
+app.add_typer(study_app, name="study")
+app.command("leaderboard")(user_errors(leaderboard_command))
+app.command("export")(user_errors(export_command))
+app.command("report")(user_errors(report_command))

@@ -1,0 +1,136 @@
+"""`mergetune study run`, `leaderboard`, `export`, `report`: the search's command-line layer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mergetune.search.study_file import Study, load_study
+
+study_app = typer.Typer(help="Run Optuna studies over merge recipes.", no_args_is_help=True)
+
+
+def _load(path: Path, storage: Optional[str]) -> Study:
+    study = load_study(path)
+    if storage:
+        study = study.model_copy(update={"spec": study.spec.model_copy(update={"storage": storage})})
+    return study
+
+
+def print_leaderboard(board, top: Optional[int] = None, console: Optional[Console] = None) -> None:
+    from mergetune.search.leaderboard import comparison_lines, table_rows
+
+    console = console or Console()
+    headers, cells = table_rows(board, top)
+    table = Table(title=f"study {board.study}: ranked by held-out score", show_lines=False)
+    for header in headers:
+        table.add_column(header, justify="right" if header not in ("method", "origin") else "left")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    for line in comparison_lines(board):
+        console.print(line)
+
+
+def run_study(
+    study: Study,
+    n_trials: Optional[int] = None,
+    timeout: Optional[float] = None,
+    say: Callable[[str], None] = typer.echo,
+    quiet: bool = False,
+):
+    """Run every method of the study to its budget, then the finalists' held-out evaluation."""
+    from tqdm import tqdm
+
+    from mergetune.search.leaderboard import build_leaderboard
+    from mergetune.search.runner import StudyRunner, Workspace
+
+    spec = study.spec
+    n_trials = n_trials or spec.budget.n_trials
+    timeout = timeout or spec.budget.timeout
+    say(f"study {spec.name}: methods {', '.join(spec.methods)}; storage {study.storage_display}")
+    runner = StudyRunner(Workspace.open(study, say=say))
+    for method in spec.methods:
+        bar = tqdm(total=n_trials, desc=method, unit="trial", file=sys.stderr, disable=quiet)
+
+        def progress(name: str, done: int, total: int, best: Optional[float], bar=bar) -> None:
+            bar.update(done - bar.n)
+            if best is not None:
+                bar.set_postfix_str(f"best {100 * best:.2f}")
+
+        runner.run_method(method, n_trials, timeout, progress)
+        bar.close()
+        runner.finalize(method, say=say)
+    return build_leaderboard(study)
+
+
+def study_run(
+    study_file: Path = typer.Argument(..., help="Study YAML (see studies/)."),
+    n_trials: Optional[int] = typer.Option(None, help="Completed trials per method (overrides the file's budget)."),
+    timeout: Optional[float] = typer.Option(None, help="Seconds per method (overrides the file's budget)."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite beside the study file)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Run (or continue) a study: trials until the budget is reached, then the finalists' held-out scores."""
+    board = run_study(_load(study_file, storage), n_trials, timeout, quiet=quiet)
+    print_leaderboard(board, top=20)
+
+
+def leaderboard_command(
+    study_file: Path = typer.Argument(..., help="Study YAML."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the leaderboard as JSON here."),
+    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write the leaderboard as CSV here."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print Markdown instead of a terminal table."),
+    top: Optional[int] = typer.Option(None, help="Show only the first N rows."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite beside the study file)."),
+) -> None:
+    """Rank a study's trials by held-out score; compare the best SLERP and DARE TIES."""
+    from mergetune.search.leaderboard import build_leaderboard, to_csv, to_json, to_markdown
+
+    board = build_leaderboard(_load(study_file, storage))
+    if markdown:
+        typer.echo(to_markdown(board, top))
+    else:
+        print_leaderboard(board, top)
+    if json_out:
+        json_out.write_text(json.dumps(to_json(board), indent=2) + "\n")
+    if csv_out:
+        csv_out.write_text(to_csv(board))
+
+
+def export_command(
+    study_file: Path = typer.Argument(..., help="Study YAML."),
+    out_dir: Path = typer.Argument(..., help="Directory to create: model, recipe, model card."),
+    method: Optional[str] = typer.Option(None, help="Best trial of this method (default: best overall)."),
+    trial: Optional[int] = typer.Option(None, help="This trial number instead of the best."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite beside the study file)."),
+) -> None:
+    """Write a trial's mergekit recipe, the merged model and a model card with its scores."""
+    from mergetune.merge_ops.disk import RECIPE_FILE
+    from mergetune.search.export import export_trial
+
+    result = export_trial(_load(study_file, storage), out_dir, method, trial, overwrite)
+    typer.echo(
+        f"exported {result.row.method} trial {result.row.trial} to {out_dir} "
+        f"(recipe: {out_dir / RECIPE_FILE}; reproduce with `mergekit-yaml {out_dir / RECIPE_FILE} OUT`)"
+    )
+
+
+def report_command(
+    study_file: Path = typer.Argument(..., help="Study YAML."),
+    out_dir: Path = typer.Argument(..., help="Directory for the PNG figures and index.html."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite beside the study file)."),
+) -> None:
+    """Draw the study: optimisation history, best t-curves, weights/densities, parameter importances."""
+    from mergetune.search.report import write_report
+
+    study = _load(study_file, storage)
+    index = write_report(study, out_dir)
+    typer.echo(f"wrote {index}  (interactive: optuna-dashboard {study.storage_display})")

@@ -1,0 +1,88 @@
+"""Exporting a trial: its mergekit recipe, the merged model, and a model card with its scores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mergetune.errors import MergetuneError
+from mergetune.merge_ops.disk import Progress, merge_recipe_file
+from mergetune.merge_ops.recipe import parse_recipes
+from mergetune.search.leaderboard import Leaderboard, Row, build_leaderboard, comparison_lines
+from mergetune.search.study_file import Study
+
+
+@dataclass
+class ExportResult:
+    row: Row
+    output: Path
+
+
+def pick_row(board: Leaderboard, method: Optional[str], trial: Optional[int]) -> Row:
+    """A given trial, else the best finalist (of `method`, or overall)."""
+    rows = [row for row in board.rows if method is None or row.method == method]
+    if method is not None and not rows:
+        raise MergetuneError(f"no completed {method} trials in study {board.study}")
+    if trial is not None:
+        matches = [row for row in rows if row.trial == trial]
+        if not matches:
+            raise MergetuneError(f"no completed trial {trial}" + (f" for {method}" if method else ""))
+        if len(matches) > 1:
+            raise MergetuneError(f"trial {trial} exists for several methods; say which with --method")
+        return matches[0]
+    finalists = [row for row in rows if row.final is not None]
+    return (finalists or rows)[0]
+
+
+def score_table(board: Leaderboard, row: Row) -> str:
+    """The model card's benchmark section: held-out scores, search scores, and the comparisons."""
+    shown = row.final or row.search
+    label = "held-out" if row.final else "search"
+    lines = [
+        "## Evaluation",
+        "",
+        f"Found by mergetune study `{board.study}` ({row.method}, trial {row.trial}"
+        + (f", {row.baseline}" if row.baseline else "")
+        + f"). Scores on {label} documents (lm-eval tasks, per-document results stored in the study):",
+        "",
+        "| task | metric | score | ± stderr | documents |",
+        "|---|---|---|---|---|",
+    ]
+    for name, task in shown.tasks.items():
+        stderr = "" if task.stderr is None else f"{100 * task.stderr:.2f}"
+        proxy = " (proxy data)" if task.proxy else ""
+        lines.append(f"| {name}{proxy} | {task.metric} | {100 * task.value:.2f} | {stderr} | {task.n} |")
+    average_stderr = "" if shown.average_stderr is None else f"{100 * shown.average_stderr:.2f}"
+    lines.append(f"| **average** | | **{100 * shown.average:.2f}** | {average_stderr} | |")
+    if row.final:
+        lines += ["", f"Search score {100 * row.search.average:.2f}; gap to held-out {100 * row.gap:+.2f} points."]
+    comparisons = comparison_lines(board)
+    if comparisons:
+        lines += [""] + [f"- {line}" for line in comparisons]
+    return "\n".join(lines) + "\n"
+
+
+def export_trial(
+    study: Study,
+    out_dir: Path,
+    method: Optional[str] = None,
+    trial: Optional[int] = None,
+    overwrite: bool = False,
+    progress: Optional[Progress] = None,
+    storage=None,
+) -> ExportResult:
+    board = build_leaderboard(study, storage)
+    row = pick_row(board, method, trial)
+    recipe_file = parse_recipes(row.recipe, source=f"{study.spec.name} trial {row.trial}")
+    merge_recipe_file(
+        recipe_file,
+        out_dir,
+        seed=row.seed,
+        device=study.spec.device,
+        overwrite=overwrite,
+        progress=progress,
+        card_extra=score_table(board, row),
+    )
+    return ExportResult(row, out_dir)
+

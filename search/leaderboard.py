@@ -1,0 +1,222 @@
+"""Leaderboards: every trial of a study, ranked by its held-out (final) score, recomputed from stored records.
+
+Finalists rank first, by final score; the gap between search and final score
+shows how much the search overfitted its documents. The best SLERP is compared
+with the best DARE TIES — and the best of each method with its hand-written
+baseline — by a paired bootstrap on the same held-out documents.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from mergetune.errors import MergetuneError
+from mergetune.search.records import PairedDifference, Record, Summary, paired_bootstrap, summarize
+from mergetune.search.runner import FINAL_PREFIX, optuna_study_name
+from mergetune.search.study_file import Study, redact_url
+
+
+@dataclass
+class Row:
+    method: str
+    trial: int
+    baseline: Optional[str]
+    search: Summary
+    final: Optional[Summary]
+    recipe: str
+    seed: int
+    rank: int = 0
+    method_rank: int = 0
+
+    @property
+    def gap(self) -> Optional[float]:
+        return None if self.final is None else self.search.average - self.final.average
+
+    @property
+    def sort_key(self) -> tuple:
+        return (self.final is not None, self.final.average if self.final else self.search.average)
+
+
+@dataclass
+class Comparison:
+    label: str
+    a: Row
+    b: Row
+    difference: PairedDifference
+
+
+@dataclass
+class Leaderboard:
+    study: str
+    rows: list[Row]
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    def best(self, method: str) -> Optional[Row]:
+        finalists = [row for row in self.rows if row.method == method and row.final is not None]
+        return finalists[0] if finalists else None
+
+    def tasks(self) -> list[str]:
+        names: dict[str, None] = {}
+        for row in self.rows:
+            for name in (row.final or row.search).tasks:
+                names[name] = None
+        return list(names)
+
+
+def load_optuna_study(study: Study, method: str, storage=None) -> Optional[optuna.Study]:
+    try:
+        return optuna.load_study(study_name=optuna_study_name(study.spec, method), storage=storage or study.storage_url)
+    except KeyError:
+        return None
+    except Exception as error:  # storage drivers raise their own types
+        raise MergetuneError(f"cannot open the study storage {study.storage_display}: {redact_url(str(error))}") from None
+
+
+def final_records(optuna_study: optuna.Study) -> dict[int, Record]:
+    return {
+        int(key[len(FINAL_PREFIX) :]): json.loads(value)
+        for key, value in optuna_study.user_attrs.items()
+        if key.startswith(FINAL_PREFIX)
+    }
+
+
+def build_leaderboard(study: Study, storage=None, bootstrap_iterations: int = 2000) -> Leaderboard:
+    rows: list[Row] = []
+    records: dict[tuple[str, int], Record] = {}
+    for method in study.spec.methods:
+        optuna_study = load_optuna_study(study, method, storage)
+        if optuna_study is None:
+            continue
+        finals = final_records(optuna_study)
+        for trial in optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            final = finals.get(trial.number)
+            if final is not None:
+                records[(method, trial.number)] = final
+            rows.append(
+                Row(
+                    method=method,
+                    trial=trial.number,
+                    baseline=trial.user_attrs.get("baseline"),
+                    search=summarize(json.loads(trial.user_attrs["record"])),
+                    final=summarize(final) if final is not None else None,
+                    recipe=trial.user_attrs["recipe"],
+                    seed=int(trial.user_attrs["seed"]),
+                )
+            )
+    if not rows:
+        raise MergetuneError(f"study {study.spec.name} has no completed trials in {study.storage_display}")
+    rows.sort(key=lambda row: row.sort_key, reverse=True)
+    per_method: dict[str, int] = {}
+    for position, row in enumerate(rows, start=1):
+        row.rank = position
+        per_method[row.method] = per_method.get(row.method, 0) + 1
+        row.method_rank = per_method[row.method]
+    board = Leaderboard(study.spec.name, rows)
+    for method in study.spec.methods:
+        best = board.best(method)
+        hand = next((r for r in rows if r.method == method and r.baseline and r.final is not None), None)
+        if best and hand and best is not hand:
+            board.comparisons.append(
+                Comparison(
+                    f"best {method} − hand-written {method}",
+                    hand,
+                    best,
+                    paired_bootstrap(records[(method, hand.trial)], records[(method, best.trial)], bootstrap_iterations),
+                )
+            )
+    slerp, dare = board.best("slerp"), board.best("dare_ties")
+    if slerp and dare:
+        board.comparisons.append(
+            Comparison(
+                "best slerp − best dare_ties",
+                dare,
+                slerp,
+                paired_bootstrap(records[("dare_ties", dare.trial)], records[("slerp", slerp.trial)], bootstrap_iterations),
+            )
+        )
+    return board
+
+
+def _percent(value: Optional[float]) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def table_rows(board: Leaderboard, top: Optional[int] = None) -> tuple[list[str], list[list[str]]]:
+    """Column headers and cells shared by the terminal, Markdown and CSV renderings."""
+    tasks = board.tasks()
+    proxies = {name for row in board.rows for name, task in (row.final or row.search).tasks.items() if task.proxy}
+    headers = ["rank", "method", "trial", "origin"] + [f"{t} (proxy)" if t in proxies else t for t in tasks]
+    headers += ["final avg", "± se", "search avg", "gap"]
+    cells = []
+    for row in board.rows[:top]:
+        shown = row.final or row.search
+        cells.append(
+            [str(row.rank), row.method, str(row.trial), "baseline" if row.baseline else "search"]
+            + [_percent(shown.tasks[t].value) if t in shown.tasks else "" for t in tasks]
+            + [
+                _percent(row.final.average) if row.final else "—",
+                _percent(row.final.average_stderr) if row.final else "",
+                _percent(row.search.average),
+                _percent(row.gap) if row.gap is not None else "",
+            ]
+        )
+    return headers, cells
+
+
+def comparison_lines(board: Leaderboard) -> list[str]:
+    return [
+        f"{c.label}: {100 * c.difference.mean:+.2f} points "
+        f"(95% CI {100 * c.difference.low:+.2f} … {100 * c.difference.high:+.2f}, {c.difference.n_docs} paired documents)"
+        for c in board.comparisons
+    ]
+
+
+def to_markdown(board: Leaderboard, top: Optional[int] = None) -> str:
+    headers, cells = table_rows(board, top)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells]
+    lines += [""] + [f"- {line}" for line in comparison_lines(board)]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(board: Leaderboard) -> str:
+    headers, cells = table_rows(board)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(headers)
+    writer.writerows(cells)
+    return buffer.getvalue()
+
+
+def to_json(board: Leaderboard) -> dict[str, Any]:
+    def summary(value: Optional[Summary]) -> Optional[dict]:
+        return None if value is None else asdict(value)
+
+    return {
+        "study": board.study,
+        "rows": [
+            {
+                "rank": row.rank,
+                "method_rank": row.method_rank,
+                "method": row.method,
+                "trial": row.trial,
+                "baseline": row.baseline,
+                "search": summary(row.search),
+                "final": summary(row.final),
+                "gap": row.gap,
+                "recipe": row.recipe,
+            }
+            for row in board.rows
+        ],
+        "comparisons": [
+            {"label": c.label, "a_trial": c.a.trial, "b_trial": c.b.trial, **asdict(c.difference)}
+            for c in board.comparisons
+        ],
+    }

@@ -1,0 +1,153 @@
+"""Pictures of a study: optimisation history, best t-curves, weights/densities, importances — PNG and one HTML page."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import yaml  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from mergetune.merge_ops.parameters import coercer, evaluate_setting  # noqa: E402
+from mergetune.merge_ops.recipe import recipe_from_dict  # noqa: E402
+from mergetune.search.leaderboard import Leaderboard, build_leaderboard, load_optuna_study, table_rows  # noqa: E402
+from mergetune.search.leaderboard import comparison_lines  # noqa: E402
+from mergetune.search.study_file import Study  # noqa: E402
+
+log = logging.getLogger(__name__)
+DEFAULT_LAYERS = 32
+
+
+def layer_count(study: Study) -> int:
+    """The first model's layer count (from its local config), for drawing curves across layers."""
+    config = Path(study.resolve(study.spec.models[0])) / "config.json"
+    if config.exists():
+        return int(json.loads(config.read_text()).get("num_hidden_layers", DEFAULT_LAYERS))
+    return DEFAULT_LAYERS
+
+
+def plot_history(optuna_study: optuna.Study, method: str, path: Path) -> Path:
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    pruned = optuna_study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    axis.scatter([t.number for t in complete], [100 * t.value for t in complete], s=14, label="completed")
+    if pruned:
+        axis.scatter(
+            [t.number for t in pruned],
+            [100 * t.intermediate_values[max(t.intermediate_values)] for t in pruned if t.intermediate_values],
+            marker="x",
+            s=14,
+            label="pruned (first subset)",
+        )
+    best, line = float("-inf"), []
+    for trial in sorted(complete, key=lambda t: t.number):
+        best = max(best, trial.value)
+        line.append((trial.number, 100 * best))
+    if line:
+        axis.step(*zip(*line), where="post", color="black", linewidth=1, label="best so far")
+    for trial in complete:
+        if trial.user_attrs.get("baseline"):
+            axis.axhline(100 * trial.value, linestyle="--", color="gray", linewidth=1, label="hand-written baseline")
+    axis.set_xlabel("trial")
+    axis.set_ylabel("search score (avg %)")
+    axis.set_title(f"{method}: optimisation history")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_curves(recipe_text: str, method: str, layers: int, path: Path) -> Path:
+    """Values of every gradient parameter across layers, per filter, for one recipe."""
+    recipe = recipe_from_dict(yaml.safe_load(recipe_text))
+    as_float = coercer(float)
+    positions = [index / (layers - 1) if layers > 1 else 1.0 for index in range(layers)]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    scopes = [("", recipe.parameters or {})] + [
+        (Path(model.model).name + " ", model.parameters or {}) for model in recipe.models or []
+    ]
+    for owner, parameters in scopes:
+        for name, setting in parameters.items():
+            if name in ("normalize", "int8_mask"):
+                continue
+            entries = setting if isinstance(setting, list) and setting and hasattr(setting[0], "filter") else None
+            filters = [entry.filter or "other" for entry in entries] if entries else [None]
+            for label in filters:
+                probe = f"layers.0.{label}" if label not in (None, "other") else "layers.0.other"
+                values = [evaluate_setting(probe, setting, t, as_float) for t in positions]
+                axis.plot(range(layers), values, marker=".", label=f"{owner}{name}" + (f" [{label}]" if label else ""))
+    axis.set_xlabel("layer")
+    axis.set_ylabel("value")
+    axis.set_ylim(-0.05, 1.05)
+    axis.set_title(f"best {method}: parameters across layers")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_importances(optuna_study: optuna.Study, method: str, path: Path) -> Optional[Path]:
+    try:
+        importances = optuna.importance.get_param_importances(optuna_study)
+    except (RuntimeError, ValueError, ImportError) as error:
+        log.info("no parameter importances for %s: %s", method, error)
+        return None
+    top = list(importances.items())[:15]
+    figure, axis = plt.subplots(figsize=(6, 0.3 * len(top) + 1.2))
+    axis.barh([name for name, _ in reversed(top)], [value for _, value in reversed(top)])
+    axis.set_title(f"{method}: parameter importances (fANOVA)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _html_table(board: Leaderboard) -> str:
+    headers, cells = table_rows(board)
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(study: Study, out_dir: Path, storage=None) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    board = build_leaderboard(study, storage)
+    layers = layer_count(study)
+    sections = []
+    for method in study.spec.methods:
+        optuna_study = load_optuna_study(study, method, storage)
+        if optuna_study is None:
+            continue
+        images = [plot_history(optuna_study, method, out_dir / f"{method}-history.png")]
+        best = board.best(method) or next((row for row in board.rows if row.method == method), None)
+        if best is not None:
+            images.append(plot_curves(best.recipe, method, layers, out_dir / f"{method}-curves.png"))
+        importance = plot_importances(optuna_study, method, out_dir / f"{method}-importances.png")
+        if importance:
+            images.append(importance)
+        figures = "".join(f'<img src="{html.escape(image.name)}" alt="{html.escape(image.stem)}">' for image in images)
+        sections.append(f"<h2>{html.escape(method)}</h2>{figures}")
+    comparisons = "".join(f"<li>{html.escape(line)}</li>" for line in comparison_lines(board))
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(study.spec.name)} — mergetune report</title>"
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:600px;margin:6px}</style></head><body>"
+        f"<h1>Study {html.escape(study.spec.name)}</h1><h2>Leaderboard</h2>{_html_table(board)}"
+        f"<ul>{comparisons}</ul>{''.join(sections)}"
+        "<p>Interactive view: <code>optuna-dashboard " + html.escape(study.storage_display) + "</code></p>"
+        "</body></html>"
+    )
+    index = out_dir / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index

@@ -1,0 +1,229 @@
+"""Studies on tiny models: they run, resume after a kill, export what mergekit reproduces, and rank honestly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from mergetune.cli import app
+from mergetune.merge_ops.sources import load_state
+from mergetune.search.leaderboard import build_leaderboard, final_records
+from mergetune.search.runner import optuna_study_name
+from mergetune.search.study_file import load_study
+from mergetune.skills import SEARCH_TASKS, write_task_dir
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def task_dir(tmp_path_factory) -> Path:
+    return write_task_dir(tmp_path_factory.mktemp("tasks"), docs_per_split=40)
+
+
+def write_study(directory: Path, family: dict, task_dir: Path, **overrides) -> Path:
+    spec = {
+        "name": "tiny",
+        "models": [str(family["model_a"]), str(family["model_b"])],
+        "base_model": str(family["base"]),
+        "methods": ["slerp", "dare_ties"],
+        "dtype": "float32",
+        "evaluation": {
+            "tasks": list(SEARCH_TASKS),
+            "include_paths": [str(task_dir)],
+            "limit": 8,
+            "first_limit": 4,
+            "final": {"limit": 12, "finalists": 2},
+        },
+        "budget": {"n_trials": 4},
+        "space": {"slerp": {"control_points": 3}},
+    }
+    spec.update(overrides)
+    path = directory / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def trials(study_path: Path, method: str) -> list[optuna.trial.FrozenTrial]:
+    study = load_study(study_path)
+    return optuna.load_study(study_name=optuna_study_name(study.spec, method), storage=study.storage_url).get_trials()
+
+
+def counted(trial_list) -> int:
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trial_list)
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, family_f32, task_dir) -> Path:
+    directory = tmp_path_factory.mktemp("study")
+    path = write_study(directory, family_f32, task_dir)
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_a_study_runs_every_method_to_its_budget_and_keeps_the_evidence(finished_study):
+    for method in ("slerp", "dare_ties"):
+        trial_list = trials(finished_study, method)
+        assert counted(trial_list) == 4
+        first = trial_list[0]
+        assert first.user_attrs["baseline"] == f"hand-written {method}"  # the baseline is enqueued first
+        for trial in trial_list:
+            if trial.state == TrialState.COMPLETE:
+                assert yaml.safe_load(trial.user_attrs["recipe"])["merge_method"] == method
+                record = json.loads(trial.user_attrs["record"])
+                assert set(record["tasks"]) == set(SEARCH_TASKS)
+                assert trial.user_attrs["docs_scored"] == 16  # 8 per task
+                assert {"build", "evaluate", "total"} <= set(trial.user_attrs["timings"])
+
+
+def test_slerp_baseline_is_the_published_t_curve(finished_study):
+    recipe = yaml.safe_load(trials(finished_study, "slerp")[0].user_attrs["recipe"])
+    curves = {entry.get("filter"): entry["value"] for entry in recipe["parameters"]["t"]}
+    assert curves == {"self_attn": [0.0, 0.3, 1.0], "mlp": [1.0, 0.7, 0.0], None: [0.5, 0.5, 0.5]}  # 5 points → 3
+
+
+def test_leaderboard_numbers_equal_a_recomputation_from_stored_documents(finished_study):
+    study = load_study(finished_study)
+    board = build_leaderboard(study)
+    for method in ("slerp", "dare_ties"):
+        optuna_study = optuna.load_study(study_name=optuna_study_name(study.spec, method), storage=study.storage_url)
+        finals = final_records(optuna_study)
+        for row in (r for r in board.rows if r.method == method):
+            trial = optuna_study.trials[row.trial]
+            assert row.search.average == pytest.approx(trial.value)
+            if row.final is not None:
+                record = finals[row.trial]
+                per_task = []
+                for task in record["tasks"].values():
+                    values = [value for rows in task["docs"].values() for _, value in rows]
+                    per_task.append(sum(values) / len(values))
+                assert row.final.average == pytest.approx(sum(per_task) / len(per_task))
+    final_ids = {
+        tuple(sorted((leaf, tuple(doc for doc, _ in rows)) for leaf, rows in json.loads(v)["tasks"][t]["docs"].items()))
+        for method in ("slerp", "dare_ties")
+        for k, v in optuna.load_study(study_name=optuna_study_name(study.spec, method), storage=study.storage_url).user_attrs.items()
+        if k.startswith("final.")
+        for t in SEARCH_TASKS
+    }
+    assert len(final_ids) == len(SEARCH_TASKS)  # every finalist scored on the same held-out documents
+
+
+def test_final_documents_are_held_out_from_the_search(finished_study):
+    trial = next(t for t in trials(finished_study, "slerp") if t.state == TrialState.COMPLETE)
+    search = json.loads(trial.user_attrs["record"])
+    study = load_study(finished_study)
+    optuna_study = optuna.load_study(study_name=optuna_study_name(study.spec, "slerp"), storage=study.storage_url)
+    final = next(iter(final_records(optuna_study).values()))
+    for name in SEARCH_TASKS:
+        for leaf, rows in final["tasks"][name]["docs"].items():
+            seen = {doc for doc, _ in search["tasks"][name]["docs"].get(leaf, [])}
+            assert seen.isdisjoint(doc for doc, _ in rows)
+
+
+def test_leaderboard_outputs_markdown_json_and_csv(finished_study, tmp_path):
+    out_json, out_csv = tmp_path / "board.json", tmp_path / "board.csv"
+    result = runner.invoke(
+        app, ["leaderboard", str(finished_study), "--markdown", "--json", str(out_json), "--csv", str(out_csv)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "| rank | method |" in result.output
+    assert "best slerp − best dare_ties" in result.output
+    data = json.loads(out_json.read_text())
+    assert data["rows"][0]["rank"] == 1 and data["rows"][0]["final"] is not None
+    assert out_csv.read_text().startswith("rank,method,trial,origin")
+
+
+def test_exported_slerp_recipe_reproduces_in_mergekit_tensor_for_tensor(finished_study, tmp_path):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["export", str(finished_study), str(out), "--method", "slerp"])
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert "## Evaluation" in card and "demo_arithmetic" in card
+    config = MergeConfiguration.model_validate(yaml.safe_load((out / "mergekit_config.yml").read_text()))
+    run_merge(config, str(tmp_path / "mergekit"), MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    ours, theirs = load_state(out), load_state(tmp_path / "mergekit")
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name])
+
+
+def test_report_draws_pictures_and_a_page(finished_study, tmp_path):
+    result = runner.invoke(app, ["report", str(finished_study), str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report" / "index.html").read_text()
+    for name in ("slerp-history.png", "slerp-curves.png", "dare_ties-history.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 1000
+        assert name in page
+
+
+def test_a_study_killed_mid_trial_continues_to_the_requested_count(family_f32, task_dir, tmp_path):
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 5})
+    killer = (
+        "import os, signal, sys\n"
+        "import mergetune.search.runner as runner\n"
+        "calls = []\n"
+        "original = runner.StudyRunner.score\n"
+        "def score(self, ids):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 6: os.kill(os.getpid(), signal.SIGKILL)\n"  # inside the 3rd or 4th trial
+        "    return original(self, ids)\n"
+        "runner.StudyRunner.score = score\n"
+        "from mergetune.cli import app\n"
+        f"sys.argv = ['mergetune', 'study', 'run', {str(path)!r}, '--quiet']\n"
+        "app()\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    before = trials(path, "slerp")
+    finished_before = {t.number: t.value for t in before if t.state == TrialState.COMPLETE}
+    assert any(t.state == TrialState.RUNNING for t in before)
+
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    after = trials(path, "slerp")
+    assert counted(after) == 5
+    assert {t.number: t.value for t in after if t.number in finished_before} == finished_before
+    assert not any(t.state == TrialState.RUNNING for t in after)
+    assert [t.user_attrs.get("fail_reason") for t in after if t.state == TrialState.FAIL] == ["worker died mid-trial"]
+
+
+def test_a_different_study_definition_under_the_same_name_is_refused(finished_study, tmp_path):
+    spec = yaml.safe_load(finished_study.read_text())
+    spec["space"] = {"slerp": {"control_points": 4}}
+    spec["storage"] = load_study(finished_study).storage_url
+    other = tmp_path / "study.yaml"
+    other.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["study", "run", str(other), "--quiet"])
+    assert result.exit_code == 2
+    assert "different study file" in result.output and "space.slerp.control_points: stored 3, this file 4" in result.output
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"methods": ["slerp"], "models": ["a", "b", "c"]}, "slerp merges exactly 2 models"),
+        ({"base_model": None}, "dare_ties need a base_model"),
+        ({"sampler": "annealing"}, "sampler: Input should be"),
+        ({"budget": {"n_trials": 0}}, "budget.n_trials: Input should be greater than or equal to 1"),
+        ({"evaulation": {}}, "evaulation: unknown field"),
+        ({"space": {"dare_ties": {"density": {"low": 0.0, "high": 1.0}}}}, "density must lie in (0, 1]"),
+    ],
+)
+def test_bad_study_files_get_one_clear_message(change, message, family_f32, task_dir, tmp_path):
+    path = write_study(tmp_path, family_f32, task_dir, **change)
+    result = runner.invoke(app, ["study", "run", str(path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
