@@ -120,18 +120,34 @@ def parse_size(text: str) -> int:
 @app.command()
 @user_errors
 def demo(
-    out_dir: Path = typer.Option(Path("demo-out"), help="Where models, recipes and merges go."),
-    seed: int = typer.Option(0, help="Seed for DARE's random drops."),
+    out_dir: Path = typer.Option(Path("demo-out"), help="Where models, tasks, the study and the export go."),
+    n_trials: Optional[int] = typer.Option(None, help="Trials per method (default: the demo's 24)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Forget earlier demo trials and search again."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Build tiny models offline and merge them (SLERP t-curves, DARE TIES), on disk and in memory."""
-    from mergetune.demo import run_merge_demo
+    """A whole study offline: tiny specialists, SLERP vs DARE TIES search, leaderboard, export."""
+    from mergetune.demo import prepare_demo
+    from mergetune.search.cli import print_leaderboard, run_study
+    from mergetune.search.export import export_trial
 
-    results = run_merge_demo(out_dir, seed=seed, say=typer.echo)
-    for result in results:
-        typer.echo(
-            f"{result.name:10s} recipe {result.recipe_path} → {result.output}  "
-            f"disk merge {result.disk_seconds:.2f}s, in-memory rebuild {result.in_memory_seconds * 1000:.1f}ms"
-        )
+    typer.echo(f"building (or reusing) the demo's tiny models and tasks in {out_dir}/")
+    study = prepare_demo(out_dir, n_trials)
+    if fresh:
+        Path(study.storage_url.removeprefix("sqlite:///")).unlink(missing_ok=True)
+    board = run_study(study, quiet=quiet)
+    print_leaderboard(board, top=12)
+    export_dir = out_dir / "best-merge"
+    result = export_trial(study, export_dir, overwrite=True)
+    typer.echo(f"\nbest recipe: {result.row.method} trial {result.row.trial} → {export_dir}/ (mergekit_config.yml, model, README.md)")
+    for comparison in board.comparisons:
+        if "hand-written" in comparison.label:
+            difference = comparison.difference
+            verdict = "beats" if difference.low > 0 else ("matches" if difference.high >= 0 else "trails")
+            typer.echo(
+                f"search {verdict} the hand-written {comparison.a.method} recipe on held-out documents: "
+                f"{100 * comparison.a.final.average:.1f} → {100 * comparison.b.final.average:.1f} "
+                f"({100 * difference.mean:+.1f} points, 95% CI {100 * difference.low:+.1f} … {100 * difference.high:+.1f})"
+            )
 
 
 # `mergetune eval` lives in mergetune.eval.cli (issue #3); registered here so it shares the error handling.

@@ -227,3 +227,9 @@ def test_bad_study_files_get_one_clear_message(change, message, family_f32, task
     result = runner.invoke(app, ["study", "run", str(path)])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml")))
+def test_shipped_study_files_are_valid(path):
+    study = load_study(path)
+    assert study.spec.methods and study.spec.evaluation.limit > 0

@@ -1,0 +1,90 @@
+"""Search benchmark on the demo models: pruning vs none, TPE vs CMA-ES vs random, at equal trial budgets.
+
+One process loads the demo's models and evaluator once; each configuration runs
+its own fresh study (in-memory Optuna storage) on the same documents, then scores
+its finalists on the same held-out documents. Reported per configuration: the
+best held-out (final) score, the documents scored in total, and the documents
+scored until the trial that turned out best had been scored.
+
+    python bench/bench_search.py --trials 24 --methods slerp dare_ties
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from mergetune.demo import prepare_demo
+from mergetune.search.leaderboard import final_records
+from mergetune.search.records import summarize
+from mergetune.search.runner import StudyRunner, Workspace, choose_documents, open_optuna_study
+
+
+def run_config(base: Workspace, method: str, sampler: str, pruning: bool, trials: int, seed: int) -> dict:
+    spec = base.study.spec.model_copy(update={"sampler": sampler, "pruning": pruning, "seed": seed})
+    study = base.study.model_copy(update={"spec": spec})
+    workspace = Workspace(study, base.builder, base.evaluator, choose_documents(base.evaluator, spec))
+    storage = optuna.storages.InMemoryStorage()
+    runner = StudyRunner(workspace, storage=storage)
+    start = time.perf_counter()
+    runner.run_method(method, trials, None, None)
+    runner.finalize(method)
+    seconds = time.perf_counter() - start
+    optuna_study = open_optuna_study(study, method, storage)
+    finals = {number: summarize(record).average for number, record in final_records(optuna_study).items()}
+    best_trial = max(finals, key=finals.get)
+    ordered = sorted(optuna_study.get_trials(deepcopy=False), key=lambda t: t.number)
+    scored = [t.user_attrs.get("docs_scored", 0) for t in ordered]
+    return {
+        "best_final": finals[best_trial],
+        "best_trial": best_trial,
+        "docs_total": sum(scored),
+        "docs_to_best": sum(scored[: best_trial + 1]),
+        "pruned": sum(t.state == TrialState.PRUNED for t in ordered),
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--methods", nargs="+", default=["slerp", "dare_ties"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mergetune-bench-search"))
+    args = parser.parse_args()
+
+    study = prepare_demo(args.work_dir)
+    workspace = Workspace.open(study)
+    configs = [("tpe", True), ("tpe", False), ("cmaes", True), ("random", True), ("random", False)]
+    rows = []
+    for method in args.methods:
+        for sampler, pruning in configs:
+            for seed in args.seeds:
+                result = run_config(workspace, method, sampler, pruning, args.trials, seed)
+                rows.append((method, sampler, pruning, seed, result))
+                print(method, sampler, pruning, seed, result, flush=True)
+
+    print(f"\n### Search — {date.today().isoformat()}\n")
+    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
+          f"Demo models and tasks ({', '.join(study.spec.evaluation.tasks)}), {args.trials} trials per run, "
+          f"{study.spec.evaluation.limit} search documents per task, {study.spec.evaluation.final.limit} held-out.\n")
+    print(f"Command: `python bench/bench_search.py --trials {args.trials} --methods {' '.join(args.methods)} "
+          f"--seeds {' '.join(map(str, args.seeds))}`\n")
+    print("| method | sampler | pruning | seed | best held-out avg | trial | docs until best | docs total | pruned | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for method, sampler, pruning, seed, r in rows:
+        print(
+            f"| {method} | {sampler} | {'yes' if pruning else 'no'} | {seed} | {100 * r['best_final']:.2f} | "
+            f"{r['best_trial']} | {r['docs_to_best']} | {r['docs_total']} | {r['pruned']} | {r['seconds']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
