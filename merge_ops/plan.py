@@ -174,9 +174,17 @@ class Planner:
         if missing:
             raise MergetuneError(f"no source for model(s): {', '.join(missing)}")
         self.sources = sources
+        self._check_architectures()
         self.layouts = {name: layout_of(sources[name]) for name in recipe.referenced_models()}
         self._names = {name: set(sources[name].names()) for name in recipe.referenced_models()}
         self._coercers = {spec.name: coercer(spec.value_type) for spec in self.method.params}
+
+    def _check_architectures(self) -> None:
+        """Models of different architectures cannot be merged tensor by tensor."""
+        kinds = {name: self.sources[name].config.get("model_type") for name in self.recipe.referenced_models()}
+        if len(set(kinds.values())) > 1:
+            described = ", ".join(f"{name} is {kind or 'unknown'}" for name, kind in kinds.items())
+            raise MergetuneError(f"the models have different architectures ({described})")
 
     # -- structure
 

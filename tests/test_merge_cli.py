@@ -75,6 +75,14 @@ def deeper_copy(paths, tmp_path: Path) -> dict:
     return {**paths, "model_a": six}
 
 
+def other_architecture_copy(paths, tmp_path: Path) -> dict:
+    other = tmp_path / "mistral"
+    shutil.copytree(paths["model_a"], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    return {**paths, "model_a": other}
+
+
 def wider_copy(paths, tmp_path: Path) -> dict:
     wide = build_family(tmp_path / "wide", names=("base",), spec=TinySpec(intermediate_size=96))["base"]
     return {**paths, "model_a": wide}
@@ -106,6 +114,7 @@ HOSTILE = [
         lambda p, d: slerp(wider_copy(p, d)),
         "tensor model.layers.0.mlp.down_proj.weight: shape [64, 128] in",
     ),
+    ("architectures differ", lambda p, d: slerp(other_architecture_copy(p, d)), "different architectures"),
     ("not yaml", lambda p, d: "merge_method: [slerp", "not valid YAML"),
     ("not a mapping", lambda p, d: "- just\n- a list\n", "a recipe must be a mapping"),
     ("models and slices", lambda p, d: {**slerp(p), "slices": [{"sources": [{"model": "x", "layer_range": [0, 1]}]}]}, "exactly one of 'models' or 'slices'"),
