@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
@@ -12,20 +12,36 @@ from rich.table import Table
 
 from mergetune.errors import MergetuneError
 
+if TYPE_CHECKING:  # the package imports torch and lm-eval: not at CLI start-up
+    from mergetune.eval import EvalResult, Evaluator
+
 
 def _doc_ids_from(path: Path) -> dict[str, list[int]]:
     """Document ids from an earlier `--json` output, or from a plain {task: [ids]} file."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise MergetuneError(f"--doc-ids {path}: cannot read it as JSON ({error})") from error
-    if "tasks" in data:
-        return {task: ids for entry in data["tasks"].values() for task, ids in entry["doc_ids"].items()}
-    return {task: [int(i) for i in ids] for task, ids in data.items()}
+        if "tasks" in data:
+            return {task: ids for entry in data["tasks"].values() for task, ids in entry["doc_ids"].items()}
+        return {task: [int(i) for i in ids] for task, ids in data.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise MergetuneError(f"--doc-ids {path}: not a mergetune --json output nor a {{task: [ids]}} file ({error})") from error
 
 
-def _table(result) -> Table:
-    table = Table(title="mergetune eval")
+def _doc_ids_to_score(evaluator: Evaluator, path: Path) -> dict[str, list[int]]:
+    """The file's ids for the tasks this run scores (an earlier run may have scored more)."""
+    leaves = {leaf for task in evaluator.tasks.values() for leaf in task.leaves}
+    ids = {task: ids for task, ids in _doc_ids_from(path).items() if task in leaves}
+    if not ids:
+        raise MergetuneError(f"--doc-ids {path} has no document ids for the tasks scored here")
+    return ids
+
+
+def _table(result: EvalResult) -> Table:
+    share = result.forward_seconds / result.seconds if result.seconds else 0.0
+    table = Table(
+        title="mergetune eval",
+        caption=f"{result.backend.get('backend')}: scored in {result.seconds:.1f} s, {share:.0%} of it in forward passes",
+    )
     for column in ("task", "metric", "value", "± stderr", "shots", "docs"):
         table.add_column(column, justify="left" if column in ("task", "metric") else "right")
     for score in result.tasks.values():
@@ -59,8 +75,13 @@ def eval_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-task metrics, stderrs and document ids here."),
 ) -> None:
     """Score a model on lm-eval tasks: a table here, and JSON with metrics, stderrs and document ids."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
     from mergetune.eval import EvalConfig, Evaluator
 
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
     if suite is None and not tasks:
         raise MergetuneError("give --suite leaderboard or --tasks a,b,...")
     if backend == "hf":
@@ -84,7 +105,7 @@ def eval_command(
     )
     evaluator = Evaluator.from_dir(model_dir, config, backend=backend, **options)
     try:
-        result = evaluator.score(doc_ids=_doc_ids_from(doc_ids) if doc_ids else None)
+        result = evaluator.score(doc_ids=_doc_ids_to_score(evaluator, doc_ids) if doc_ids else None)
     finally:
         evaluator.close()
     console = Console()

@@ -11,27 +11,23 @@ between calls, so a search may rewrite the model's parameters in place
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from lm_eval.api.metrics import mean, stderr_for_metric
 from lm_eval.api.task import Task
 
 from mergetune.errors import MergetuneError
 from mergetune.eval.backends import BACKENDS, Backend
+from mergetune.eval.metrics import average, entry_metrics
 from mergetune.eval.requests import PreparedTask, prepare_task
 from mergetune.eval.results import DocResult, EvalResult, TaskScore
 from mergetune.eval.subsets import sample_doc_ids
 from mergetune.eval.tasks import LoadedTask, include_paths, load_task, suite_tasks, task_manager
 
 log = logging.getLogger(__name__)
-
-_FILTER = "none"  # lm-eval's key for unfiltered responses, the only kind scored here
-
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -58,31 +54,25 @@ class EvalConfig:
     bootstrap_iters: int = 100_000
 
 
-def _leaf_metrics(task: Task, docs: Sequence[DocResult], bootstrap_iters: int) -> dict[str, Any]:
-    """A leaf task's aggregate metrics in lm-eval's result format ("acc,none", "acc_stderr,none")."""
-    metrics: dict[str, Any] = {"sample_len": len(docs)}
-    aggregations = task.aggregation()
-    for name in docs[0].metrics:
-        values = [doc.metrics[name] for doc in docs]
-        aggregate = aggregations.get(name, mean)
-        metrics[f"{name},{_FILTER}"] = aggregate(values)
-        stderr = stderr_for_metric(aggregate, bootstrap_iters) if bootstrap_iters > 0 else None
-        metrics[f"{name}_stderr,{_FILTER}"] = stderr(values) if stderr and len(values) > 1 else "N/A"
-    return metrics
+def load_tasks(config: EvalConfig) -> dict[str, LoadedTask]:
+    """The configured suite's entries, with lm-eval's task objects and datasets loaded."""
+    paths = include_paths(config.data_dir, config.include_paths)
+    entries = suite_tasks(config.suite, config.tasks, config.data_dir)
+    manager = task_manager(paths)
+    tasks: dict[str, LoadedTask] = {}
+    owner: dict[str, str] = {}
+    for entry in entries:
+        for loaded in load_task(manager, entry, config.num_fewshot):
+            for leaf in loaded.leaves:
+                if leaf in owner:
+                    raise MergetuneError(f"task {leaf!r} is part of both {owner[leaf]!r} and {loaded.name!r}")
+                owner[leaf] = loaded.name
+            tasks[loaded.name] = loaded
+    return tasks
 
 
-def _split_metrics(lm_eval_metrics: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, float | None]]:
-    """lm-eval's flat "metric,filter" keys -> ({metric: value}, {metric: stderr or None})."""
-    values, stderrs = {}, {}
-    for key, value in lm_eval_metrics.items():
-        name, _, filter_key = key.partition(",")
-        if filter_key != _FILTER:
-            continue
-        if name.endswith("_stderr"):
-            stderrs[name.removesuffix("_stderr")] = None if value == "N/A" else float(value)
-        else:
-            values[name] = float(value)
-    return values, {name: stderrs.get(name) for name in values}
+def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {name: float(value) for name, value in metrics.items()}
 
 
 class Evaluator:
@@ -92,19 +82,13 @@ class Evaluator:
     a server), then call `score` for every candidate.
     """
 
-    def __init__(self, backend: Backend, config: EvalConfig = EvalConfig()) -> None:
+    def __init__(
+        self, backend: Backend, config: EvalConfig = EvalConfig(), tasks: dict[str, LoadedTask] | None = None
+    ) -> None:
+        """`tasks`: the result of `load_tasks(config)`, when already loaded."""
         self.backend = backend
         self.config = config
-        manager = task_manager(include_paths(config.data_dir, config.include_paths))
-        self.tasks: dict[str, LoadedTask] = {}
-        leaf_owner: dict[str, str] = {}
-        for entry in suite_tasks(config.suite, config.tasks, config.data_dir):
-            for loaded in load_task(manager, entry, config.num_fewshot):
-                for leaf in loaded.leaves:
-                    if leaf in leaf_owner:
-                        raise MergetuneError(f"task {leaf!r} is part of both {leaf_owner[leaf]!r} and {loaded.name!r}")
-                    leaf_owner[leaf] = loaded.name
-                self.tasks[loaded.name] = loaded
+        self.tasks = load_tasks(config) if tasks is None else tasks
         self._sizes = {leaf: len(task.eval_docs) for t in self.tasks.values() for leaf, task in t.leaves.items()}
         self._prepared: dict[tuple[str, tuple[int, ...]], PreparedTask] = {}
         log.info("evaluator ready: %s on %s", ", ".join(self.tasks), backend.name)
@@ -126,17 +110,18 @@ class Evaluator:
         `engine_dir` (a checkpoint of the same architecture) and copies the
         model's weights into it before every `score`.
         """
+        if backend not in ("hf", "vllm"):
+            raise MergetuneError(f"backend {backend!r} cannot score a live model; use 'hf' or 'vllm'")
+        if backend == "vllm" and engine_dir is None:
+            raise MergetuneError("the vllm backend needs engine_dir, a checkpoint to start the engine from")
+        tasks = load_tasks(config)  # before any engine starts: configuration errors come first
         if backend == "hf":
             from mergetune.eval.backends.hf import HFBackend
 
-            return cls(HFBackend(model, tokenizer, **backend_options), config)
-        if backend == "vllm":
-            from mergetune.eval.backends.vllm import VLLMBackend
+            return cls(HFBackend(model, tokenizer, **backend_options), config, tasks)
+        from mergetune.eval.backends.vllm import VLLMBackend
 
-            if engine_dir is None:
-                raise MergetuneError("the vllm backend needs engine_dir, a checkpoint to start the engine from")
-            return cls(VLLMBackend.launch(engine_dir, source=model, **backend_options), config)
-        raise MergetuneError(f"backend {backend!r} cannot score a live model; use 'hf' or 'vllm'")
+        return cls(VLLMBackend.launch(engine_dir, source=model, **backend_options), config, tasks)
 
     @classmethod
     def from_dir(
@@ -151,22 +136,22 @@ class Evaluator:
         model_dir = Path(model_dir).expanduser()
         if not model_dir.is_dir():
             raise MergetuneError(f"model directory {model_dir} does not exist")
+        if backend not in BACKENDS:
+            raise MergetuneError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        if backend == "server" and not backend_options.get("base_url"):
+            raise MergetuneError("the server backend needs the server's URL (--base-url)")
+        tasks = load_tasks(config)  # before the model loads: configuration errors come first
         if backend == "hf":
             from mergetune.eval.backends.hf import HFBackend
 
-            return cls(HFBackend.from_dir(model_dir, **backend_options), config)
+            return cls(HFBackend.from_dir(model_dir, **backend_options), config, tasks)
         if backend == "vllm":
             from mergetune.eval.backends.vllm import VLLMBackend
 
-            return cls(VLLMBackend.launch(model_dir, **backend_options), config)
-        if backend == "server":
-            from mergetune.eval.backends.server import ServerBackend
+            return cls(VLLMBackend.launch(model_dir, **backend_options), config, tasks)
+        from mergetune.eval.backends.server import ServerBackend
 
-            base_url = backend_options.pop("base_url", None)
-            if not base_url:
-                raise MergetuneError("the server backend needs the server's URL (--base-url)")
-            return cls(ServerBackend(base_url, model_dir, **backend_options), config)
-        raise MergetuneError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        return cls(ServerBackend(tokenizer=model_dir, **backend_options), config, tasks)
 
     def _select(self, tasks: Sequence[str] | None) -> list[LoadedTask]:
         if tasks is None:
@@ -218,7 +203,7 @@ class Evaluator:
             if unknown:
                 raise MergetuneError(f"doc_ids names tasks not scored here: {', '.join(unknown)}")
         plan = [
-            (entry, [(entry.leaves[leaf], self._prepare(entry.leaves[leaf], doc_ids[leaf])) for leaf in entry.leaves if leaf in doc_ids])
+            (entry, [self._prepare(task, doc_ids[leaf]) for leaf, task in entry.leaves.items() if leaf in doc_ids])
             for entry in selected
         ]
         plan = [(entry, leaves) for entry, leaves in plan if leaves]
@@ -226,39 +211,37 @@ class Evaluator:
             raise MergetuneError("no documents to score")
 
         self.backend.sync_weights()
-        requests = [r for _, leaves in plan for _, prepared in leaves for doc in prepared.docs for r in doc.requests]
+        requests = [r for _, leaves in plan for prepared in leaves for doc in prepared.docs for r in doc.requests]
         responses = iter(self.backend.loglikelihood(requests))
+        scores = {entry.name: self._task_score(entry, leaves, responses) for entry, leaves in plan}
 
-        scores = {}
-        for entry, leaves in plan:
-            docs: dict[str, list[DocResult]] = {}
-            leaf_metrics = {}
-            for task, prepared in leaves:
-                docs[task.task_name] = [
-                    DocResult(doc.doc_id, {k: float(v) for k, v in task.process_results(doc.doc, [next(responses) for _ in doc.requests]).items()})
-                    for doc in prepared.docs
-                ]
-                leaf_metrics[task.task_name] = _leaf_metrics(task, docs[task.task_name], self.config.bootstrap_iters)
-            if entry.group is not None:
-                values, stderrs = _split_metrics(entry.group.aggregate(leaf_metrics))
-            else:
-                values, stderrs = _split_metrics(leaf_metrics[entry.name])
-            if entry.metric not in values:
-                raise MergetuneError(f"task {entry.name!r} produced no {entry.metric!r} (it has: {', '.join(values)})")
-            scores[entry.name] = TaskScore(
-                entry.name, entry.metric, values[entry.metric], stderrs[entry.metric], entry.num_fewshot, values, stderrs, docs, entry.proxy
-            )
-
-        headline = [score.value for score in scores.values()]
-        errors = [score.stderr for score in scores.values()]
-        average_stderr = None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(errors)
+        mean_value, mean_stderr = average([s.value for s in scores.values()], [s.stderr for s in scores.values()])
         return EvalResult(
             tasks=scores,
-            average=sum(headline) / len(headline),
-            average_stderr=average_stderr,
+            average=mean_value,
+            average_stderr=mean_stderr,
             seconds=perf_counter() - start,
             forward_seconds=self.backend.forward_seconds - forward_start,
             backend=self.backend.describe(),
+        )
+
+    def _task_score(
+        self, entry: LoadedTask, prepared: Sequence[PreparedTask], responses: Iterator[tuple[float, bool]]
+    ) -> TaskScore:
+        """Per-document metrics from lm-eval's `process_results`, then the entry's aggregates."""
+        docs: dict[str, list[DocResult]] = {}
+        for leaf in prepared:
+            task = entry.leaves[leaf.name]
+            docs[leaf.name] = [
+                DocResult(doc.doc_id, _floats(task.process_results(doc.doc, [next(responses) for _ in doc.requests])))
+                for doc in leaf.docs
+            ]
+        values, stderrs = entry_metrics(entry, docs, self.config.bootstrap_iters)
+        if entry.metric not in values:
+            raise MergetuneError(f"task {entry.name!r} produced no {entry.metric!r} (it has: {', '.join(values)})")
+        return TaskScore(
+            entry.name, entry.metric, values[entry.metric], stderrs[entry.metric], entry.num_fewshot,
+            values, stderrs, docs, entry.proxy,
         )
 
     def close(self) -> None:

@@ -11,9 +11,11 @@ reads the same files, which is what the parity tests rely on.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -135,7 +137,7 @@ def local_task_configs(data_dir: Path) -> dict[str, dict[str, Any]]:
 
 @functools.lru_cache(maxsize=None)
 def local_task_dir(data_dir: Path) -> Path:
-    """Write (once per process) an lm-eval include_path that serves `data_dir`'s tasks.
+    """Write (once per process, removed at exit) an lm-eval include_path that serves `data_dir`'s tasks.
 
     Raises MergetuneError when the directory is missing or holds none of the
     known datasets, naming what was expected.
@@ -151,6 +153,7 @@ def local_task_dir(data_dir: Path) -> Path:
             f"(expected folders with <split>.jsonl files: {expected})"
         )
     out = Path(tempfile.mkdtemp(prefix="mergetune-local-tasks-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     for name, config in configs.items():
         (out / f"{name}.yaml").write_text(_render(config))
     log.info("local data %s: %d task configs written to %s", data_dir, len(configs), out)

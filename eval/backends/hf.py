@@ -106,6 +106,7 @@ class HFBackend(Backend):
     def describe(self) -> dict[str, Any]:
         return {
             "backend": self.name,
+            "model": self.model.name_or_path,
             "device": str(self.lm.device),
             "dtype": str(self.model.dtype).removeprefix("torch."),
         }

@@ -37,9 +37,9 @@ class ServerBackend(Backend):
 
     def __init__(
         self,
+        *,
         base_url: str,
         tokenizer: str | Path,
-        *,
         model: str | None = None,
         num_concurrent: int = 8,
         batch_size: int = 1,

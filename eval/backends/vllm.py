@@ -14,7 +14,7 @@ only when an engine is started.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -25,7 +25,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mergetune.errors import MergetuneError
 from mergetune.eval.backends import Backend
-from mergetune.eval.requests import TokenRequest
 
 log = logging.getLogger(__name__)
 

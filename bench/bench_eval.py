@@ -1,0 +1,216 @@
+"""Evaluation benchmark: mergetune's in-place evaluator vs the naive disk + `lm_eval` loop, side by side.
+
+K candidate models (seeded perturbations of one Llama-shaped model) are scored on
+the same documents of the same suite, in one run on one machine:
+
+  (a) mergetune: one `Evaluator` over one live model; per candidate, its weights
+      are copied into the model's parameters in place, then `score()`.
+  (b) naive: per candidate, the model is written to disk and `lm_eval --model hf`
+      runs in a fresh process (index tasks, load data and model, build prompts, score).
+
+Reported per loop: candidates per hour, and the share of each trial spent outside
+forward passes (both loops time the model's forward calls; for lm_eval, by
+wrapping HFLM._model_call in the child process, which otherwise is the lm_eval CLI).
+
+    python bench/bench_eval.py --candidates 5 --limit 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import date
+from pathlib import Path
+
+import psutil
+import torch
+
+from mergetune.eval import EvalConfig, Evaluator
+from mergetune.eval.local_data import local_task_dir
+from mergetune.tiny import TinySpec, build_tokenizer, perturbed, random_model, save_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The lm_eval CLI, with its forward passes timed; the total is written at exit.
+TIMED_LM_EVAL = textwrap.dedent(
+    """
+    import atexit, os, sys, time
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.__main__ import cli_evaluate
+    model_call, spent = HFLM._model_call, [0.0]
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return model_call(self, *args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - start
+    HFLM._model_call = timed
+    atexit.register(lambda: open(os.environ["FORWARD_SECONDS_FILE"], "w").write(str(spent[0])))
+    sys.exit(cli_evaluate())
+    """
+)
+
+
+def candidates(spec: TinySpec, count: int) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    """A base model and `count` perturbed relatives' weights."""
+    tokenizer = build_tokenizer()
+    base = random_model(spec, tokenizer, seed=0)
+    weights = [perturbed(base, seed=index + 1, scale=0.05).state_dict() for index in range(count)]
+    return base, weights
+
+
+def write_in_place(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.data.copy_(weights[name])
+
+
+def mergetune_trial(evaluator: Evaluator, model, candidate, doc_ids) -> dict:
+    start = time.perf_counter()
+    write_in_place(model, candidate)
+    result = evaluator.score(doc_ids=doc_ids)
+    return {"seconds": time.perf_counter() - start, "forward_seconds": result.forward_seconds, "result": result}
+
+
+def suite_yaml(evaluator: Evaluator, path: Path) -> Path:
+    """The suite as an lm-eval group file (like lm-eval's openllm.yaml) with per-task few-shot counts.
+
+    A group (MMLU) is listed as its subtasks: lm-eval 0.4.13 fails to apply
+    overrides to a nested group.
+    """
+    lines = ["group: mergetune_bench_suite", "task:"]
+    for entry in evaluator.tasks.values():
+        for leaf in entry.leaves:
+            lines += [f"  - task: {leaf}", f"    num_fewshot: {entry.num_fewshot}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def naive_trial(base, tokenizer, candidate, work: Path, suite: Path, include_path: Path, doc_ids, batch_size: int) -> dict:
+    """Write the candidate to disk, then a fresh `lm_eval` process scores it."""
+    model_dir, out, forward_file = work / "candidate", work / "lm_eval", work / "forward_seconds.txt"
+    shutil.rmtree(out, ignore_errors=True)
+    command = [
+        sys.executable, str(work / "timed_lm_eval.py"), "--model", "hf", "--model_args", f"pretrained={model_dir}",
+        "--device", "cpu", "--tasks", str(suite), "--include_path", str(include_path),
+        "--samples", json.dumps(doc_ids), "--batch_size", str(batch_size), "--output_path", str(out),
+    ]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "FORWARD_SECONDS_FILE": str(forward_file)}
+    start = time.perf_counter()
+    write_in_place(base, candidate)
+    save_model(base, tokenizer, model_dir)
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if completed.returncode != 0:
+        raise SystemExit(f"lm_eval failed:\n{completed.stderr[-3000:]}")
+    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
+    return {"seconds": seconds, "forward_seconds": float(forward_file.read_text()), "results": results}
+
+
+def summarize(trials: list[dict], setup_seconds: float = 0.0) -> dict:
+    """Per-trial figures; for mergetune, trial 1 also builds and tokenizes every prompt (once per process)."""
+    seconds = [t["seconds"] for t in trials]
+    outside = [1 - t["forward_seconds"] / t["seconds"] for t in trials]
+    steady = seconds[1:] or seconds
+    return {
+        "trial_seconds": seconds,
+        "forward_seconds": [t["forward_seconds"] for t in trials],
+        "outside_forward": outside,
+        "mean_outside_forward": statistics.mean(outside),
+        "mean_outside_forward_after_first": statistics.mean(outside[1:] or outside),
+        "candidates_per_hour": 3600 * len(trials) / sum(seconds),
+        "candidates_per_hour_after_first": 3600 / statistics.mean(steady),
+        "candidates_per_hour_with_setup": 3600 * len(trials) / (sum(seconds) + setup_seconds),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidates", type=int, default=5)
+    parser.add_argument("--suite", default="leaderboard")
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "benchmarks")
+    parser.add_argument("--limit", type=int, default=10, help="documents per task (MMLU: at least one per subject)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="default: the suite's per-task counts")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8, help="the same for both loops")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mergetune-bench-eval"))
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args()
+
+    from datasets import disable_progress_bars
+
+    disable_progress_bars()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    if args.threads:  # for this process and the lm_eval children alike
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    spec = TinySpec(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                    num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
+    tokenizer = build_tokenizer()
+    base, weights = candidates(spec, args.candidates)
+    config = EvalConfig(suite=args.suite, data_dir=args.data_dir, num_fewshot=args.num_fewshot)
+
+    load_average = os.getloadavg()
+    live = random_model(spec, tokenizer, seed=0)
+    start = time.perf_counter()
+    evaluator = Evaluator.from_model(live, tokenizer, config, batch_size=args.batch_size)
+    setup_seconds = time.perf_counter() - start
+    groups = [name for name, task in evaluator.tasks.items() if task.group is not None]
+    doc_ids = evaluator.sample_doc_ids([name for name in evaluator.tasks if name not in groups], limit=args.limit)
+    for group in groups:  # lm_eval scores all of a subtask left out of --samples: sample every subject
+        doc_ids |= evaluator.sample_doc_ids([group], limit=max(args.limit, len(evaluator.tasks[group].leaves)))
+    print(f"{sum(map(len, doc_ids.values()))} documents in {len(doc_ids)} lm-eval tasks; {len(weights)} candidates")
+
+    suite = suite_yaml(evaluator, args.work_dir / "suite.yaml")
+    (args.work_dir / "timed_lm_eval.py").write_text(TIMED_LM_EVAL)
+    include_path = local_task_dir(args.data_dir)
+    ours, theirs = [], []
+    for index, candidate in enumerate(weights):  # interleaved: both loops see the same machine load
+        ours.append(mergetune_trial(evaluator, live, candidate, doc_ids))
+        theirs.append(naive_trial(base, tokenizer, candidate, args.work_dir, suite, include_path, doc_ids, args.batch_size))
+        print(f"candidate {index}: mergetune {ours[-1]['seconds']:.1f} s, lm_eval {theirs[-1]['seconds']:.1f} s", flush=True)
+
+    # Same candidates, same documents: every task's score must agree.
+    for mine, reference in zip(ours, theirs, strict=True):
+        for score in mine["result"].tasks.values():
+            for leaf, docs in score.docs.items():
+                value = sum(doc.metrics[score.metric] for doc in docs) / len(docs)
+                if value != reference["results"][leaf][f"{score.metric},none"]:
+                    raise SystemExit(f"scores differ on {leaf}: {value} vs {reference['results'][leaf]}")
+
+    a, b = summarize(ours, setup_seconds), summarize(theirs)
+    report = {
+        "date": date.today().isoformat(),
+        "machine": f"{psutil.cpu_count()}-core CPU, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.processor() or platform.machine()}",
+        "load_average_at_start": load_average,
+        "command": "python bench/bench_eval.py " + " ".join(sys.argv[1:]),
+        "model": {"params": sum(p.numel() for p in live.parameters()), **spec.__dict__},
+        "documents": sum(map(len, doc_ids.values())),
+        "mergetune": {"setup_seconds": setup_seconds, **a},
+        "naive_lm_eval": b,
+        "speedup": {
+            "all_trials": a["candidates_per_hour"] / b["candidates_per_hour"],
+            "after_first": a["candidates_per_hour_after_first"] / b["candidates_per_hour"],
+            "with_setup": a["candidates_per_hour_with_setup"] / b["candidates_per_hour"],
+        },
+        "scores_agree": True,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`mergetune eval` from a user's seat: a table, JSON with metrics, stderrs and document ids, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from eval_fixtures import TOY_TASK
+from mergetune.cli import app
+
+pytest_plugins = ["eval_fixtures"]  # session fixtures shared by every test_eval_* module
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, ["eval", *map(str, args)], env={"COLUMNS": "200"})  # a table row per line
+
+
+def test_table_and_json_report_metrics_stderrs_and_document_ids(eval_models, toy_task_dir, tmp_path):
+    out = tmp_path / "scores.json"
+    result = run(eval_models["base"], "--tasks", TOY_TASK, "--include-path", toy_task_dir, "--limit", "5", "--seed", "4", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert TOY_TASK in result.output and "± stderr" in result.output
+
+    data = json.loads(out.read_text())
+    task = data["tasks"][TOY_TASK]
+    assert task["metric"] == "acc" and set(task["metrics"]) == set(task["stderrs"]) == {"acc", "acc_norm"}
+    assert len(task["doc_ids"][TOY_TASK]) == task["n_docs"] == 5
+    assert [row["doc_id"] for row in task["docs"][TOY_TASK]] == task["doc_ids"][TOY_TASK]
+    assert task["value"] == sum(row["acc"] for row in task["docs"][TOY_TASK]) / 5
+    assert data["backend"]["backend"] == "hf" and data["timing"]["forward_seconds"] > 0
+
+    # A later run repeats the same documents from the JSON, whatever its --limit and --seed.
+    again = tmp_path / "again.json"
+    result = run(eval_models["other"], "--tasks", TOY_TASK, "--include-path", toy_task_dir, "--doc-ids", out, "--json", again)
+    assert result.exit_code == 0, result.output
+    assert json.loads(again.read_text())["tasks"][TOY_TASK]["doc_ids"] == task["doc_ids"]
+
+
+def test_leaderboard_suite_on_local_data_uses_its_fewshot_counts_and_labels_the_proxy(eval_models, benchmarks_dir, tmp_path):
+    out = tmp_path / "leaderboard.json"
+    result = run(eval_models["base"], "--suite", "leaderboard", "--data-dir", benchmarks_dir, "--limit", "2", "--batch-size", "8", "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "hellaswag_proxy_llamacpp (proxy)" in result.output and "average (includes proxy)" in result.output
+    data = json.loads(out.read_text())
+    shots = {name: task["num_fewshot"] for name, task in data["tasks"].items()}
+    assert shots == {"arc_challenge": 25, "hellaswag_proxy_llamacpp": 10, "truthfulqa_mc2": 0, "mmlu": 5, "winogrande": 5}
+    assert {name: task["metric"] for name, task in data["tasks"].items()} == {
+        "arc_challenge": "acc_norm", "hellaswag_proxy_llamacpp": "acc_norm", "truthfulqa_mc2": "acc", "mmlu": "acc", "winogrande": "acc"
+    }
+    assert data["tasks"]["hellaswag_proxy_llamacpp"]["proxy"] and data["average"]["includes_proxy"]
+    assert data["average"]["value"] == pytest.approx(sum(t["value"] for t in data["tasks"].values()) / 5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),
+        (["--tasks", TOY_TASK, "--data-dir", "/nonexistent/data"], "--data-dir /nonexistent/data does not exist"),
+        ([], "give --suite leaderboard or --tasks"),
+        (["--tasks", TOY_TASK, "--backend", "tpu"], "unknown --backend 'tpu'"),
+        (["--tasks", TOY_TASK, "--backend", "server"], "needs the server's URL (--base-url)"),
+        (["--tasks", TOY_TASK, "--batch-size", "big"], "--batch-size must be an integer or 'auto'"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(eval_models, toy_task_dir, args, message):
+    result = run(eval_models["base"], "--include-path", toy_task_dir, *args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_missing_model_directory_is_named(tmp_path, toy_task_dir):
+    result = run(tmp_path / "nowhere", "--tasks", TOY_TASK, "--include-path", toy_task_dir)
+    assert result.exit_code == 2 and f"model directory {tmp_path / 'nowhere'} does not exist" in result.output
