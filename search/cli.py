@@ -16,17 +16,28 @@ from mergetune.search.study_file import Study, load_study
 study_app = typer.Typer(help="Run Optuna studies over merge recipes.", no_args_is_help=True)
 
 
-def _load(path: Path, storage: Optional[str]) -> Study:
+def storage_option():
+    """--storage, also read from MERGETUNE_STORAGE (which keeps a database password out of `ps`)."""
+    return typer.Option(
+        None,
+        envvar="MERGETUNE_STORAGE",
+        help="Optuna storage: postgresql://…, sqlite:///…, journal:///path.log (default: SQLite beside the study file).",
+    )
+
+
+def _load(path: Path, storage: Optional[str], device: Optional[str] = None) -> Study:
     study = load_study(path)
-    if storage:
-        study = study.model_copy(update={"spec": study.spec.model_copy(update={"storage": storage})})
+    overrides = {key: value for key, value in (("storage", storage), ("device", device)) if value}
+    if overrides:
+        study = study.model_copy(update={"spec": study.spec.model_copy(update=overrides)})
     return study
 
 
 def print_leaderboard(board, top: Optional[int] = None, console: Optional[Console] = None) -> None:
     from mergetune.search.leaderboard import comparison_lines, table_rows
 
-    console = console or Console()
+    # Piped output gets a wide table rather than rich's 80-column default.
+    console = console or Console(width=None if sys.stdout.isatty() else 200)
     headers, cells = table_rows(board, top)
     table = Table(title=f"study {board.study}: ranked by held-out score", show_lines=False)
     for header in headers:
@@ -44,18 +55,24 @@ def run_study(
     timeout: Optional[float] = None,
     say: Callable[[str], None] = typer.echo,
     quiet: bool = False,
+    max_failures: Optional[int] = None,
 ):
-    """Run every method of the study to its budget, then the finalists' held-out evaluation."""
+    """Run every method of the study to its budget, then the finalists' held-out evaluation.
+
+    Other workers may run the same study at the same time; the budget counts everyone's trials.
+    """
     from tqdm import tqdm
 
     from mergetune.search.leaderboard import build_leaderboard
     from mergetune.search.runner import StudyRunner, Workspace
+    from mergetune.search.storage import open_storage
 
     spec = study.spec
     n_trials = n_trials or spec.budget.n_trials
     timeout = timeout or spec.budget.timeout
     say(f"study {spec.name}: methods {', '.join(spec.methods)}; storage {study.storage_display}")
-    runner = StudyRunner(Workspace.open(study, say=say))
+    storage = open_storage(study)  # before loading models: a storage that doesn't answer fails fast
+    runner = StudyRunner(Workspace.open(study, say=say), storage, max_failures)
     for method in spec.methods:
         bar = tqdm(total=n_trials, desc=method, unit="trial", file=sys.stderr, disable=quiet)
 
@@ -67,18 +84,23 @@ def run_study(
         runner.run_method(method, n_trials, timeout, progress)
         bar.close()
         runner.finalize(method, say=say)
-    return build_leaderboard(study)
+    return build_leaderboard(study, storage)
 
 
 def study_run(
     study_file: Path = typer.Argument(..., help="Study YAML (see studies/)."),
     n_trials: Optional[int] = typer.Option(None, help="Completed trials per method (overrides the file's budget)."),
     timeout: Optional[float] = typer.Option(None, help="Seconds per method (overrides the file's budget)."),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite beside the study file)."),
+    storage: Optional[str] = storage_option(),
+    device: Optional[str] = typer.Option(None, help="This worker's device, e.g. cuda:1 (overrides the file's)."),
+    max_failures: Optional[int] = typer.Option(None, min=1, help="Stop after this many failed trials in a row (default 5)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Run (or continue) a study: trials until the budget is reached, then the finalists' held-out scores."""
-    board = run_study(_load(study_file, storage), n_trials, timeout, quiet=quiet)
+    """Run (or continue) a study: trials until the budget is reached, then the finalists' held-out scores.
+
+    Start it on several GPUs or hosts with the same --storage to share the work.
+    """
+    board = run_study(_load(study_file, storage, device), n_trials, timeout, quiet=quiet, max_failures=max_failures)
     print_leaderboard(board, top=20)
 
 
@@ -88,12 +110,14 @@ def leaderboard_command(
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write the leaderboard as CSV here."),
     markdown: bool = typer.Option(False, "--markdown", help="Print Markdown instead of a terminal table."),
     top: Optional[int] = typer.Option(None, help="Show only the first N rows."),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite beside the study file)."),
+    storage: Optional[str] = storage_option(),
 ) -> None:
     """Rank a study's trials by held-out score; compare the best SLERP and DARE TIES."""
     from mergetune.search.leaderboard import build_leaderboard, to_csv, to_json, to_markdown
+    from mergetune.search.storage import open_storage
 
-    board = build_leaderboard(_load(study_file, storage))
+    study = _load(study_file, storage)
+    board = build_leaderboard(study, open_storage(study))
     if markdown:
         typer.echo(to_markdown(board, top))
     else:
@@ -110,13 +134,15 @@ def export_command(
     method: Optional[str] = typer.Option(None, help="Best trial of this method (default: best overall)."),
     trial: Optional[int] = typer.Option(None, help="This trial number instead of the best."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite beside the study file)."),
+    storage: Optional[str] = storage_option(),
 ) -> None:
     """Write a trial's mergekit recipe, the merged model and a model card with its scores."""
     from mergetune.merge_ops.disk import RECIPE_FILE
     from mergetune.search.export import export_trial
+    from mergetune.search.storage import open_storage
 
-    result = export_trial(_load(study_file, storage), out_dir, method, trial, overwrite)
+    study = _load(study_file, storage)
+    result = export_trial(study, out_dir, method, trial, overwrite, storage=open_storage(study))
     typer.echo(
         f"exported {result.row.method} trial {result.row.trial} to {out_dir} "
         f"(recipe: {out_dir / RECIPE_FILE}; reproduce with `mergekit-yaml {out_dir / RECIPE_FILE} OUT`)"
@@ -126,11 +152,12 @@ def export_command(
 def report_command(
     study_file: Path = typer.Argument(..., help="Study YAML."),
     out_dir: Path = typer.Argument(..., help="Directory for the PNG figures and index.html."),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite beside the study file)."),
+    storage: Optional[str] = storage_option(),
 ) -> None:
     """Draw the study: optimisation history, best t-curves, weights/densities, parameter importances."""
     from mergetune.search.report import write_report
+    from mergetune.search.storage import dashboard_target, open_storage
 
     study = _load(study_file, storage)
-    index = write_report(study, out_dir)
-    typer.echo(f"wrote {index}  (interactive: optuna-dashboard {study.storage_display})")
+    index = write_report(study, out_dir, open_storage(study))
+    typer.echo(f"wrote {index}  (interactive: optuna-dashboard {dashboard_target(study)})")
