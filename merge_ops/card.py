@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import html
+import re
 from typing import Optional
 
 from mergetune.merge_ops.plan import MergePlan
 from mergetune.merge_ops.recipe import Recipe
 
 
-def _escape(text: str) -> str:
-    """Model names are user input: keep them from injecting Markdown or HTML."""
-    return html.escape(text).replace("|", "\\|").replace("`", "\\`")
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def escape_markdown(text: str) -> str:
+    """Model and task names are user input: keep them from injecting Markdown, HTML or table cells."""
+    return html.escape(" ".join(text.split())).replace("|", "\\|").replace("`", "\\`")
 
 
 def model_card(recipe: Recipe, plan: MergePlan, recipe_yaml: str, seed: Optional[int], extra: str = "") -> str:
     models = recipe.referenced_models()
     front = ["---", "library_name: transformers", "tags:", "- merge", "- mergetune", "- mergekit"]
-    hub_models = [model for model in models if model.count("/") == 1 and not model.startswith((".", "/"))]
+    # Only names shaped like hub ids go into the YAML front matter (a stray newline or colon would rewrite it).
+    hub_models = [model for model in models if HUB_ID.fullmatch(model)]
     if hub_models:
         front.append("base_model:")
         front.extend(f"- {model}" for model in hub_models)
@@ -36,7 +41,7 @@ def model_card(recipe: Recipe, plan: MergePlan, recipe_yaml: str, seed: Optional
     ]
     for model in models:
         role = " (base)" if model == recipe.base_model else ""
-        lines.append(f"* {_escape(model)}{role}")
+        lines.append(f"* {escape_markdown(model)}{role}")
     lines += [
         "",
         f"Output: {plan.config.get('num_hidden_layers', '?')} layers, {len(plan.ops)} tensors"

@@ -174,9 +174,6 @@ def merge_stage(
             if pending_write is not None:
                 pending_write.result()
         writer.close()
-    except OSError as error:
-        writer.abort()
-        raise MergetuneError(f"writing {directory}: {error.strerror or error}") from None
     except BaseException:
         writer.abort()
         raise
@@ -204,22 +201,26 @@ def merge_recipe_file(
     cache = SourceCache(allow_pickle)
     stage_outputs: dict[str, TensorSource] = {}
     warnings: list[str] = []
-    with atomic_directory(out_dir, overwrite=overwrite) as partial:
-        for stage in recipe_file.stages:
-            sources = {
-                ref: stage_outputs[ref] if ref in stage_outputs else cache.get(ref) for ref in stage.referenced_models()
-            }
-            is_final = stage is recipe_file.final
-            directory = partial if is_final else partial / ".stages" / stage.name
-            directory.mkdir(parents=True, exist_ok=True)
-            yaml_text = recipe_file.to_yaml() if is_final else stage.to_yaml()
-            extra = card_extra if is_final else ""
-            plan = merge_stage(stage, sources, directory, yaml_text, seed, device, shard_bytes, progress, extra)
-            warnings.extend(plan.warnings)
-            if not is_final:
-                stage_outputs[stage.name] = CheckpointSource(stage.name, directory)
-        stage_outputs.clear()
-        shutil.rmtree(partial / ".stages", ignore_errors=True)
+    try:
+        with atomic_directory(out_dir, overwrite=overwrite) as partial:
+            for stage in recipe_file.stages:
+                sources = {
+                    ref: stage_outputs[ref] if ref in stage_outputs else cache.get(ref)
+                    for ref in stage.referenced_models()
+                }
+                is_final = stage is recipe_file.final
+                directory = partial if is_final else partial / ".stages" / stage.name
+                directory.mkdir(parents=True, exist_ok=True)
+                yaml_text = recipe_file.to_yaml() if is_final else stage.to_yaml()
+                extra = card_extra if is_final else ""
+                plan = merge_stage(stage, sources, directory, yaml_text, seed, device, shard_bytes, progress, extra)
+                warnings.extend(plan.warnings)
+                if not is_final:
+                    stage_outputs[stage.name] = CheckpointSource(stage.name, directory)
+            stage_outputs.clear()
+            shutil.rmtree(partial / ".stages", ignore_errors=True)
+    except OSError as error:  # a full disk, a lost mount: atomic_directory has already removed the partial output
+        raise MergetuneError(f"cannot write {out_dir}: {error.strerror or error}; nothing was written there") from None
     return MergeResult(out_dir, len(plan.ops), int(plan.config.get("num_hidden_layers", 0)), seed, warnings)
 
 

@@ -90,7 +90,17 @@ class InMemoryBuilder:
         with torch.no_grad():
             for op in plan.ops:
                 self._build_into(self.targets[op.output], op, plan, sources, seed)
+            self._check_finite(plan)
         return plan
+
+    def _check_finite(self, plan: MergePlan) -> None:
+        """A candidate with NaN or inf weights (a damaged input, an unstable method) must not be scored."""
+        targets = [self.targets[op.output] for op in plan.ops]
+        finite = torch.stack([torch.isfinite(target).all() for target in targets]).tolist()  # one device sync
+        bad = [op.output for op, ok in zip(plan.ops, finite) if not ok]
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise MergetuneError(f"merged weights are not finite: NaN or inf in {', '.join(bad[:3])}{more}")
 
     def _check_fits(self, plan: MergePlan) -> None:
         for op in plan.ops:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from mergetune.errors import MergetuneError
+from mergetune.merge_ops.card import escape_markdown
 from mergetune.merge_ops.disk import Progress, merge_recipe_file
 from mergetune.merge_ops.recipe import parse_recipes
 from mergetune.search.leaderboard import Leaderboard, Row, build_leaderboard, comparison_lines
@@ -43,7 +44,7 @@ def score_table(board: Leaderboard, row: Row) -> str:
         "## Evaluation",
         "",
         f"Found by mergetune study `{board.study}` ({row.method}, trial {row.trial}"
-        + (f", {row.baseline}" if row.baseline else "")
+        + (f", {escape_markdown(row.baseline)}" if row.baseline else "")
         + f"). Scores on {label} documents (lm-eval tasks, per-document results stored in the study):",
         "",
         "| task | metric | score | ± stderr | documents |",
@@ -52,14 +53,16 @@ def score_table(board: Leaderboard, row: Row) -> str:
     for name, task in shown.tasks.items():
         stderr = "" if task.stderr is None else f"{100 * task.stderr:.2f}"
         proxy = " (proxy data)" if task.proxy else ""
-        lines.append(f"| {name}{proxy} | {task.metric} | {100 * task.value:.2f} | {stderr} | {task.n} |")
+        lines.append(
+            f"| {escape_markdown(name)}{proxy} | {escape_markdown(task.metric)} | {100 * task.value:.2f} | {stderr} | {task.n} |"
+        )
     average_stderr = "" if shown.average_stderr is None else f"{100 * shown.average_stderr:.2f}"
     lines.append(f"| **average** | | **{100 * shown.average:.2f}** | {average_stderr} | |")
     if row.final:
         lines += ["", f"Search score {100 * row.search.average:.2f}; gap to held-out {100 * row.gap:+.2f} points."]
     comparisons = comparison_lines(board)
     if comparisons:
-        lines += [""] + [f"- {line}" for line in comparisons]
+        lines += [""] + [f"- {escape_markdown(line)}" for line in comparisons]
     return "\n".join(lines) + "\n"
 
 

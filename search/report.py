@@ -20,6 +20,7 @@ from mergetune.merge_ops.parameters import coercer, evaluate_setting  # noqa: E4
 from mergetune.merge_ops.recipe import recipe_from_dict  # noqa: E402
 from mergetune.search.leaderboard import Leaderboard, build_leaderboard, load_optuna_study, table_rows  # noqa: E402
 from mergetune.search.leaderboard import comparison_lines  # noqa: E402
+from mergetune.search.storage import dashboard_target  # noqa: E402
 from mergetune.search.study_file import Study  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def write_report(study: Study, out_dir: Path, storage=None) -> Path:
         "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:600px;margin:6px}</style></head><body>"
         f"<h1>Study {html.escape(study.spec.name)}</h1><h2>Leaderboard</h2>{_html_table(board)}"
         f"<ul>{comparisons}</ul>{''.join(sections)}"
-        "<p>Interactive view: <code>optuna-dashboard " + html.escape(study.storage_display) + "</code></p>"
+        "<p>Interactive view: <code>optuna-dashboard " + html.escape(dashboard_target(study)) + "</code></p>"
         "</body></html>"
     )
     index = out_dir / "index.html"

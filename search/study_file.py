@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mergetune.errors import MergetuneError
 
 SEARCHABLE_METHODS = ("slerp", "dare_ties", "ties", "task_arithmetic", "linear")
+# Where and how long a study runs, not what its trials mean: free to differ between workers and runs.
+RUN_SETTINGS = frozenset({"storage", "storage_options", "budget", "device", "backend"})
 
 
 class _Strict(BaseModel):
@@ -96,6 +98,24 @@ class Evaluation(_Strict):
         return self
 
 
+class StorageOptions(_Strict):
+    """How workers share a storage: a running trial's heartbeat, when silence means death, how long to wait for a database."""
+
+    heartbeat_interval: int = Field(30, ge=1, description="seconds between a running trial's heartbeats (RDB storages)")
+    grace_period: int = Field(
+        120, ge=2, description="seconds without a heartbeat after which a trial is failed and queued again"
+    )
+    connect_timeout: int = Field(10, ge=1, description="seconds to wait for a database server to answer")
+
+    @model_validator(mode="after")
+    def _grace_outlasts_heartbeat(self) -> "StorageOptions":
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period ({self.grace_period}) must be longer than heartbeat_interval ({self.heartbeat_interval})"
+            )
+        return self
+
+
 class Budget(_Strict):
     n_trials: Optional[int] = Field(30, ge=1, description="completed (or pruned) trials per method")
     timeout: Optional[float] = Field(None, gt=0, description="seconds per method")
@@ -118,6 +138,7 @@ class StudySpec(_Strict):
     pruning: bool = True
     seed: int = 0
     storage: Optional[str] = None
+    storage_options: StorageOptions = StorageOptions()
     baselines: bool = True
 
     @model_validator(mode="after")
@@ -133,8 +154,11 @@ class StudySpec(_Strict):
 
     def definition_hash(self) -> str:
         """Identifies what the trials mean (not where they are stored or how long to run)."""
-        data = self.model_dump(mode="json", exclude={"storage", "budget", "device", "backend"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.definition(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def definition(self) -> dict:
+        """The fields that define the trials; stored with the study (never the storage URL and its password)."""
+        return self.model_dump(mode="json", exclude=set(RUN_SETTINGS))
 
 
 class Study(BaseModel):
@@ -164,9 +188,14 @@ class Study(BaseModel):
         return f"sqlite:///{(self.directory / (self.spec.name + '.db')).resolve()}"
 
 
-def redact_url(url: str) -> str:
-    """postgresql://user:secret@host/db → postgresql://user:***@host/db."""
-    return re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", url)
+def redact_url(text: str) -> str:
+    """postgresql://user:secret@host/db → postgresql://user:***@host/db, anywhere in `text`.
+
+    The password runs to the last '@' of the URL, so one containing '/' or '@' is masked whole;
+    `password=...` (a query parameter or a libpq keyword) is masked too.
+    """
+    text = re.sub(r"(://[^:/@\s'\"]*:)[^\s'\"]*@", r"\1***@", text)
+    return re.sub(r"(password=)[^&\s'\"]*", r"\1***", text, flags=re.IGNORECASE)
 
 
 def load_study(path: str | Path) -> Study:

@@ -1,0 +1,195 @@
+"""A study's storage: PostgreSQL (or another SQLAlchemy database) shared by hosts, or a journal file on one host.
+
+Workers agree on a study through its storage alone, so this is where storages are
+opened the same way everywhere: RDB storages with heartbeats (a worker on another
+host that dies mid-trial goes silent, and the others notice) and a short connect
+timeout (a database that doesn't answer is one clear message, not a hang); a journal
+file (`journal:///path/study.log`, or any `.log`/`.jsonl` path) for several processes
+on one host without a server. Messages that could carry the storage URL pass through
+`redact`, so a password never reaches a log, a leaderboard, a report or an export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import re
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+from urllib.parse import unquote
+
+import optuna
+import sqlalchemy.exc
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+
+from mergetune.errors import MergetuneError
+from mergetune.search.study_file import Study, redact_url
+
+log = logging.getLogger(__name__)
+
+JOURNAL_SCHEME = "journal://"
+JOURNAL_SUFFIXES = (".log", ".jsonl")
+# SQLAlchemy dialects Optuna's RDB storage runs on ("postgresql+psycopg://…" names a driver too).
+SQL_DIALECTS = ("postgresql", "mysql", "mariadb", "sqlite", "oracle", "mssql")
+DRIVER_EXTRAS = {"postgresql": "mergetune[postgres]"}  # psycopg 3
+CREATE_ATTEMPTS = 5
+SHORTEST_MASKED_PASSWORD = 4  # shorter ones would mask ordinary words in messages
+
+
+def redact(text: str, url: str) -> str:
+    """`text` with `url`'s password masked, in URL form and anywhere else it appears verbatim."""
+    masked = redact_url(text)
+    found = re.search(r"://[^:/@\s]*:(\S*)@", url)
+    if found:
+        for password in {found.group(1), unquote(found.group(1))}:
+            if len(password) >= SHORTEST_MASKED_PASSWORD:
+                masked = masked.replace(password, "***")
+    return masked
+
+
+def journal_path(study: Study) -> Optional[Path]:
+    """The journal file a study's storage URL names (relative paths from the study file's folder), else None."""
+    url = study.storage_url
+    if url.startswith(JOURNAL_SCHEME):
+        path = url[len(JOURNAL_SCHEME) :]
+    elif "://" not in url and url.endswith(JOURNAL_SUFFIXES):
+        path = url
+    else:
+        return None
+    return (study.directory / Path(path).expanduser()).resolve()
+
+
+def dialect(url: str) -> str:
+    return url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
+
+
+def open_storage(study: Study) -> BaseStorage:
+    """The study's storage, connected and checked: one clear MergetuneError if it can't be used."""
+    path = journal_path(study)
+    if path is not None:
+        return _open_journal(path)
+    url = study.storage_url
+    if dialect(url) not in SQL_DIALECTS:
+        raise MergetuneError(
+            f"storage {study.storage_display}: not a storage URL this tool knows; use postgresql://user:password@host/db, "
+            "sqlite:///file.db, journal:///path/file.log or a path ending in .log"
+        )
+    # postgresql:// gets the driver `mergetune[postgres]` installs, whichever SQLAlchemy picks by default.
+    engine_url = re.sub(r"^postgresql://", "postgresql+psycopg://", url, flags=re.IGNORECASE)
+    options = study.spec.storage_options
+    engine_kwargs = {}
+    if dialect(url) in ("postgresql", "mysql", "mariadb"):
+        engine_kwargs["connect_args"] = {"connect_timeout": options.connect_timeout}
+    with storage_errors(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            for attempt in range(1, CREATE_ATTEMPTS + 1):
+                try:
+                    return RDBStorage(
+                        engine_url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=options.heartbeat_interval,
+                        grace_period=options.grace_period,
+                    )
+                except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                    # Workers creating the tables of a new database at the same moment collide
+                    # ("duplicate key", "already exists"); the tables are there on the next try.
+                    if attempt == CREATE_ATTEMPTS:
+                        raise
+                    time.sleep(random.uniform(0.1, 0.5 * attempt))
+        except ImportError:
+            extra = DRIVER_EXTRAS.get(dialect(url))
+            hint = f" (pip install '{extra}')" if extra else ""
+            raise MergetuneError(
+                f"storage {study.storage_display}: the {dialect(url)} database driver is not installed{hint}"
+            ) from None
+
+
+def _open_journal(path: Path) -> JournalStorage:
+    if not path.parent.is_dir():
+        raise MergetuneError(f"journal storage {path}: directory {path.parent} does not exist")
+    if path.is_dir():
+        raise MergetuneError(f"journal storage {path}: is a directory, expected a file")
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as error:
+        raise MergetuneError(f"journal storage {path}: cannot open it: {error.strerror or error}") from None
+    except (ValueError, KeyError, TypeError) as error:  # lines that are not journal records
+        raise MergetuneError(f"journal storage {path}: not a study journal, or damaged ({error})") from None
+
+
+@contextlib.contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """Turn a database driver's exception into one MergetuneError naming the storage, its password masked."""
+    try:
+        yield
+    except sqlalchemy.exc.OperationalError as error:
+        raise MergetuneError(f"cannot reach the study storage {redact_url(url)}: {_driver_message(error, url)}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
+        raise MergetuneError(f"study storage {redact_url(url)}: {_driver_message(error, url)}") from None
+
+
+def _driver_message(error: BaseException, url: str) -> str:
+    """The first line of what the driver said (Optuna wraps it), without SQLAlchemy's links and the password."""
+    cause = error.__cause__ if isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ else error
+    if isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.orig is not None:
+        cause = cause.orig
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return redact(lines[0] if lines else type(cause).__name__, url)
+
+
+def heartbeat_interval(storage: BaseStorage) -> Optional[int]:
+    """Seconds between heartbeats when the storage records them (RDB storages opened here), else None."""
+    getter = getattr(storage, "get_heartbeat_interval", None)
+    return getter() if getter else None
+
+
+def stale_trial_ids(optuna_study: optuna.Study) -> set[int]:
+    """Running trials whose heartbeat stopped longer than the grace period ago, by the database's clock."""
+    storage = optuna_study._storage
+    if heartbeat_interval(storage) is None:
+        return set()
+    # Part of Optuna's heartbeat interface (BaseHeartbeat), which fail_stale_trials uses too; we call it
+    # directly to record why the trial failed before failing it.
+    return set(storage._get_stale_trial_ids(optuna_study._study_id))
+
+
+@contextlib.contextmanager
+def heartbeat(storage: BaseStorage, trial_id: int) -> Iterator[None]:
+    """Record the trial's heartbeat now and every interval until the block ends (no-op without heartbeats).
+
+    A failed heartbeat is logged, not raised: a database blip must not kill a trial that
+    is otherwise fine (if it lasts past the grace period, the trial is retried elsewhere).
+    """
+    interval = heartbeat_interval(storage)
+    if interval is None:
+        yield
+        return
+    storage.record_heartbeat(trial_id)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as error:  # drivers raise their own types
+                log.warning("heartbeat of trial id %d not recorded: %s", trial_id, redact_url(f"{error!r}"[:300]))
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def dashboard_target(study: Study) -> str:
+    """What to give optuna-dashboard to browse the study (the password masked: the user knows it)."""
+    path = journal_path(study)
+    return str(path) if path is not None else study.storage_display

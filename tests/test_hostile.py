@@ -1,0 +1,321 @@
+"""Hostile input and failing trials: one clear message, exit 2, no traceback, nothing half-written, no secret shown."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import mergetune.merge_ops.writer as writer
+import mergetune.search.runner as runner_module
+from mergetune.cli import app
+from mergetune.merge_ops.card import model_card
+from mergetune.merge_ops.plan import plan_merge
+from mergetune.merge_ops.recipe import recipe_from_dict
+from mergetune.merge_ops.sources import open_source
+from mergetune.search.export import score_table
+from mergetune.search.leaderboard import Leaderboard, Row
+from mergetune.search.records import Summary, TaskSummary
+from mergetune.search.report import _html_table
+from mergetune.search.storage import redact
+from mergetune.tiny import TinySpec, build_family
+
+pytest.register_assert_rewrite("scaleout_fixtures")
+from scaleout_fixtures import COUNTED, stored_trials, write_study  # noqa: E402
+
+pytest_plugins = ["scaleout_fixtures"]
+runner = CliRunner()
+PASSWORD = "s3cret-pw"
+N = 4
+
+
+class FillingDisk:
+    """A file on a disk with `room` bytes left: the write that needs more fails with ENOSPC."""
+
+    room = 60_000
+
+    def __init__(self, path, mode):
+        self.file = open(path, mode)
+
+    def write(self, data) -> int:
+        FillingDisk.room -= memoryview(data).nbytes
+        if FillingDisk.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@pytest.fixture(scope="module")
+def failing_study(tmp_path_factory, family_f32, tiny_tasks) -> Path:
+    """A study of N trials during which the evaluator once raises and once runs out of memory."""
+    calls = []
+    score = runner_module.StudyRunner.score
+
+    def flaky_score(self, ids):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("evaluator exploded")
+        if len(calls) == 6:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return score(self, ids)
+
+    path = write_study(tmp_path_factory.mktemp("failing"), family_f32, tiny_tasks, budget={"n_trials": N})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner_module.StudyRunner, "score", flaky_score)
+        result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_failing_trials_are_stored_with_their_reason_and_the_study_goes_on(failing_study):
+    trials = stored_trials(failing_study)
+    assert sum(t.state in COUNTED for t in trials) == N
+    reasons = [t.user_attrs["fail_reason"] for t in trials if t.state == TrialState.FAIL]
+    assert reasons == [
+        "RuntimeError: evaluator exploded",
+        "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB",
+    ]
+
+
+def nan_copy(model: Path, directory: Path) -> Path:
+    """A copy of `model` with one tensor full of NaN."""
+    copy = directory / "nan-model"
+    shutil.copytree(model, copy)
+    name = "model.layers.0.mlp.down_proj.weight"
+    shard = copy / json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return copy
+
+
+def test_nan_weights_fail_each_trial_and_a_run_of_failures_stops_the_study(family_f32, tiny_tasks, tmp_path):
+    family = {**family_f32, "model_b": nan_copy(family_f32["model_b"], tmp_path)}
+    path = write_study(tmp_path, family, tiny_tasks)
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet", "--max-failures", "3"])
+    assert result.exit_code == 2, result.output
+    assert "stopped after 3 failed trials in a row; the last, trial 2: merged weights are not finite" in result.output
+    assert "Traceback" not in result.output
+    trials = stored_trials(path)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert all("NaN or inf in model.layers.0.mlp.down_proj.weight" in t.user_attrs["fail_reason"] for t in trials)
+
+
+@dataclass
+class Inputs:
+    """What a hostile case builds its command line from."""
+
+    tmp: Path
+    family: dict
+    tasks: Path
+    monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest
+
+    def study(self, family: dict | None = None, **overrides) -> str:
+        return str(write_study(self.tmp, family or self.family, self.tasks, **overrides))
+
+    def model_copy(self, name: str, damage: Callable[[Path], None]) -> dict:
+        copy = self.tmp / "damaged"
+        shutil.copytree(self.family[name], copy)
+        damage(sorted(copy.glob("model-*.safetensors"))[0])
+        return {**self.family, name: copy}
+
+    def recipe(self, **changes) -> str:
+        recipe = {
+            "merge_method": "slerp",
+            "base_model": str(self.family["base"]),
+            "models": [{"model": str(self.family["base"])}, {"model": str(self.family["model_a"])}],
+            "parameters": {"t": 0.5},
+            **changes,
+        }
+        path = self.tmp / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return str(path)
+
+    def six_layer_model(self) -> Path:
+        return build_family(self.tmp / "six", names=("base",), spec=TinySpec(num_hidden_layers=6))["base"]
+
+    def silent_server(self) -> int:
+        """A port that accepts connections and never says a word."""
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        self.request.addfinalizer(server.close)
+        return server.getsockname()[1]
+
+    def on_a_filling_disk(self, args: list[str]) -> list[str]:
+        self.monkeypatch.setattr(FillingDisk, "room", FillingDisk.room)
+        self.monkeypatch.setattr(writer, "open", FillingDisk, raising=False)
+        return args
+
+    def junk_journal(self) -> str:
+        (self.tmp / "junk.log").write_text("these are\nnot journal records\n")
+        return str(self.tmp / "junk.log")
+
+
+def run(*args: str) -> list[str]:
+    return list(args)
+
+
+HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
+    (
+        "corrupt safetensors",
+        lambda i: run("study", "run", i.study(i.model_copy("model_b", lambda f: f.write_bytes(b"\xff" * 64)))),
+        "is corrupt or truncated (header of",
+    ),
+    (
+        "truncated safetensors",
+        lambda i: run("study", "run", i.study(i.model_copy("model_b", lambda f: f.write_bytes(f.read_bytes()[:-100])))),
+        "is corrupt or truncated (tensor model.layers.0.self_attn",
+    ),
+    (
+        "study: wrong type",
+        lambda i: run("study", "run", i.study(budget={"n_trials": "many"})),
+        "budget.n_trials: Input should be a valid integer",
+    ),
+    (
+        "study: unknown key",
+        lambda i: run("study", "run", i.study(storage_options={"heartbeat": 3})),
+        "storage_options.heartbeat: unknown field",
+    ),
+    (
+        "study: grace period shorter than heartbeat",
+        lambda i: run("study", "run", i.study(storage_options={"heartbeat_interval": 10, "grace_period": 5})),
+        "grace_period (5) must be longer than heartbeat_interval (10)",
+    ),
+    ("study file missing", lambda i: run("study", "run", str(i.tmp / "nope.yaml")), "study file not found"),
+    (
+        "model path missing",
+        lambda i: run("study", "run", i.study({**i.family, "model_b": i.tmp / "nowhere"})),
+        "nowhere: no such directory",
+    ),
+    (
+        "models that don't fit together",
+        lambda i: run("study", "run", i.study({**i.family, "model_b": i.six_layer_model()})),
+        "need the same number of layers",
+    ),
+    (
+        "recipe: wrong type",
+        lambda i: run("merge", i.recipe(models=3), str(i.tmp / "out")),
+        "models: Input should be a valid list",
+    ),
+    (
+        "recipe: unknown key",
+        lambda i: run("merge", i.recipe(models=[{"model": str(i.family["base"]), "wieght": 1}]), str(i.tmp / "out")),
+        "models.0.wieght: unknown field",
+    ),
+    (
+        "storage refuses connections",
+        lambda i: run("study", "run", i.study(), "--storage", f"postgresql://mergetune:{PASSWORD}@127.0.0.1:1/db"),
+        "cannot reach the study storage postgresql://mergetune:***@127.0.0.1:1/db: connection failed",
+    ),
+    (
+        "storage never answers",
+        lambda i: run(
+            "study", "run", i.study(), "--storage", f"postgresql://mergetune:{PASSWORD}@127.0.0.1:{i.silent_server()}/db"
+        ),
+        "connection timeout expired",
+    ),
+    (
+        "storage URL of an unknown kind",
+        lambda i: run("study", "run", i.study(), "--storage", f"mongodb://mergetune:{PASSWORD}@host/db"),
+        "storage mongodb://mergetune:***@host/db: not a storage URL this tool knows",
+    ),
+    (
+        "journal in a missing directory",
+        lambda i: run("study", "run", i.study(), "--storage", f"journal://{i.tmp}/nowhere/study.log"),
+        "/nowhere does not exist",
+    ),
+    (
+        "journal that isn't one",
+        lambda i: run("study", "run", i.study(), "--storage", i.junk_journal()),
+        "not a study journal, or damaged",
+    ),
+    ("device this machine lacks", lambda i: run("study", "run", i.study(), "--device", "cuda:99"), "device cuda:99: "),
+    (
+        "disk fills during a merge",
+        lambda i: i.on_a_filling_disk(run("merge", i.recipe(), str(i.tmp / "out"), "--shard-size", "20KB")),
+        "cannot write {tmp}/out: No space left on device; nothing was written there",
+    ),
+    (
+        "disk fills during an export",
+        lambda i: i.on_a_filling_disk(run("export", str(i.request.getfixturevalue("failing_study")), str(i.tmp / "out"))),
+        "cannot write {tmp}/out: No space left on device; nothing was written there",
+    ),
+    (
+        "export of a trial that doesn't exist",
+        lambda i: run("export", str(i.request.getfixturevalue("failing_study")), str(i.tmp / "out"), "--trial", "99"),
+        "no completed trial 99",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, make, message", HOSTILE, ids=[case for case, _, _ in HOSTILE])
+def test_hostile_input_gives_one_clear_message(case, make, message, family_f32, tiny_tasks, tmp_path, monkeypatch, request):
+    inputs = Inputs(tmp_path, family_f32, tiny_tasks, monkeypatch, request)
+    result = runner.invoke(app, make(inputs))
+    assert result.exit_code == 2, result.output
+    assert message.format(tmp=tmp_path) in result.output
+    assert result.output.count("error: ") == 1 and "Traceback" not in result.output
+    assert PASSWORD not in result.output
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.parametrize(
+    "text, url",
+    [
+        ("postgresql://u:s3cret@db/x", "postgresql://u:s3cret@db/x"),
+        ("postgresql://u:pa/ss@w0rd@db:5432/x", "postgresql://u:pa/ss@w0rd@db:5432/x"),  # '/' and '@' in the password
+        ("redis://:s3cret@cache:6379", "redis://:s3cret@cache:6379"),  # no user name
+        ("could not connect with password=s3cret host=db", "postgresql://u:s3cret@db/x"),  # libpq keyword form
+        ("the driver said 's3cret' was refused", "postgresql://u:s3cret@db/x"),  # the bare password
+        ("postgresql://u:s%40cret99@db/x failed; s@cret99 refused", "postgresql://u:s%40cret99@db/x"),  # %-encoded
+    ],
+)
+def test_passwords_are_masked_wherever_they_appear(text, url):
+    masked = redact(text, url)
+    assert "s3cret" not in masked and "pa/ss" not in masked and "cret99" not in masked
+
+
+def board_with_hostile_names() -> tuple[Leaderboard, Row]:
+    hostile = "<script>alert(1)</script>|`rm -rf`"
+    summary = Summary({hostile: TaskSummary(0.5, 0.1, 10, "acc", None)}, 0.5, 0.1)
+    row = Row("slerp", 0, hostile, summary, summary, "merge_method: slerp\n", 0, rank=1, method_rank=1)
+    return Leaderboard("tiny", [row]), row
+
+
+def test_text_from_inputs_is_escaped_in_score_tables_and_html_reports():
+    hostile = "<script>alert(1)</script>|`rm -rf`"
+    summary = Summary({hostile: TaskSummary(0.5, 0.1, 10, "acc", None)}, 0.5, 0.1)
+    row = Row("slerp", 0, hostile, summary, summary, "merge_method: slerp\n", 0, rank=1, method_rank=1)
+    board = Leaderboard("tiny", [row])
+    card, page = score_table(board, row), _html_table(board)
+    for rendered in (card, page):
+        assert "<script>" not in rendered and "&lt;script&gt;" in rendered
+    assert "\\|" in card and "\\`rm -rf\\`" in card  # a task name can't open a table cell or a code span
+
+
+def test_model_names_cannot_rewrite_the_model_cards_front_matter(family_f32):
+    recipe = recipe_from_dict(
+        {"merge_method": "slerp", "base_model": str(family_f32["base"]), "parameters": {"t": 0.5},
+         "models": [{"model": str(family_f32["base"])}, {"model": str(family_f32["model_a"])}]}
+    )
+    plan = plan_merge(recipe, {model: open_source(model) for model in recipe.referenced_models()})
+    hostile = recipe.model_copy(update={"base_model": "org/x\nlicense: evil <b>"})
+    card = model_card(hostile, plan, "merge_method: slerp", None)
+    front_matter = card.split("---")[1]
+    assert "license: evil" not in front_matter and "<b>" not in card
