@@ -7,7 +7,7 @@ Measures, in one run on one machine:
      with transformers vs mergetune's in-memory build into a live model.
 
 Each disk merge runs in its own fresh Python process (peak RSS is that process's
-ru_maxrss); page cache is warmed by reading every input file first, for both.
+VmHWM); page cache is warmed by reading every input file first, for both.
 
     python bench/bench_merge.py --layers 12 --hidden 2048   # ~1.5 GB per model in bf16
 """
@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 WORKER = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     tool, recipe_path, out = sys.argv[1:4]
     start = time.perf_counter()
     if tool == "mergekit":
@@ -46,7 +46,9 @@ WORKER = textwrap.dedent(
         from mergetune.merge_ops.recipe import load_recipes
         merge_recipe_file(load_recipes(recipe_path), __import__("pathlib").Path(out), seed=0)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM is this process's own peak (ru_maxrss would include the parent's RSS at fork time).
+    peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kb / 1024}))
     """
 )
 
