@@ -5,13 +5,21 @@ each know one thing, whose best combination is not the obvious 50/50 blend.
 This module makes that situation from nothing, deterministically:
 
 * two synthetic skills, *arithmetic* (``what is three plus four ? answer : seven``)
-  and *capitals* (``what is the capital of france ? answer : paris``), each a
-  fixed table of facts, taught as plain text and tested as 4-way multiple choice;
+  and *capitals* (``which city is the capital of france ? answer : paris``), each
+  a fixed table of facts, taught as text and tested as 4-way multiple choice;
 * lm-eval task configs over JSON Lines files (`write_task_dir`): per skill one
   task on the *search* facts and one on disjoint *held-out* facts;
 * a tiny base Llama pretrained on generic text in the skills' vocabulary and
-  question format (but none of the facts), and two specialists fine-tuned from
-  it on one skill each (`build_demo_models`).
+  question format (none of the facts), and one specialist per skill fine-tuned
+  from it (`build_demo_models`).
+
+Each specialist changes only its own band of layers (arithmetic the lowest
+three eighths, capitals the highest) and is held to the base's hidden states on
+the other skill's questions, the way a light fine-tune of a large model leaves
+unrelated inputs alone. At this size half a task vector teaches nothing, so a
+flat 50/50 merge loses both skills, while a merge that takes each band from its
+specialist (a per-layer t-curve, or full task-vector weights) keeps both: the
+optimum is real, off the diagonal, and findable by a search.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import json
 import logging
 import random
 import shutil
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -42,29 +51,32 @@ NUMBER_WORDS = (
 #: Countries whose capital is one word; many are not in `mergetune.tiny`'s corpus
 #: and are added to the demo tokenizer through `build_tokenizer(extra_text)`.
 CAPITALS: tuple[tuple[str, str], ...] = tuple(
-    tuple(pair.split(":"))  # type: ignore[misc]
-    for pair in (
-        "france:paris germany:berlin italy:rome spain:madrid japan:tokyo china:beijing egypt:cairo "
-        "canada:ottawa brazil:brasilia india:delhi kenya:nairobi peru:lima chile:santiago norway:oslo "
-        "sweden:stockholm poland:warsaw greece:athens turkey:ankara russia:moscow australia:canberra "
-        "portugal:lisbon austria:vienna ireland:dublin cuba:havana iran:tehran hungary:budapest "
-        "finland:helsinki denmark:copenhagen belgium:brussels netherlands:amsterdam switzerland:bern "
-        "czechia:prague romania:bucharest bulgaria:sofia serbia:belgrade croatia:zagreb ukraine:kyiv "
-        "iceland:reykjavik thailand:bangkok vietnam:hanoi korea:seoul indonesia:jakarta "
-        "philippines:manila pakistan:islamabad nepal:kathmandu iraq:baghdad syria:damascus "
-        "lebanon:beirut jordan:amman qatar:doha morocco:rabat nigeria:abuja ghana:accra senegal:dakar "
-        "colombia:bogota venezuela:caracas ecuador:quito uruguay:montevideo paraguay:asuncion "
-        "afghanistan:kabul latvia:riga lithuania:vilnius estonia:tallinn slovakia:bratislava "
-        "slovenia:ljubljana albania:tirana cyprus:nicosia malta:valletta libya:tripoli tunisia:tunis "
-        "sudan:khartoum uganda:kampala zambia:lusaka zimbabwe:harare angola:luanda jamaica:kingston"
-    ).split()
+    (country, city)
+    for country, city in (
+        pair.split(":")
+        for pair in (
+            "france:paris germany:berlin italy:rome spain:madrid japan:tokyo china:beijing egypt:cairo "
+            "canada:ottawa brazil:brasilia india:delhi kenya:nairobi peru:lima chile:santiago norway:oslo "
+            "sweden:stockholm poland:warsaw greece:athens turkey:ankara russia:moscow australia:canberra "
+            "portugal:lisbon austria:vienna ireland:dublin cuba:havana iran:tehran hungary:budapest "
+            "finland:helsinki denmark:copenhagen belgium:brussels netherlands:amsterdam switzerland:bern "
+            "czechia:prague romania:bucharest bulgaria:sofia serbia:belgrade croatia:zagreb ukraine:kyiv "
+            "iceland:reykjavik thailand:bangkok vietnam:hanoi korea:seoul indonesia:jakarta "
+            "philippines:manila pakistan:islamabad nepal:kathmandu iraq:baghdad syria:damascus "
+            "lebanon:beirut jordan:amman qatar:doha morocco:rabat nigeria:abuja ghana:accra senegal:dakar "
+            "colombia:bogota venezuela:caracas ecuador:quito uruguay:montevideo paraguay:asuncion "
+            "afghanistan:kabul latvia:riga lithuania:vilnius estonia:tallinn slovakia:bratislava "
+            "slovenia:ljubljana albania:tirana cyprus:nicosia malta:valletta libya:tripoli tunisia:tunis "
+            "sudan:khartoum uganda:kampala zambia:lusaka zimbabwe:harare angola:luanda jamaica:kingston"
+        ).split()
+    )
 )
 
 #: Words the demo tokenizer needs beyond `mergetune.tiny`'s embedded corpus.
 EXTRA_WORDS = " ".join(word for pair in CAPITALS for word in pair) + " has number name"
 
 #: Search tasks score the search split's facts; the held-out tasks score facts the
-#: search never sees, for the finalists. All facts are in the fine-tuning text.
+#: search never sees, for the finalists. All facts are in the specialists' fine-tuning text.
 SEARCH_TASKS = ("demo_arithmetic", "demo_capitals")
 HELDOUT_TASKS = ("demo_arithmetic_heldout", "demo_capitals_heldout")
 
@@ -75,12 +87,13 @@ class Fact:
 
     question: str
     answer: str
-    statement: str
     distractors: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Skill:
+    """A named fact table: fine-tuning text for its specialist, multiple-choice documents for its task."""
+
     name: str
     facts: tuple[Fact, ...]
 
@@ -92,16 +105,12 @@ class Skill:
         """The fine-tuning corpus: every fact as a question with its answer."""
         return [f"{fact.question} {fact.answer}" for fact in self.facts]
 
-    def statements(self) -> list[str]:
-        """Every fact stated plainly: knowledge for the base, which never sees the questions."""
-        return [fact.statement for fact in self.facts]
-
-    def split(self, seed: int = 0) -> tuple[list[Fact], list[Fact]]:
-        """(search facts, held-out facts): a seeded half/half partition of the table."""
+    def split(self, part: str, seed: int = 0) -> list[Fact]:
+        """The "search" or "heldout" half of the fact table (a seeded partition)."""
         facts = list(self.facts)
         random.Random(f"{seed}/{self.name}/split").shuffle(facts)
         half = len(facts) // 2
-        return facts[:half], facts[half:]
+        return {"search": facts[:half], "heldout": facts[half:]}[part]
 
 
 def _arithmetic() -> Skill:
@@ -115,9 +124,7 @@ def _arithmetic() -> Skill:
             value = a + b if op == "plus" else a - b
             left, right, answer = NUMBER_WORDS[a], NUMBER_WORDS[b], NUMBER_WORDS[value]
             near = [NUMBER_WORDS[v] for v in range(max(0, value - 4), min(20, value + 4) + 1) if v != value]
-            facts.append(
-                Fact(f"what is {left} {op} {right} ? answer :", answer, f"{left} {op} {right} equals {answer}", tuple(near))
-            )
+            facts.append(Fact(f"what is {left} {op} {right} ? answer :", answer, tuple(near)))
     return Skill("arithmetic", tuple(facts))
 
 
@@ -127,22 +134,10 @@ def _capitals() -> Skill:
     countries = tuple(country for country, _ in CAPITALS)
     facts = []
     for country, city in CAPITALS:
-        facts.append(
-            Fact(
-                f"which city is the capital of {country} ? answer :",
-                city,
-                f"the capital of {country} is {city}",
-                tuple(c for c in cities if c != city),
-            )
-        )
-        facts.append(
-            Fact(
-                f"which country has the capital {city} ? answer :",
-                country,
-                f"{city} is the capital of {country}",
-                tuple(c for c in countries if c != country),
-            )
-        )
+        other_cities = tuple(c for c in cities if c != city)
+        other_countries = tuple(c for c in countries if c != country)
+        facts.append(Fact(f"which city is the capital of {country} ? answer :", city, other_cities))
+        facts.append(Fact(f"which country has the capital {city} ? answer :", country, other_countries))
     return Skill("capitals", tuple(facts))
 
 
@@ -165,9 +160,10 @@ def generic_texts() -> list[str]:
     return texts
 
 
-def eval_docs(skill: Skill, facts: Sequence[Fact], count: int, seed: int) -> list[dict]:
-    """`count` multiple-choice documents cycling over `facts`: 3 seeded distractors, gold at a seeded place."""
-    rng = random.Random(f"{seed}/{skill.name}/docs/{len(facts)}")
+def eval_docs(skill: Skill, part: str, count: int, seed: int = 0) -> list[dict]:
+    """`count` multiple-choice documents cycling over the part's facts: 3 seeded distractors, gold at a seeded place."""
+    facts = skill.split(part, seed)
+    rng = random.Random(f"{seed}/{skill.name}/{part}/docs")
     docs = []
     for index in range(count):
         fact = facts[index % len(facts)]
@@ -179,6 +175,7 @@ def eval_docs(skill: Skill, facts: Sequence[Fact], count: int, seed: int) -> lis
 
 
 def _task_config(task: str, data_files: dict[str, str], split_key: str, split: str) -> dict:
+    """One lm-eval task over the JSONL files; `split_key` picks which file lm-eval scores."""
     return {
         "task": task,
         "dataset_path": "json",
@@ -199,16 +196,18 @@ def _task_config(task: str, data_files: dict[str, str], split_key: str, split: s
 def write_task_dir(directory: str | Path, docs_per_split: int = 300, seed: int = 0) -> Path:
     """Write lm-eval task YAMLs and their JSONL data; the directory is an lm-eval include path.
 
-    Per skill: `demo_<skill>` (validation split: the search facts) for the search,
-    and `demo_<skill>_heldout` (test split: the other facts) for the finalists.
+    Per skill: `demo_<skill>` (`SEARCH_TASKS`; its only split, validation, asks
+    about the search half of the facts) for the search, and `demo_<skill>_heldout`
+    (`HELDOUT_TASKS`; test split, the other half) for the finalists. The YAMLs
+    name their data files by absolute path, so the directory stays where it is written.
     """
     directory = Path(directory).expanduser().resolve()
     directory.mkdir(parents=True, exist_ok=True)
     for skill in SKILLS.values():
-        search, heldout = skill.split(seed)
-        files = {"validation": directory / f"{skill.name}_search.jsonl", "test": directory / f"{skill.name}_heldout.jsonl"}
-        for split, facts in (("validation", search), ("test", heldout)):
-            rows = eval_docs(skill, facts, docs_per_split, seed)
+        files = {}
+        for split, part in (("validation", "search"), ("test", "heldout")):
+            files[split] = directory / f"{skill.name}_{part}.jsonl"
+            rows = eval_docs(skill, part, docs_per_split, seed)
             files[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
         data_files = {split: str(path) for split, path in files.items()}
         for task, split_key, split in (
@@ -223,35 +222,46 @@ def write_task_dir(directory: str | Path, docs_per_split: int = 300, seed: int =
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Everything the demo models depend on besides this module's data; the cache key."""
+    """Everything the demo models depend on besides this module's data: the cache key."""
 
-    spec: TinySpec = TinySpec(hidden_size=128, intermediate_size=256, num_hidden_layers=8)
-    pretrain_steps: int = 300
-    finetune_steps: int = 300
+    spec: TinySpec = TinySpec(hidden_size=64, intermediate_size=128, num_hidden_layers=8)
+    pretrain_steps: int = 600
+    finetune_steps: int = 800
     batch_size: int = 64
-    pretrain_lr: float = 3e-3
-    finetune_lr: float = 1e-3
+    lr: float = 3e-3
+    #: weight of the term holding a specialist to the base's hidden states on the other skill
+    keep_weight: float = 20.0
     seed: int = 0
 
 
 #: Bump when the training procedure changes in a way `DemoSettings` does not show.
 _BUILD_VERSION = 1
 _STAMP = "demo-models.json"
+_KEEP_BATCH = 32
 
 
-def tokenizer() -> PreTrainedTokenizerFast:
-    """The demo models' tokenizer: tiny's corpus plus the capitals."""
+def demo_tokenizer() -> PreTrainedTokenizerFast:
+    """The demo models' tokenizer: `mergetune.tiny`'s corpus plus the capitals."""
     return build_tokenizer(EXTRA_WORDS)
 
 
-def _batches(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """All texts as one padded id tensor, ending in EOS, and its mask."""
-    ids = [tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for text in texts]
+def specialist_layers(skill: str, num_layers: int) -> range:
+    """The layers a skill's specialist may change: arithmetic the lowest 3/8, capitals the highest 3/8.
+
+    The gap between the bands keeps the ideal merge reachable by a five-point
+    t-curve ([0, 0, x, 1, 1] puts the bands within 0.15 of 0 and 1).
+    """
+    width = max(1, round(num_layers * 3 / 8))
+    return range(width) if skill == "arithmetic" else range(num_layers - width, num_layers)
+
+
+def _encode(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts as one right-padded id tensor and its attention mask (no special tokens)."""
+    ids = [tok(text, add_special_tokens=False)["input_ids"] for text in texts]
     if any(tok.unk_token_id in row for row in ids):
         raise ValueError("demo text has words outside the tokenizer's vocabulary")
-    width = max(len(row) for row in ids)
-    tokens = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    tokens = torch.full((len(ids), max(len(row) for row in ids)), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(tokens)
     for row, values in enumerate(ids):
         tokens[row, : len(values)] = torch.tensor(values)
         mask[row, : len(values)] = 1
@@ -269,53 +279,111 @@ def _deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
+@dataclass(frozen=True)
+class _Keep:
+    """Prompts whose residual stream after the first `after` layers (`hidden_states[after]`) must stay put."""
+
+    prompts: Sequence[str]
+    after: int
+    weight: float
+
+
+def _in_band(name: str, layers: range) -> bool:
+    """An attention or MLP weight of one of `layers`; norms stay the base's, so a merge's
+    per-layer self_attn / mlp curves alone decide where each specialist's change lands."""
+    parts = name.split(".")
+    return name.startswith("model.layers.") and int(parts[2]) in layers and parts[3] in ("self_attn", "mlp")
+
+
+def _hidden(model: LlamaForCausalLM, tokens: torch.Tensor, mask: torch.Tensor, after: int) -> torch.Tensor:
+    return model(input_ids=tokens, attention_mask=mask, output_hidden_states=True).hidden_states[after]
+
+
 def _train(
-    model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, texts: Sequence[str], steps: int, lr: float, batch_size: int, seed: int
+    model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    texts: Sequence[str],
+    settings: DemoSettings,
+    steps: int,
+    seed: int,
+    *,
+    answer_only: bool = False,
+    layers: range | None = None,
+    keep: _Keep | None = None,
 ) -> float:
-    """Causal-LM training on random batches of `texts` (AdamW, linear decay); returns the last loss."""
-    tokens, mask = _batches(tok, texts)
+    """AdamW on random batches of `texts` with linear decay; returns the last loss.
+
+    answer_only: loss on each text's last word only (the answer), as instruction
+    tuning does. layers: only these decoder layers' attention and MLP weights are
+    trained (None: everything).
+    keep: adds weight x relative squared change of the hidden states on its prompts.
+    """
+    tokens, mask = _encode(tok, texts)
     labels = tokens.masked_fill(mask == 0, -100)
+    if answer_only:
+        last = mask.sum(dim=1) - 1
+        labels = torch.full_like(tokens, -100)
+        labels[torch.arange(len(tokens)), last] = tokens[torch.arange(len(tokens)), last]
+    if keep is not None:
+        keep_tokens, keep_mask = _encode(tok, keep.prompts)
+        with torch.no_grad():
+            reference = _hidden(model, keep_tokens, keep_mask, keep.after)
+    trained = [param for name, param in model.named_parameters() if layers is None or _in_band(name, layers)]
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in trained:
+        param.requires_grad_(True)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(steps):
-        rows = torch.randint(len(texts), (batch_size,), generator=generator)
+        rows = torch.randint(len(texts), (settings.batch_size,), generator=generator)
         loss = model(input_ids=tokens[rows], attention_mask=mask[rows], labels=labels[rows]).loss
+        if keep is not None:
+            rows = torch.randint(len(keep.prompts), (_KEEP_BATCH,), generator=generator)
+            hidden = _hidden(model, keep_tokens[rows], keep_mask[rows], keep.after)
+            weights = keep_mask[rows].unsqueeze(-1)
+            change = ((hidden - reference[rows]) ** 2 * weights).sum() / (reference[rows] ** 2 * weights).sum()
+            loss = loss + keep.weight * change
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
+    for param in model.parameters():
+        param.requires_grad_(True)
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def _fingerprint(settings: DemoSettings) -> dict:
     """What a cached build must match: settings, build version and a hash of all training text."""
-    text = "\n".join(generic_texts() + [t for skill in SKILLS.values() for t in skill.texts()]) + EXTRA_WORDS
+    texts = generic_texts() + [text for skill in SKILLS.values() for text in skill.texts()]
     return {
         "version": _BUILD_VERSION,
         "settings": asdict(settings),
-        "data_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "data_sha256": hashlib.sha256("\n".join(texts + [EXTRA_WORDS]).encode()).hexdigest(),
         "torch": torch.__version__,
     }
 
 
 def build_demo_models(cache_dir: str | Path, settings: DemoSettings = DemoSettings()) -> dict[str, Path]:
-    """The demo's models in `cache_dir`: "base", and one specialist per skill ("arithmetic", "capitals").
+    """The demo's checkpoints in `cache_dir`: "base" and one specialist per skill ("arithmetic", "capitals").
 
-    Built once; a later call with the same settings (same stamp) returns the cached
+    Built once (about 75 s on a 2-core CPU with the default settings); a later
+    call with the same settings and data (the stamp file) returns the cached
     directories. Seeds and deterministic kernels make a rebuild identical on the
     same machine and thread count.
     """
     cache_dir = Path(cache_dir).expanduser().resolve()
-    names = ("base", *SKILLS)
-    paths = {name: cache_dir / name for name in names}
+    paths = {name: cache_dir / name for name in ("base", *SKILLS)}
     fingerprint = _fingerprint(settings)
     stamp = cache_dir / _STAMP
-    if stamp.is_file() and json.loads(stamp.read_text()) == fingerprint and all(
-        (path / "config.json").is_file() for path in paths.values()
+    if (
+        stamp.is_file()
+        and json.loads(stamp.read_text()) == fingerprint
+        and all((path / "config.json").is_file() for path in paths.values())
     ):
         log.info("demo models cached in %s", cache_dir)
         return paths
@@ -323,18 +391,25 @@ def build_demo_models(cache_dir: str | Path, settings: DemoSettings = DemoSettin
     for path in paths.values():
         shutil.rmtree(path, ignore_errors=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer()
+    tok = demo_tokenizer()
+    num_layers = settings.spec.num_hidden_layers
+    start = time.perf_counter()
     with _deterministic():
-        base = random_model(settings.spec, tok, settings.seed)
-        loss = _train(base, tok, generic_texts(), settings.pretrain_steps, settings.pretrain_lr, settings.batch_size, settings.seed)
+        model = random_model(settings.spec, tok, settings.seed)
+        loss = _train(model, tok, generic_texts(), settings, settings.pretrain_steps, settings.seed)
         log.info("base pretrained: loss %.3f", loss)
-        base_state = {name: tensor.clone() for name, tensor in base.state_dict().items()}
-        save_model(base, tok, paths["base"])
+        base_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+        save_model(model, tok, paths["base"])
         for index, skill in enumerate(SKILLS.values(), start=1):
-            base.load_state_dict(base_state)
-            seed = settings.seed * 1000 + index
-            loss = _train(base, tok, skill.texts(), settings.finetune_steps, settings.finetune_lr, settings.batch_size, seed)
-            log.info("%s specialist fine-tuned: loss %.3f", skill.name, loss)
-            save_model(base, tok, paths[skill.name])
+            model.load_state_dict(base_state)
+            layers = specialist_layers(skill.name, num_layers)
+            others = [fact.question for other in SKILLS.values() if other is not skill for fact in other.facts]
+            loss = _train(
+                model, tok, skill.texts(), settings, settings.finetune_steps, settings.seed * 1000 + index,
+                answer_only=True, layers=layers, keep=_Keep(others, layers.stop, settings.keep_weight),
+            )
+            log.info("%s specialist fine-tuned (layers %d-%d): loss %.3f", skill.name, layers[0], layers[-1], loss)
+            save_model(model, tok, paths[skill.name])
     stamp.write_text(json.dumps(fingerprint, indent=1))
+    log.info("demo models built in %s in %.0f s", cache_dir, time.perf_counter() - start)
     return paths

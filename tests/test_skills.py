@@ -1,58 +1,182 @@
-"""The demo's skills and tasks: deterministic data that lm-eval loads offline, and reproducible tiny models."""
+"""The demo's skills, task files and models: deterministic, loadable by lm-eval, shaped so merging matters."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import torch
-from lm_eval.tasks import TaskManager
+from safetensors.torch import load_file
 
-from mergetune.merge_ops.sources import load_state
-from mergetune.skills import HELDOUT_TASKS, SEARCH_TASKS, DemoSettings, build_demo_models, write_task_dir
+from mergetune.merge_ops.inmemory import InMemoryBuilder
+from mergetune.merge_ops.recipe import recipe_from_dict
+from mergetune.merge_ops.sources import open_source
+from mergetune.skills import (
+    HELDOUT_TASKS,
+    SEARCH_TASKS,
+    SKILLS,
+    DemoSettings,
+    build_demo_models,
+    demo_tokenizer,
+    eval_docs,
+    generic_texts,
+    specialist_layers,
+    write_task_dir,
+)
 from mergetune.tiny import TinySpec
 
-
-def test_task_data_is_deterministic_and_search_and_heldout_facts_are_disjoint(tmp_path):
-    first = write_task_dir(tmp_path / "one", docs_per_split=30)
-    second = write_task_dir(tmp_path / "two", docs_per_split=30)
-    for name in ("arithmetic_search.jsonl", "capitals_heldout.jsonl"):
-        assert (first / name).read_text() == (second / name).read_text()
-    for skill in ("arithmetic", "capitals"):
-        search = [json.loads(line) for line in (first / f"{skill}_search.jsonl").read_text().splitlines()]
-        heldout = [json.loads(line) for line in (first / f"{skill}_heldout.jsonl").read_text().splitlines()]
-        assert len(search) == len(heldout) == 30
-        assert {row["question"] for row in search}.isdisjoint(row["question"] for row in heldout)
-
-
-def test_lm_eval_loads_the_demo_tasks_from_the_directory(tmp_path):
-    directory = write_task_dir(tmp_path, docs_per_split=20)
-    manager = TaskManager(include_path=str(directory))
-    loaded = manager.load_task_or_group(list(SEARCH_TASKS + HELDOUT_TASKS))
-    tasks = {task.task_name: task for task in _leaves(loaded)}
-    assert set(tasks) == set(SEARCH_TASKS + HELDOUT_TASKS)
-    for task in tasks.values():
-        assert len(list(task.eval_docs)) == 20
-        assert task.OUTPUT_TYPE == "multiple_choice"
+#: Seconds to build; too short to learn anything, enough to check determinism and caching.
+TINY = DemoSettings(
+    spec=TinySpec(hidden_size=32, intermediate_size=64, num_hidden_layers=4),
+    pretrain_steps=10,
+    finetune_steps=10,
+    batch_size=16,
+)
+#: About 20 s on a 2-core CPU: half the demo's depth, enough for both skills to be learned.
+SMALL = DemoSettings(
+    spec=TinySpec(hidden_size=64, intermediate_size=128, num_hidden_layers=4), pretrain_steps=300, finetune_steps=400
+)
 
 
-def _leaves(node):
-    if isinstance(node, dict):
-        for value in node.values():
-            yield from _leaves(value)
-    else:
-        yield node
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
 
 
-def test_demo_models_rebuild_identically_and_are_cached(tmp_path):
-    settings = DemoSettings(spec=TinySpec(hidden_size=32, intermediate_size=64, num_hidden_layers=2), pretrain_steps=3, finetune_steps=3, batch_size=8)
-    paths = build_demo_models(tmp_path / "one", settings)
-    again = build_demo_models(tmp_path / "two", settings)
-    assert set(paths) == {"base", "arithmetic", "capitals"}
-    for name in paths:
-        ours, theirs = load_state(paths[name]), load_state(again[name])
-        assert all(torch.equal(ours[key], theirs[key]) for key in ours)
-    stamp = (tmp_path / "one" / "demo-models.json").stat().st_mtime_ns
-    build_demo_models(tmp_path / "one", settings)
-    assert (tmp_path / "one" / "demo-models.json").stat().st_mtime_ns == stamp  # cached, not rebuilt
-    base, arithmetic = load_state(paths["base"]), load_state(paths["arithmetic"])
-    assert any(not torch.equal(base[key], arithmetic[key]) for key in base)  # fine-tuning changed weights
+def accuracy(model: torch.nn.Module, skill: str, count: int = 200) -> float:
+    """Held-out multiple-choice accuracy; every choice is one token, so one forward pass per question."""
+    tok = demo_tokenizer()
+    docs = eval_docs(SKILLS[skill], "heldout", count)
+    ids = [tok(doc["question"], add_special_tokens=False)["input_ids"] for doc in docs]
+    lengths = torch.tensor([len(row) for row in ids])
+    tokens = torch.full((len(ids), int(lengths.max())), tok.pad_token_id)
+    for row, values in enumerate(ids):
+        tokens[row, : len(values)] = torch.tensor(values)
+    mask = (torch.arange(tokens.shape[1])[None] < lengths[:, None]).long()
+    with torch.no_grad():
+        logits = model(input_ids=tokens, attention_mask=mask).logits[torch.arange(len(ids)), lengths - 1]
+    choices = torch.tensor([tok.convert_tokens_to_ids(doc["choices"]) for doc in docs])
+    gold = torch.tensor([doc["gold"] for doc in docs])
+    return (logits.float().gather(1, choices).argmax(dim=1) == gold).float().mean().item()
+
+
+def test_data_is_deterministic_in_vocabulary_and_search_and_heldout_facts_are_disjoint():
+    vocab = demo_tokenizer().get_vocab()
+    for skill in SKILLS.values():
+        search, heldout = eval_docs(skill, "search", 300), eval_docs(skill, "heldout", 300)
+        assert search == eval_docs(skill, "search", 300) and heldout == eval_docs(skill, "heldout", 300)
+        assert not {doc["question"] for doc in search} & {doc["question"] for doc in heldout}
+        answers = {fact.question: fact.answer for fact in skill.facts}
+        for doc in search + heldout:
+            assert len(set(doc["choices"])) == 4 and doc["choices"][doc["gold"]] == answers[doc["question"]]
+            assert all(choice in vocab for choice in doc["choices"])  # one token each
+        assert all(word in vocab for text in skill.texts() for word in text.split())
+    assert all(word in vocab for text in generic_texts() for word in text.split())
+
+
+def test_pretraining_text_teaches_none_of_the_facts():
+    generic = " | ".join(generic_texts())
+    for skill in SKILLS.values():
+        assert not any(fact.question in generic for fact in skill.facts)
+    assert "capital" not in generic and "plus" not in generic and "minus" not in generic
+
+
+def test_task_files_are_reproducible_and_load_in_lm_eval_offline(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    first = write_task_dir(tmp_path / "a", docs_per_split=120)
+    second = write_task_dir(tmp_path / "b", docs_per_split=120)
+    for path in first.glob("*.jsonl"):
+        assert path.read_bytes() == (second / path.name).read_bytes()
+
+    manager = TaskManager(include_path=str(first), include_defaults=False)
+    tasks = manager.load(list(SEARCH_TASKS + HELDOUT_TASKS))["tasks"]
+    for skill in SKILLS.values():
+        for task_name, part in ((skill.task, "search"), (f"{skill.task}_heldout", "heldout")):
+            task = tasks[task_name]
+            rows = [json.loads(line) for line in (first / f"{skill.name}_{part}.jsonl").read_text().splitlines()]
+            assert task.OUTPUT_TYPE == "multiple_choice" and list(task.aggregation()) == ["acc"]
+            assert len(task.eval_docs) == 120 and dict(task.eval_docs[0]) == rows[0]
+            doc = task.eval_docs[5]
+            assert task.doc_to_text(doc) == rows[5]["question"]
+            assert task.doc_to_choice(doc) == rows[5]["choices"] and task.doc_to_target(doc) == rows[5]["gold"]
+
+
+def test_build_is_deterministic_cached_and_keyed_by_settings(tmp_path, caplog):
+    first, second = build_demo_models(tmp_path / "a", TINY), build_demo_models(tmp_path / "b", TINY)
+    assert set(first) == {"base", "arithmetic", "capitals"}
+    for name in first:
+        a, b = weights(first[name]), weights(second[name])
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+
+    stamp = tmp_path / "a" / "demo-models.json"
+    written = stamp.stat().st_mtime_ns, (first["base"] / "model.safetensors").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="mergetune.skills"):
+        assert build_demo_models(tmp_path / "a", TINY) == first
+    assert "cached" in caplog.text
+    assert (stamp.stat().st_mtime_ns, (first["base"] / "model.safetensors").stat().st_mtime_ns) == written
+
+    changed = DemoSettings(spec=TINY.spec, pretrain_steps=10, finetune_steps=11, batch_size=16)
+    rebuilt = build_demo_models(tmp_path / "a", changed)
+    key = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(weights(rebuilt["arithmetic"])[key], weights(second["arithmetic"])[key])
+
+
+def test_specialists_change_only_attention_and_mlp_of_their_band(tmp_path):
+    paths = build_demo_models(tmp_path, TINY)
+    base = weights(paths["base"])
+    for skill in SKILLS:
+        band = specialist_layers(skill, TINY.spec.num_hidden_layers)
+        changed = {name for name, tensor in weights(paths[skill]).items() if not torch.equal(tensor, base[name])}
+        expected = {
+            name
+            for name in base
+            if name.startswith("model.layers.")
+            and int(name.split(".")[2]) in band
+            and (".self_attn." in name or ".mlp." in name)
+        }
+        assert changed == expected, skill
+    assert set(specialist_layers("arithmetic", 8)) == {0, 1, 2} and set(specialist_layers("capitals", 8)) == {5, 6, 7}
+
+
+@pytest.fixture(scope="module")
+def small_models(tmp_path_factory) -> dict[str, Path]:
+    return build_demo_models(tmp_path_factory.mktemp("small"), SMALL)
+
+
+def test_each_specialist_learns_its_skill_and_only_its_skill(small_models):
+    from transformers import AutoModelForCausalLM
+
+    scores = {
+        name: {skill: accuracy(AutoModelForCausalLM.from_pretrained(path).eval(), skill) for skill in SKILLS}
+        for name, path in small_models.items()
+    }
+    for skill in SKILLS:
+        other = next(name for name in SKILLS if name != skill)
+        assert scores[skill][skill] >= 0.8 and scores[skill][skill] >= scores["base"][skill] + 0.4, scores
+        assert scores[skill][other] <= 0.4, scores  # near chance (0.25), like the base
+
+
+def test_merging_matters_full_task_vectors_keep_both_skills_and_half_lose_them(small_models):
+    base, model_a, model_b = (str(small_models[name]) for name in ("base", "arithmetic", "capitals"))
+
+    def task_arithmetic(weight: float):
+        return recipe_from_dict(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": base,
+                "models": [
+                    {"model": base},
+                    {"model": model_a, "parameters": {"weight": weight}},
+                    {"model": model_b, "parameters": {"weight": weight}},
+                ],
+            }
+        )
+
+    builder = InMemoryBuilder.for_recipe(task_arithmetic(1.0), {m: open_source(m) for m in (base, model_a, model_b)})
+    builder.build(task_arithmetic(1.0))
+    full = {skill: accuracy(builder.model, skill) for skill in SKILLS}
+    builder.build(task_arithmetic(0.5))
+    half = {skill: accuracy(builder.model, skill) for skill in SKILLS}
+    assert min(full.values()) >= 0.7, full
+    assert sum(half.values()) / 2 <= sum(full.values()) / 2 - 0.3, (half, full)
