@@ -18,6 +18,7 @@ from typing import Any
 from lm_eval.api.task import Task
 
 from mergetune.errors import MergetuneError
+from mergetune.eval.quiet import no_request_progress
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ def prepare_task(task: Task, doc_ids: Sequence[int], fewshot_seed: int, encode: 
     if ids[0] < 0 or ids[-1] >= size:
         raise MergetuneError(f"task {task.task_name!r}: document ids must lie in [0, {size - 1}]")
     task.set_fewshot_seed(seed=fewshot_seed)
-    task.build_all_requests(samples=ids, rank=0, world_size=1)
+    with no_request_progress():
+        task.build_all_requests(samples=ids, rank=0, world_size=1)
     by_position: dict[int, list] = {}
     for instance in task.instances:
         by_position.setdefault(instance.doc_id, []).append(instance)

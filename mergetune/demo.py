@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from mergetune.search.study_file import Study, load_study
-from mergetune.skills import SEARCH_TASKS, build_demo_models, write_task_dir
+from mergetune.skills import HELDOUT_TASKS, SEARCH_TASKS, build_demo_models, write_task_dir
 
 DEMO_STUDY: dict[str, Any] = {
     "name": "demo",
@@ -26,7 +26,7 @@ DEMO_STUDY: dict[str, Any] = {
         "tasks": list(SEARCH_TASKS),
         "limit": 40,
         "first_limit": 10,
-        "final": {"limit": 200, "finalists": 3},
+        "final": {"tasks": list(HELDOUT_TASKS), "limit": 200, "finalists": 3},
     },
     "budget": {"n_trials": 24},
     "sampler": "tpe",

@@ -63,10 +63,11 @@ class Leaderboard:
         return finalists[0] if finalists else None
 
     def tasks(self) -> list[str]:
+        """The per-task columns: the final evaluation's tasks once there are finalists, else the search's."""
+        finals = [row.final for row in self.rows if row.final is not None]
         names: dict[str, None] = {}
-        for row in self.rows:
-            for name in (row.final or row.search).tasks:
-                names[name] = None
+        for summary in finals or [row.search for row in self.rows]:
+            names.update(dict.fromkeys(summary.tasks))
         return list(names)
 
 

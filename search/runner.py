@@ -235,10 +235,25 @@ class Documents:
         return sum(len(v) for v in (ids or {}).values())
 
 
+def final_only_tasks(spec: StudySpec) -> list[str]:
+    """Tasks the finalists are scored on that the search never scores."""
+    return [name for name in spec.evaluation.final.tasks if name not in spec.evaluation.tasks]
+
+
 def choose_documents(evaluator: Evaluator, spec: StudySpec) -> Documents:
-    """Search documents (seeded), a nested first subset for pruning, and held-out final documents."""
+    """Search documents (seeded), a nested first subset for pruning, and held-out final documents.
+
+    Final documents are those of `final.tasks` the search did not use: all of a
+    final-only task's, the rest of a search task's.
+    """
     evaluation = spec.evaluation
-    search = evaluator.sample_doc_ids(limit=evaluation.limit, seed=spec.seed)
+    final_only = final_only_tasks(spec)
+    missing = [name for name in final_only if name not in evaluator.tasks]
+    if missing:
+        raise MergetuneError(f"evaluation.final.tasks: {', '.join(missing)} must name tasks or groups (not tags)")
+    search_tasks = [name for name in evaluator.tasks if name not in final_only]
+    final_tasks = evaluation.final.tasks or search_tasks
+    search = evaluator.sample_doc_ids(search_tasks, limit=evaluation.limit, seed=spec.seed)
     rng = random.Random(spec.seed)
     first = None
     first_limit = evaluation.first_limit or max(1, evaluation.limit // 4)
@@ -247,10 +262,11 @@ def choose_documents(evaluator: Evaluator, spec: StudySpec) -> Documents:
         for leaf, ids in search.items():
             keep = max(1, math.ceil(len(ids) * first_limit / evaluation.limit))
             first[leaf] = sorted(rng.sample(sorted(ids), min(keep, len(ids))))
-    everything = evaluator.sample_doc_ids(limit=sys.maxsize, seed=spec.seed)
+    everything = evaluator.sample_doc_ids(final_tasks, limit=sys.maxsize, seed=spec.seed)
     final_rng = random.Random(evaluation.final.seed)
     final: DocIds = {}
-    for name, loaded in evaluator.tasks.items():
+    for name in final_tasks:
+        loaded = evaluator.tasks[name]
         remaining = {leaf: sorted(set(everything[leaf]) - set(search.get(leaf, []))) for leaf in loaded.leaves}
         total = sum(len(ids) for ids in remaining.values())
         if total == 0:
@@ -287,7 +303,7 @@ class Workspace:
         evaluation = spec.evaluation
         config = EvalConfig(
             suite=evaluation.suite,
-            tasks=tuple(evaluation.tasks),
+            tasks=(*evaluation.tasks, *final_only_tasks(spec)),
             include_paths=tuple(study.resolve(path) for path in evaluation.include_paths),
             data_dir=study.resolve(evaluation.data_dir) if evaluation.data_dir else None,
             num_fewshot=evaluation.num_fewshot,

@@ -70,6 +70,11 @@ class Space(_Strict):
 class Final(_Strict):
     """The finalists' evaluation: more documents, none of them seen by the search."""
 
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="tasks the finalists are scored on (e.g. held-out facts or another benchmark); "
+        "default: the search tasks' documents the search did not use",
+    )
     limit: Optional[int] = Field(200, ge=1)
     finalists: int = Field(3, ge=1)
     seed: int = 1

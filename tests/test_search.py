@@ -19,7 +19,7 @@ from mergetune.merge_ops.sources import load_state
 from mergetune.search.leaderboard import build_leaderboard, final_records
 from mergetune.search.runner import optuna_study_name
 from mergetune.search.study_file import load_study
-from mergetune.skills import SEARCH_TASKS, write_task_dir
+from mergetune.skills import HELDOUT_TASKS, SEARCH_TASKS, write_task_dir
 
 runner = CliRunner()
 
@@ -127,6 +127,37 @@ def test_final_documents_are_held_out_from_the_search(finished_study):
         for leaf, rows in final["tasks"][name]["docs"].items():
             seen = {doc for doc, _ in search["tasks"][name]["docs"].get(leaf, [])}
             assert seen.isdisjoint(doc for doc, _ in rows)
+
+
+def test_finalists_can_be_scored_on_other_tasks_such_as_held_out_facts(family_f32, task_dir, tmp_path):
+    evaluation = {
+        "tasks": list(SEARCH_TASKS),
+        "include_paths": [str(task_dir)],
+        "limit": 6,
+        "first_limit": 3,
+        "final": {"tasks": list(HELDOUT_TASKS), "limit": 10, "finalists": 1},
+    }
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 2}, evaluation=evaluation)
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    for trial in trials(path, "slerp"):
+        if trial.state == TrialState.COMPLETE:
+            assert set(json.loads(trial.user_attrs["record"])["tasks"]) == set(SEARCH_TASKS)
+    study = load_study(path)
+    optuna_study = optuna.load_study(study_name=optuna_study_name(study.spec, "slerp"), storage=study.storage_url)
+    finals = final_records(optuna_study)
+    assert finals and all(set(record["tasks"]) == set(HELDOUT_TASKS) for record in finals.values())
+    for record in finals.values():
+        for name in HELDOUT_TASKS:
+            assert sum(len(rows) for rows in record["tasks"][name]["docs"].values()) == 10
+    best = build_leaderboard(study).best("slerp")
+    assert best is not None and set(best.final.tasks) == set(HELDOUT_TASKS)
+
+    evaluation["final"] = {"tasks": ["demo_nonexistent"]}
+    (tmp_path / "bad").mkdir()
+    bad = write_study(tmp_path / "bad", family_f32, task_dir, evaluation=evaluation)
+    result = runner.invoke(app, ["study", "run", str(bad), "--quiet"])
+    assert result.exit_code == 2 and "unknown task 'demo_nonexistent'" in result.output, result.output
 
 
 def test_leaderboard_outputs_markdown_json_and_csv(finished_study, tmp_path):
