@@ -6,13 +6,14 @@ its finalists on the same held-out documents. Reported per configuration: the
 best held-out (final) score, the documents scored in total, and the documents
 scored until the trial that turned out best had been scored.
 
-    python bench/bench_search.py --trials 24 --methods slerp dare_ties
+    python bench/bench_search.py --trials 24 --methods slerp dare_ties --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from datetime import date
 from pathlib import Path
@@ -52,37 +53,60 @@ def run_config(base: Workspace, method: str, sampler: str, pruning: bool, trials
     }
 
 
+#: (sampler, pruning, trials as a multiple of --trials): no pruning is the reference, as mergekit-evolve runs.
+CONFIGS = [("tpe", False, 1), ("tpe", True, 1), ("tpe", True, 3), ("cmaes", True, 1), ("cmaes", False, 1), ("random", True, 1), ("random", False, 1)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--methods", nargs="+", default=["slerp", "dare_ties"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mergetune-bench-search"))
     args = parser.parse_args()
 
     study = prepare_demo(args.work_dir)
     workspace = Workspace.open(study)
-    configs = [("tpe", True), ("tpe", False), ("cmaes", True), ("random", True), ("random", False)]
+    evaluation = study.spec.evaluation
     rows = []
     for method in args.methods:
-        for sampler, pruning in configs:
+        for sampler, pruning, multiple in CONFIGS:
             for seed in args.seeds:
-                result = run_config(workspace, method, sampler, pruning, args.trials, seed)
-                rows.append((method, sampler, pruning, seed, result))
-                print(method, sampler, pruning, seed, result, flush=True)
+                result = run_config(workspace, method, sampler, pruning, args.trials * multiple, seed)
+                rows.append((method, sampler, pruning, args.trials * multiple, seed, result))
+                print(method, sampler, pruning, args.trials * multiple, seed, result, flush=True)
 
     print(f"\n### Search — {date.today().isoformat()}\n")
-    print(f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
-          f"Demo models and tasks ({', '.join(study.spec.evaluation.tasks)}), {args.trials} trials per run, "
-          f"{study.spec.evaluation.limit} search documents per task, {study.spec.evaluation.final.limit} held-out.\n")
-    print(f"Command: `python bench/bench_search.py --trials {args.trials} --methods {' '.join(args.methods)} "
-          f"--seeds {' '.join(map(str, args.seeds))}`\n")
-    print("| method | sampler | pruning | seed | best held-out avg | trial | docs until best | docs total | pruned | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for method, sampler, pruning, seed, r in rows:
+    print(
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
+        f"Demo models; search tasks {', '.join(evaluation.tasks)} ({evaluation.limit} documents per task, pruning "
+        f"rungs {evaluation.rungs()}, reduction factor {evaluation.reduction_factor}); finalists scored on "
+        f"{', '.join(evaluation.final.tasks)} ({evaluation.final.limit} documents per task).\n"
+    )
+    print(
+        f"Command: `python bench/bench_search.py --trials {args.trials} --methods {' '.join(args.methods)} "
+        f"--seeds {' '.join(map(str, args.seeds))}`\n"
+    )
+    print("| method | sampler | pruning | trials | seed | best held-out avg | trial | docs until best | docs total | pruned | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for method, sampler, pruning, trials, seed, r in rows:
         print(
-            f"| {method} | {sampler} | {'yes' if pruning else 'no'} | {seed} | {100 * r['best_final']:.2f} | "
+            f"| {method} | {sampler} | {'yes' if pruning else 'no'} | {trials} | {seed} | {100 * r['best_final']:.2f} | "
             f"{r['best_trial']} | {r['docs_to_best']} | {r['docs_total']} | {r['pruned']} | {r['seconds']:.0f} |"
+        )
+    print("\nMeans over seeds, and documents as a fraction of the same sampler's run without pruning:\n")
+    print("| method | sampler | pruning | trials | mean best held-out avg | mean docs total | docs vs no pruning |")
+    print("|---|---|---|---|---|---|---|")
+    groups: dict[tuple, list[dict]] = {}
+    for method, sampler, pruning, trials, _, r in rows:
+        groups.setdefault((method, sampler, pruning, trials), []).append(r)
+    for (method, sampler, pruning, trials), results in groups.items():
+        reference = groups.get((method, sampler, False, args.trials))
+        docs = statistics.mean(r["docs_total"] for r in results)
+        ratio = f"{docs / statistics.mean(r['docs_total'] for r in reference):.2f}" if reference else "—"
+        print(
+            f"| {method} | {sampler} | {'yes' if pruning else 'no'} | {trials} | "
+            f"{100 * statistics.mean(r['best_final'] for r in results):.2f} | {docs:.0f} | {ratio} |"
         )
 
 

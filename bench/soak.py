@@ -38,7 +38,8 @@ from optuna.trial import TrialState
 from mergetune.search.runner import DIED, optuna_study_name
 from mergetune.search.storage import journal_path, open_storage
 from mergetune.search.study_file import load_study, redact_url
-from mergetune.skills import SEARCH_TASKS, write_task_dir
+from mergetune.demo import tiny_study
+from mergetune.skills import write_task_dir
 from mergetune.tiny import build_family
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -48,23 +49,8 @@ WORKER = [sys.executable, "-c", "from mergetune.cli import app; app()"]
 def write_study(directory: Path, trials: int, storage: str) -> Path:
     family = build_family(directory / "models", names=("model_a", "model_b"))
     tasks = write_task_dir(directory / "tasks", docs_per_split=40)
-    spec = {
-        "name": "soak",
-        "models": [str(family["model_a"]), str(family["model_b"])],
-        "methods": ["slerp"],
-        "dtype": "float32",
-        "evaluation": {
-            "tasks": list(SEARCH_TASKS),
-            "include_paths": [str(tasks)],
-            "limit": 4,
-            "first_limit": 2,
-            "final": {"limit": 4, "finalists": 1},
-        },
-        "budget": {"n_trials": trials},
-        "space": {"slerp": {"control_points": 2}},
-        "storage": storage,
-        "storage_options": {"heartbeat_interval": 1, "grace_period": 5, "connect_timeout": 5},
-    }
+    options = {"heartbeat_interval": 1, "grace_period": 5, "connect_timeout": 5}
+    spec = tiny_study("soak", family, tasks, budget={"n_trials": trials}, storage=storage, storage_options=options)
     path = directory / "soak.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

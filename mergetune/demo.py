@@ -9,6 +9,7 @@ recipes people publish.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,6 @@ DEMO_STUDY: dict[str, Any] = {
     "evaluation": {
         "tasks": list(SEARCH_TASKS),
         "limit": 40,
-        "first_limit": 10,
         "final": {"tasks": list(HELDOUT_TASKS), "limit": 200, "finalists": 3},
     },
     "budget": {"n_trials": 24},
@@ -51,3 +51,31 @@ def prepare_demo(out_dir: Path, n_trials: int | None = None) -> Study:
     path = out_dir / "demo-study.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return load_study(path)
+
+
+def tiny_study(name: str, family: Mapping[str, Path], task_dir: Path, **fields: Any) -> dict[str, Any]:
+    """A study spec for a `mergetune.tiny` family (`model_a` × `model_b`, and `base` if given) on the demo tasks.
+
+    About half a second a trial on a CPU: tests and benchmarks of the study
+    machinery. `fields` replace the defaults (a SLERP search of 4 trials on 4
+    documents per task); an `evaluation` dict is merged into the default one.
+    """
+    evaluation = {
+        "tasks": list(SEARCH_TASKS),
+        "include_paths": [str(task_dir)],
+        "limit": 4,
+        "first_limit": 2,
+        "final": {"limit": 4, "finalists": 1},
+        **fields.pop("evaluation", {}),
+    }
+    spec: dict[str, Any] = {
+        "name": name,
+        "models": [str(family["model_a"]), str(family["model_b"])],
+        "methods": ["slerp"],
+        "dtype": "float32",
+        "budget": {"n_trials": 4},
+        "space": {"slerp": {"control_points": 2}},
+    }
+    if "base" in family:
+        spec["base_model"] = str(family["base"])
+    return {**spec, "evaluation": evaluation, **fields}

@@ -1,8 +1,9 @@
 """Running a study: sources and evaluator loaded once, then trial after trial in one live model.
 
 Per trial: Optuna proposes parameters → a mergekit recipe → built in memory →
-scored on a small subset of the search documents → reported (and possibly pruned)
-→ scored on the rest → stored. Every finished trial is in the study's storage the
+scored rung by rung on growing, nested subsets of the search documents, each
+rung's score reported to a successive-halving pruner that stops candidates
+trailing the best third (the hand-written baselines always run in full) → stored. Every finished trial is in the study's storage the
 moment it ends, so a crash or Ctrl-C loses at most the trial in flight, and
 running the command again continues the same study up to the requested count.
 Afterwards the best trials of each method (and the hand-written baselines) are
@@ -135,10 +136,14 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def make_pruner(enabled: bool) -> optuna.pruners.BasePruner:
-    if not enabled:
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    """Asynchronous successive halving over document rungs: works the same for one worker or many."""
+    rungs = spec.evaluation.rungs()
+    if not spec.pruning or not rungs:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    return optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=rungs[0], reduction_factor=spec.evaluation.reduction_factor, min_early_stopping_rate=0
+    )
 
 
 def open_optuna_study(study: Study, method: str, storage=None) -> optuna.Study:
@@ -152,7 +157,7 @@ def open_optuna_study(study: Study, method: str, storage=None) -> optuna.Study:
     spec = study.spec
     storage = storage or open_storage(study)
     name = optuna_study_name(spec, method)
-    pruner = make_pruner(spec.pruning)
+    pruner = make_pruner(spec)
     with storage_errors(study.storage_url), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
@@ -224,10 +229,14 @@ def check_device(device: str) -> None:
 
 @dataclass
 class Documents:
-    """The fixed documents every candidate of a study is scored on."""
+    """The fixed documents every candidate of a study is scored on.
+
+    rungs: (documents per task, ids) of the pruning rungs, each nested in the next
+    and all in `search`; a candidate is scored rung by rung and may stop at any.
+    """
 
     search: DocIds
-    first: Optional[DocIds]
+    rungs: list[tuple[int, DocIds]]
     final: DocIds
 
     @staticmethod
@@ -255,13 +264,11 @@ def choose_documents(evaluator: Evaluator, spec: StudySpec) -> Documents:
     final_tasks = evaluation.final.tasks or search_tasks
     search = evaluator.sample_doc_ids(search_tasks, limit=evaluation.limit, seed=spec.seed)
     rng = random.Random(spec.seed)
-    first = None
-    first_limit = evaluation.first_limit or max(1, evaluation.limit // 4)
-    if spec.pruning and first_limit < evaluation.limit:
-        first = {}
-        for leaf, ids in search.items():
-            keep = max(1, math.ceil(len(ids) * first_limit / evaluation.limit))
-            first[leaf] = sorted(rng.sample(sorted(ids), min(keep, len(ids))))
+    order = {leaf: rng.sample(sorted(ids), len(ids)) for leaf, ids in search.items()}  # rungs are its prefixes
+    rungs = []
+    for size in evaluation.rungs() if spec.pruning else []:
+        prefix = {leaf: sorted(ids[: max(1, math.ceil(len(ids) * size / evaluation.limit))]) for leaf, ids in order.items()}
+        rungs.append((size, prefix))
     everything = evaluator.sample_doc_ids(final_tasks, limit=sys.maxsize, seed=spec.seed)
     final_rng = random.Random(evaluation.final.seed)
     final: DocIds = {}
@@ -275,7 +282,17 @@ def choose_documents(evaluator: Evaluator, spec: StudySpec) -> Documents:
         for leaf, ids in remaining.items():
             share = len(ids) if wanted == total else max(1, round(wanted * len(ids) / total)) if ids else 0
             final[leaf] = sorted(final_rng.sample(ids, min(share, len(ids))))
-    return Documents(search=search, first=first, final=final)
+    return Documents(search=search, rungs=rungs, final=final)
+
+
+def unscored(ids: DocIds, record: Optional[Record]) -> DocIds:
+    """The documents of `ids` that `record` has no result for."""
+    done: dict[str, set[int]] = {}
+    for task in (record or {"tasks": {}})["tasks"].values():
+        for leaf, rows in task["docs"].items():
+            done.setdefault(leaf, set()).update(doc for doc, _ in rows)
+    remaining = {leaf: sorted(set(doc_ids) - done.get(leaf, set())) for leaf, doc_ids in ids.items()}
+    return {leaf: doc_ids for leaf, doc_ids in remaining.items() if doc_ids}
 
 
 @dataclass
@@ -501,22 +518,19 @@ class StudyRunner:
         trial.set_user_attr("recipe", yaml.safe_dump(recipe_dict, sort_keys=False))
         trial.set_user_attr("seed", seed)
         eval_start = time.perf_counter()
+        record: Optional[Record] = None
         docs_scored = 0
-        if documents.first:
-            record = self.score(documents.first)
-            docs_scored += Documents.count(documents.first)
-            trial.report(summarize(record).average, step=docs_scored)
-            if trial.should_prune():
-                self._store(trial, record, docs_scored, build_seconds, time.perf_counter() - eval_start, started)
-                return TrialState.PRUNED, None, docs_scored
-            rest = {leaf: sorted(set(ids) - set(documents.first.get(leaf, []))) for leaf, ids in documents.search.items()}
-            rest = {leaf: ids for leaf, ids in rest.items() if ids}
-            if rest:
-                record = combine(record, self.score(rest))
-                docs_scored += Documents.count(rest)
-        else:
-            record = self.score(documents.search)
-            docs_scored += Documents.count(documents.search)
+        for size, ids in [*documents.rungs, (None, documents.search)]:
+            new = unscored(ids, record)
+            if new:
+                more = self.score(new)
+                record = more if record is None else combine(record, more)
+                docs_scored += Documents.count(new)
+            if size is not None and "baseline" not in trial.user_attrs:
+                trial.report(summarize(record).average, step=size)
+                if trial.should_prune():
+                    self._store(trial, record, docs_scored, build_seconds, time.perf_counter() - eval_start, started)
+                    return TrialState.PRUNED, None, docs_scored
         value = summarize(record).average
         if not math.isfinite(value):
             raise MergetuneError(f"the score is {value}")

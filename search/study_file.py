@@ -90,16 +90,32 @@ class Evaluation(_Strict):
     first_limit: Optional[int] = Field(
         None,
         ge=1,
-        description="documents per task scored first; unpromising candidates stop there (default: limit / 4)",
+        description="documents per task in the first pruning rung (default: limit / reduction_factor², at least 1)",
+    )
+    reduction_factor: int = Field(
+        3,
+        ge=2,
+        description="pruning keeps the best 1/reduction_factor of candidates at each rung and scores them on "
+        "reduction_factor times as many documents",
     )
     final: Final = Final()
+
+    def rungs(self) -> list[int]:
+        """Documents per task at which a candidate may be pruned: first_limit × reduction_factor^k, each at
+        most half of `limit` (the full evaluation, which follows, adds at least as many again)."""
+        size = self.first_limit or max(1, self.limit // self.reduction_factor**2)
+        sizes = []
+        while size <= self.limit / 2:
+            sizes.append(size)
+            size *= self.reduction_factor
+        return sizes
 
     @model_validator(mode="after")
     def _something_to_score(self) -> "Evaluation":
         if not self.suite and not self.tasks:
             raise ValueError("give a suite or a list of tasks")
-        if self.first_limit is not None and self.first_limit >= self.limit:
-            raise ValueError(f"first_limit ({self.first_limit}) must be below limit ({self.limit})")
+        if self.first_limit is not None and self.first_limit > self.limit / 2:
+            raise ValueError(f"first_limit ({self.first_limit}) must be at most half of limit ({self.limit})")
         return self
 
 
@@ -153,8 +169,9 @@ class StudySpec(_Strict):
         needs_base = [m for m in self.methods if m in ("dare_ties", "ties", "task_arithmetic")]
         if needs_base and not self.base_model:
             raise ValueError(f"{', '.join(needs_base)} need a base_model (the models' common ancestor)")
-        if self.evaluation.first_limit is not None and not self.pruning:
-            raise ValueError("evaluation.first_limit only makes sense with pruning: true")
+        pruning_fields = {"first_limit", "reduction_factor"} & self.evaluation.model_fields_set
+        if pruning_fields and not self.pruning:
+            raise ValueError(f"evaluation.{min(pruning_fields)} only makes sense with pruning: true")
         return self
 
     def definition_hash(self) -> str:

@@ -19,7 +19,8 @@ from optuna.trial import FrozenTrial, TrialState
 from mergetune.search.runner import DIED, optuna_study_name
 from mergetune.search.storage import open_storage
 from mergetune.search.study_file import load_study
-from mergetune.skills import SEARCH_TASKS, write_task_dir
+from mergetune.demo import tiny_study
+from mergetune.skills import write_task_dir
 
 POSTGRES_ENV = "MERGETUNE_TEST_POSTGRES_URL"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -62,23 +63,9 @@ def tiny_tasks(tmp_path_factory) -> Path:
 
 
 def write_study(directory: Path, family: dict, tasks: Path, **overrides) -> Path:
-    """A SLERP study of two tiny models on two tiny tasks: about half a second a trial on a CPU."""
-    spec = {
-        "name": "tiny",
-        "models": [str(family["model_a"]), str(family["model_b"])],
-        "methods": ["slerp"],
-        "dtype": "float32",
-        "evaluation": {
-            "tasks": list(SEARCH_TASKS),
-            "include_paths": [str(tasks)],
-            "limit": 4,
-            "first_limit": 2,
-            "final": {"limit": 4, "finalists": 1},
-        },
-        "budget": {"n_trials": 4},
-        "space": {"slerp": {"control_points": 2}},
-        "storage_options": {"heartbeat_interval": 1, "grace_period": 3, "connect_timeout": 3},
-    }
+    """A SLERP study of two tiny models on two tiny tasks, with a fast heartbeat: about half a second a trial."""
+    options = {"heartbeat_interval": 1, "grace_period": 3, "connect_timeout": 3}
+    spec = tiny_study("tiny", {"model_a": family["model_a"], "model_b": family["model_b"]}, tasks, storage_options=options)
     spec.update(overrides)
     path = directory / "study.yaml"
     path.write_text(yaml.safe_dump(spec))

@@ -18,7 +18,8 @@ from mergetune.cli import app
 from mergetune.merge_ops.sources import load_state
 from mergetune.search.leaderboard import build_leaderboard, final_records
 from mergetune.search.runner import optuna_study_name
-from mergetune.search.study_file import load_study
+from mergetune.demo import tiny_study
+from mergetune.search.study_file import Evaluation, load_study
 from mergetune.skills import HELDOUT_TASKS, SEARCH_TASKS, write_task_dir
 
 runner = CliRunner()
@@ -30,23 +31,10 @@ def task_dir(tmp_path_factory) -> Path:
 
 
 def write_study(directory: Path, family: dict, task_dir: Path, **overrides) -> Path:
-    spec = {
-        "name": "tiny",
-        "models": [str(family["model_a"]), str(family["model_b"])],
-        "base_model": str(family["base"]),
-        "methods": ["slerp", "dare_ties"],
-        "dtype": "float32",
-        "evaluation": {
-            "tasks": list(SEARCH_TASKS),
-            "include_paths": [str(task_dir)],
-            "limit": 8,
-            "first_limit": 4,
-            "final": {"limit": 12, "finalists": 2},
-        },
-        "budget": {"n_trials": 4},
-        "space": {"slerp": {"control_points": 3}},
-    }
-    spec.update(overrides)
+    """SLERP and DARE TIES, 4 trials each, 8 search documents per task (pruning rung at 4), 2 finalists on 12."""
+    evaluation = {"limit": 8, "first_limit": 4, "final": {"limit": 12, "finalists": 2}, **overrides.pop("evaluation", {})}
+    fields = {"methods": ["slerp", "dare_ties"], "space": {"slerp": {"control_points": 3}}, **overrides}
+    spec = tiny_study("tiny", family, task_dir, evaluation=evaluation, **fields)
     path = directory / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -55,6 +43,12 @@ def write_study(directory: Path, family: dict, task_dir: Path, **overrides) -> P
 def trials(study_path: Path, method: str) -> list[optuna.trial.FrozenTrial]:
     study = load_study(study_path)
     return optuna.load_study(study_name=optuna_study_name(study.spec, method), storage=study.storage_url).get_trials()
+
+
+def scored_docs(trial: optuna.trial.FrozenTrial) -> dict[str, set[int]]:
+    """The documents, per lm-eval task, that the trial's stored record has results for."""
+    record = json.loads(trial.user_attrs["record"])
+    return {leaf: {doc for doc, _ in rows} for task in record["tasks"].values() for leaf, rows in task["docs"].items()}
 
 
 def counted(trial_list) -> int:
@@ -158,6 +152,43 @@ def test_finalists_can_be_scored_on_other_tasks_such_as_held_out_facts(family_f3
     bad = write_study(tmp_path / "bad", family_f32, task_dir, evaluation=evaluation)
     result = runner.invoke(app, ["study", "run", str(bad), "--quiet"])
     assert result.exit_code == 2 and "unknown task 'demo_nonexistent'" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "limit, first_limit, reduction_factor, rungs",
+    [(40, None, 3, [4, 12]), (50, None, 3, [5, 15]), (100, 25, 2, [25, 50]), (8, 4, 3, [4]), (10, None, 3, [1, 3])],
+)
+def test_pruning_rungs_grow_by_the_reduction_factor_up_to_half_the_limit(limit, first_limit, reduction_factor, rungs):
+    evaluation = Evaluation(tasks=["t"], limit=limit, first_limit=first_limit, reduction_factor=reduction_factor)
+    assert evaluation.rungs() == rungs
+
+
+def test_pruned_candidates_stop_at_a_rung_on_nested_documents_and_baselines_run_in_full(family_f32, task_dir, tmp_path):
+    evaluation = {
+        "tasks": list(SEARCH_TASKS),
+        "include_paths": [str(task_dir)],
+        "limit": 8,
+        "first_limit": 2,
+        "reduction_factor": 2,
+        "final": {"limit": 8, "finalists": 1},
+    }
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 10}, evaluation=evaluation)
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    trial_list = trials(path, "slerp")
+    assert trial_list[0].user_attrs["baseline"] and trial_list[0].state == TrialState.COMPLETE
+    assert trial_list[0].intermediate_values == {}
+    full = scored_docs(trial_list[0])
+    pruned = [t for t in trial_list if t.state == TrialState.PRUNED]
+    assert pruned, "successive halving stopped no candidate"
+    for trial in trial_list:
+        scored = scored_docs(trial)
+        assert all(scored[leaf] <= full[leaf] for leaf in scored)
+        if trial.state == TrialState.PRUNED:
+            assert trial.last_step in (2, 4) and trial.user_attrs["docs_scored"] == 2 * trial.last_step
+            assert all(len(docs) == trial.last_step for docs in scored.values())
+        else:
+            assert trial.user_attrs["docs_scored"] == 16 and set(trial.intermediate_values) <= {2, 4}
 
 
 def test_leaderboard_outputs_markdown_json_and_csv(finished_study, tmp_path):
