@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -16,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence
 
+import psutil
 import torch
 
 from mergetune.errors import MergetuneError
+
+log = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPE_NAMES = {
     torch.float64: "F64",
@@ -132,6 +136,15 @@ class ShardedWriter:
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def remove_abandoned_partials(target: Path) -> None:
+    """Delete `target`'s temporary siblings left by merges whose process is gone (SIGKILL, power loss)."""
+    for partial in target.parent.glob(f".{target.name}.partial-*"):
+        pid = partial.name.rpartition("-")[2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            log.info("removing %s, left by an earlier merge that did not finish", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a sibling temporary directory; rename it onto `target` only if the block succeeds.
@@ -143,6 +156,7 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     if target.exists() and not overwrite:
         raise MergetuneError(f"output directory {target} already exists (use --overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_partials(target)
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()

@@ -25,7 +25,7 @@ DEMO_STUDY: dict[str, Any] = {
     "space": {"slerp": {"filters": ["self_attn", "mlp"], "control_points": 5}},
     "evaluation": {
         "tasks": list(SEARCH_TASKS),
-        "limit": 40,
+        "limit": 90,  # pruning rungs at 10 and 30 documents per task (the defaults for 90)
         "final": {"tasks": list(HELDOUT_TASKS), "limit": 200, "finalists": 3},
     },
     "budget": {"n_trials": 24},

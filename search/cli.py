@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -75,11 +76,15 @@ def run_study(
     runner = StudyRunner(Workspace.open(study, say=say), storage, max_failures)
     for method in spec.methods:
         bar = tqdm(total=n_trials, desc=method, unit="trial", file=sys.stderr, disable=quiet)
+        deadline = None if timeout is None else time.monotonic() + timeout
 
-        def progress(name: str, done: int, total: int, best: Optional[float], bar=bar) -> None:
+        def progress(name: str, done: int, total: int, best: Optional[float], bar=bar, deadline=deadline) -> None:
+            """tqdm estimates the time left from the trial rate; a timeout budget adds the time until it."""
             bar.update(done - bar.n)
-            if best is not None:
-                bar.set_postfix_str(f"best {100 * best:.2f}")
+            notes = [] if best is None else [f"best {100 * best:.2f}"]
+            if deadline is not None:
+                notes.append(f"timeout in {max(0, deadline - time.monotonic()):.0f}s")
+            bar.set_postfix_str(", ".join(notes))
 
         runner.run_method(method, n_trials, timeout, progress)
         bar.close()

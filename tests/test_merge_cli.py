@@ -154,8 +154,8 @@ def test_existing_output_is_refused_unless_overwrite(family_f32, tmp_path):
     assert (out / "model.safetensors").exists()
 
 
-def test_a_merge_killed_midway_leaves_no_output_directory(family_f32, tmp_path):
-    """SIGKILL during the merge: the target never appears; only a hidden partial directory may remain."""
+def test_a_merge_killed_midway_leaves_no_output_directory_and_the_next_merge_clears_its_leftovers(family_f32, tmp_path):
+    """SIGKILL during the merge: the target never appears; the hidden partial directory goes with the next merge."""
     recipe = write_recipe(tmp_path, slerp(family_f32))
     out = tmp_path / "out"
     script = (
@@ -173,6 +173,10 @@ def test_a_merge_killed_midway_leaves_no_output_directory(family_f32, tmp_path):
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert completed.returncode == -9
     assert not out.exists()
+    leftovers = list(tmp_path.glob(".out.partial-*"))
+    assert len(leftovers) == 1
+    assert runner.invoke(app, ["merge", str(recipe), str(out)]).exit_code == 0
+    assert (out / "model.safetensors").exists() and not leftovers[0].exists()
 
 
 def test_ctrl_c_exits_130_and_cleans_up(family_f32, tmp_path, monkeypatch):
