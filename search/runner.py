@@ -573,6 +573,12 @@ class StudyRunner:
         trial.set_user_attr("docs_scored", docs)
         trial.set_user_attr("timings", {"build": build, "evaluate": evaluate, "total": time.perf_counter() - started})
 
+    def score_final(self, trial: FrozenTrial) -> Record:
+        """The trial's candidate, rebuilt from its stored recipe and seed, scored on the final documents."""
+        recipe = recipe_from_dict(yaml.safe_load(trial.user_attrs["recipe"]))
+        self.workspace.builder.build(recipe, seed=trial.user_attrs["seed"])
+        return self.score(self.workspace.documents.final)
+
     def finalize(self, method: str, say: Callable[[str], None] = log.info) -> list[int]:
         """Score the best trials and the baseline on the held-out documents (once each, whichever worker does it)."""
         optuna_study = open_optuna_study(self.workspace.study, method, self.storage)
@@ -589,9 +595,7 @@ class StudyRunner:
                 if key in optuna_study.user_attrs:
                     continue
                 say(f"{method}: final evaluation of trial {trial.number}")
-                recipe = recipe_from_dict(yaml.safe_load(trial.user_attrs["recipe"]))
-                self.workspace.builder.build(recipe, seed=trial.user_attrs["seed"])
-                record = self.score(self.workspace.documents.final)
+                record = self.score_final(trial)
                 optuna_study.set_user_attr(key, json.dumps(record, separators=(",", ":")))
                 done.append(trial.number)
         return done

@@ -124,14 +124,8 @@ def test_final_documents_are_held_out_from_the_search(finished_study):
 
 
 def test_finalists_can_be_scored_on_other_tasks_such_as_held_out_facts(family_f32, task_dir, tmp_path):
-    evaluation = {
-        "tasks": list(SEARCH_TASKS),
-        "include_paths": [str(task_dir)],
-        "limit": 6,
-        "first_limit": 3,
-        "final": {"tasks": list(HELDOUT_TASKS), "limit": 10, "finalists": 1},
-    }
-    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 2}, evaluation=evaluation)
+    final = {"tasks": list(HELDOUT_TASKS), "limit": 10, "finalists": 1}
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 2}, evaluation={"final": final})
     result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
     assert result.exit_code == 0, result.output
     for trial in trials(path, "slerp"):
@@ -147,9 +141,8 @@ def test_finalists_can_be_scored_on_other_tasks_such_as_held_out_facts(family_f3
     best = build_leaderboard(study).best("slerp")
     assert best is not None and set(best.final.tasks) == set(HELDOUT_TASKS)
 
-    evaluation["final"] = {"tasks": ["demo_nonexistent"]}
     (tmp_path / "bad").mkdir()
-    bad = write_study(tmp_path / "bad", family_f32, task_dir, evaluation=evaluation)
+    bad = write_study(tmp_path / "bad", family_f32, task_dir, evaluation={"final": {"tasks": ["demo_nonexistent"]}})
     result = runner.invoke(app, ["study", "run", str(bad), "--quiet"])
     assert result.exit_code == 2 and "unknown task 'demo_nonexistent'" in result.output, result.output
 
@@ -164,15 +157,8 @@ def test_pruning_rungs_grow_by_the_reduction_factor_up_to_half_the_limit(limit, 
 
 
 def test_pruned_candidates_stop_at_a_rung_on_nested_documents_and_baselines_run_in_full(family_f32, task_dir, tmp_path):
-    evaluation = {
-        "tasks": list(SEARCH_TASKS),
-        "include_paths": [str(task_dir)],
-        "limit": 8,
-        "first_limit": 2,
-        "reduction_factor": 2,
-        "final": {"limit": 8, "finalists": 1},
-    }
-    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 10}, evaluation=evaluation)
+    rungs = {"limit": 8, "first_limit": 2, "reduction_factor": 2}
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 10}, evaluation=rungs)
     result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
     assert result.exit_code == 0, result.output
     trial_list = trials(path, "slerp")
