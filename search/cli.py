@@ -68,6 +68,10 @@ def run_study(
     from mergetune.search.runner import StudyRunner, Workspace
     from mergetune.search.storage import open_storage
 
+    if quiet:  # the datasets library draws one bar per split it loads
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
     spec = study.spec
     n_trials = n_trials or spec.budget.n_trials
     timeout = timeout or spec.budget.timeout

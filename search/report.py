@@ -38,16 +38,14 @@ def layer_count(study: Study) -> int:
 def plot_history(optuna_study: optuna.Study, method: str, path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    pruned = optuna_study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    pruned = [
+        (t.number, 100 * t.intermediate_values[t.last_step])
+        for t in optuna_study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+        if t.last_step is not None
+    ]
     axis.scatter([t.number for t in complete], [100 * t.value for t in complete], s=14, label="completed")
     if pruned:
-        axis.scatter(
-            [t.number for t in pruned],
-            [100 * t.intermediate_values[max(t.intermediate_values)] for t in pruned if t.intermediate_values],
-            marker="x",
-            s=14,
-            label="pruned (first subset)",
-        )
+        axis.scatter(*zip(*pruned), marker="x", s=14, label="pruned (score at its last rung)")
     best, line = float("-inf"), []
     for trial in sorted(complete, key=lambda t: t.number):
         best = max(best, trial.value)

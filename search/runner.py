@@ -250,7 +250,7 @@ def final_only_tasks(spec: StudySpec) -> list[str]:
 
 
 def choose_documents(evaluator: Evaluator, spec: StudySpec) -> Documents:
-    """Search documents (seeded), a nested first subset for pruning, and held-out final documents.
+    """Search documents (seeded), nested subsets of them as pruning rungs, and held-out final documents.
 
     Final documents are those of `final.tasks` the search did not use: all of a
     final-only task's, the rest of a search task's.
