@@ -18,9 +18,10 @@ def fetch_inputs(op: TensorOp, fetch: Fetch, device: str = "cpu") -> list[torch.
     return [fetch(item).to(device=device) for item in op.inputs]
 
 
-def tensor_generator(seed: int, output: str, model: str, device: str) -> torch.Generator:
-    """A generator seeded from (seed, tensor, model): order-independent, reproducible randomness."""
-    key = zlib.crc32(f"{seed}\x00{output}\x00{model}".encode())
+def tensor_generator(seed: int, output: str, position: int, device: str) -> torch.Generator:
+    """A generator seeded from (seed, output tensor, input position): the same randomness whatever order the
+    tensors are built in and wherever the models are stored, so a seeded recipe reproduces on any machine."""
+    key = zlib.crc32(f"{seed}\x00{output}\x00{position}".encode())
     return torch.Generator(device=device).manual_seed(key)
 
 
@@ -29,7 +30,7 @@ def merge_inputs(
 ) -> MergeInputs:
     generators = None
     if method.randomized and seed is not None:
-        generators = [tensor_generator(seed, op.output, item.model, device) for item in op.inputs]
+        generators = [tensor_generator(seed, op.output, position, device) for position in range(len(op.inputs))]
     return MergeInputs(tensors=tensors, base_index=op.base_index, per_input=op.per_input, generators=generators)
 
 

@@ -126,14 +126,17 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """A whole study offline: tiny specialists, SLERP vs DARE TIES search, leaderboard, export."""
-    from mergetune.demo import prepare_demo
+    from mergetune.demo import outdated_trials, prepare_demo, storage_file
     from mergetune.search.cli import print_leaderboard, run_study
     from mergetune.search.export import export_trial
 
     typer.echo(f"building (or reusing) the demo's tiny models and tasks in {out_dir}/")
     study = prepare_demo(out_dir, n_trials)
+    if not fresh and outdated_trials(study):
+        typer.echo(f"the demo's study has changed since the trials in {storage_file(study)}: searching afresh")
+        fresh = True
     if fresh:
-        Path(study.storage_url.removeprefix("sqlite:///")).unlink(missing_ok=True)
+        storage_file(study).unlink(missing_ok=True)
     board = run_study(study, quiet=quiet)
     print_leaderboard(board, top=12)
     export_dir = out_dir / "best-merge"

@@ -34,6 +34,23 @@ DEMO_STUDY: dict[str, Any] = {
 }
 
 
+def storage_file(study: Study) -> Path:
+    """The demo study's SQLite file (the default storage, beside the study file)."""
+    return Path(study.storage_url.removeprefix("sqlite:///"))
+
+
+def outdated_trials(study: Study) -> bool:
+    """Whether the demo's storage holds trials of a different demo study (one written by an earlier version)."""
+    if not storage_file(study).is_file():
+        return False
+    import optuna
+
+    from mergetune.search.runner import DEFINITION_HASH_KEY
+
+    summaries = optuna.get_all_study_summaries(storage=study.storage_url)
+    return any(s.user_attrs.get(DEFINITION_HASH_KEY, study.spec.definition_hash()) != study.spec.definition_hash() for s in summaries)
+
+
 def prepare_demo(out_dir: Path, n_trials: int | None = None) -> Study:
     """Build (or reuse) the models and tasks and write the demo's study file into `out_dir`."""
     out_dir = out_dir.resolve()
