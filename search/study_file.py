@@ -169,7 +169,8 @@ class StudySpec(_Strict):
         needs_base = [m for m in self.methods if m in ("dare_ties", "ties", "task_arithmetic")]
         if needs_base and not self.base_model:
             raise ValueError(f"{', '.join(needs_base)} need a base_model (the models' common ancestor)")
-        pruning_fields = {"first_limit", "reduction_factor"} & self.evaluation.model_fields_set
+        given = self.evaluation.model_fields_set
+        pruning_fields = {f for f in ("first_limit", "reduction_factor") if f in given and getattr(self.evaluation, f) is not None}
         if pruning_fields and not self.pruning:
             raise ValueError(f"evaluation.{min(pruning_fields)} only makes sense with pruning: true")
         return self

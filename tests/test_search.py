@@ -268,6 +268,11 @@ def test_a_different_study_definition_under_the_same_name_is_refused(finished_st
         ({"budget": {"n_trials": 0}}, "budget.n_trials: Input should be greater than or equal to 1"),
         ({"evaulation": {}}, "evaulation: unknown field"),
         ({"space": {"dare_ties": {"density": {"low": 0.0, "high": 1.0}}}}, "density must lie in (0, 1]"),
+        ({"evaluation": {"first_limit": 5}}, "first_limit (5) must be at most half of limit (8)"),
+        (
+            {"pruning": False, "evaluation": {"first_limit": None, "reduction_factor": 2}},
+            "evaluation.reduction_factor only makes sense with pruning: true",
+        ),
     ],
 )
 def test_bad_study_files_get_one_clear_message(change, message, family_f32, task_dir, tmp_path):
