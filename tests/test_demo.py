@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 
+import optuna
 from typer.testing import CliRunner
 
 from mergetune.cli import app
+from mergetune.search.runner import DEFINITION_HASH_KEY
 
 runner = CliRunner()
 
@@ -33,3 +35,10 @@ def test_the_demo_beats_both_hand_written_recipes_on_held_out_facts_and_exports_
     assert again.exit_code == 0, again.output
     assert BEATS.findall(again.output) == BEATS.findall(result.output)
     assert (out / "models" / "demo-models.json").stat().st_mtime_ns == stamp  # models reused, not rebuilt
+
+    storage = f"sqlite:///{out / 'demo.db'}"
+    optuna.load_study(study_name="demo.slerp", storage=storage).set_user_attr(DEFINITION_HASH_KEY, "an-older-demo")
+    changed = runner.invoke(app, ["demo", "--out-dir", str(out), "--quiet"])  # as after an upgrade of the demo
+    assert changed.exit_code == 0, changed.output
+    assert "the demo's study has changed since the trials in" in changed.output
+    assert BEATS.findall(changed.output) == BEATS.findall(result.output)  # searched afresh, same seeds
