@@ -47,8 +47,9 @@ def outdated_trials(study: Study) -> bool:
 
     from mergetune.search.runner import DEFINITION_HASH_KEY
 
+    current = study.spec.definition_hash()
     summaries = optuna.get_all_study_summaries(storage=study.storage_url)
-    return any(s.user_attrs.get(DEFINITION_HASH_KEY, study.spec.definition_hash()) != study.spec.definition_hash() for s in summaries)
+    return any(summary.user_attrs.get(DEFINITION_HASH_KEY, current) != current for summary in summaries)
 
 
 def prepare_demo(out_dir: Path, n_trials: int | None = None) -> Study:

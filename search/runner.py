@@ -3,9 +3,10 @@
 Per trial: Optuna proposes parameters → a mergekit recipe → built in memory →
 scored rung by rung on growing, nested subsets of the search documents, each
 rung's score reported to a successive-halving pruner that stops candidates
-trailing the best third (the hand-written baselines always run in full) → stored. Every finished trial is in the study's storage the
-moment it ends, so a crash or Ctrl-C loses at most the trial in flight, and
-running the command again continues the same study up to the requested count.
+trailing the best third (the hand-written baselines always run in full) →
+stored. Every finished trial is in the study's storage the moment it ends, so a
+crash or Ctrl-C loses at most the trial in flight, and running the command again
+continues the same study up to the requested count.
 Afterwards the best trials of each method (and the hand-written baselines) are
 scored on held-out documents: the finalists' scores the leaderboard ranks by.
 
@@ -285,13 +286,9 @@ def choose_documents(evaluator: Evaluator, spec: StudySpec) -> Documents:
     return Documents(search=search, rungs=rungs, final=final)
 
 
-def unscored(ids: DocIds, record: Optional[Record]) -> DocIds:
-    """The documents of `ids` that `record` has no result for."""
-    done: dict[str, set[int]] = {}
-    for task in (record or {"tasks": {}})["tasks"].values():
-        for leaf, rows in task["docs"].items():
-            done.setdefault(leaf, set()).update(doc for doc, _ in rows)
-    remaining = {leaf: sorted(set(doc_ids) - done.get(leaf, set())) for leaf, doc_ids in ids.items()}
+def added(ids: DocIds, previous: DocIds) -> DocIds:
+    """The documents of a rung (`ids`) that the rung before it (`previous`, nested in it) lacks."""
+    remaining = {leaf: sorted(set(doc_ids) - set(previous.get(leaf, ()))) for leaf, doc_ids in ids.items()}
     return {leaf: doc_ids for leaf, doc_ids in remaining.items() if doc_ids}
 
 
@@ -520,8 +517,9 @@ class StudyRunner:
         eval_start = time.perf_counter()
         record: Optional[Record] = None
         docs_scored = 0
+        previous: DocIds = {}
         for size, ids in [*documents.rungs, (None, documents.search)]:
-            new = unscored(ids, record)
+            new, previous = added(ids, previous), ids
             if new:
                 more = self.score(new)
                 record = more if record is None else combine(record, more)
