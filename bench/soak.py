@@ -36,7 +36,7 @@ import yaml
 from optuna.trial import TrialState
 
 from mergetune.search.runner import DIED, optuna_study_name
-from mergetune.search.storage import journal_path, open_storage
+from mergetune.search.storage import journal_path, open_storage, scratch_postgres_database
 from mergetune.search.study_file import load_study, redact_url
 from mergetune.demo import tiny_study
 from mergetune.skills import write_task_dir
@@ -54,19 +54,6 @@ def write_study(directory: Path, trials: int, storage: str) -> Path:
     path = directory / "soak.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
-
-
-@contextlib.contextmanager
-def fresh_database(url: str) -> Iterator[str]:
-    import psycopg
-
-    name = f"mergetune_soak_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"{url.rsplit('/', 1)[0]}/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 class Workers:
@@ -204,7 +191,8 @@ def main() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     work = args.work_dir / uuid.uuid4().hex[:8]
     work.mkdir(parents=True)
-    with fresh_database(args.postgres) if args.postgres else contextlib.nullcontext(f"journal://{work}/soak.log") as storage:
+    journal = contextlib.nullcontext(f"journal://{work}/soak.log")
+    with scratch_postgres_database(args.postgres, "mergetune_soak") if args.postgres else journal as storage:
         result = soak(work, args.trials, args.workers, storage, tuple(args.kill_every), args.seed)
         shown = redact_url(storage)
     rows = result.pop("rows")

@@ -17,6 +17,7 @@ import random
 import re
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -193,3 +194,18 @@ def dashboard_target(study: Study) -> str:
     """What to give optuna-dashboard to browse the study (the password masked: the user knows it)."""
     path = journal_path(study)
     return str(path) if path is not None else study.storage_display
+
+
+@contextlib.contextmanager
+def scratch_postgres_database(server_url: str, prefix: str) -> Iterator[str]:
+    """The URL of a new, uniquely named database on `server_url`'s server, dropped (connections and all)
+    afterwards: an empty study storage for tests and benchmarks."""
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{server_url.rsplit('/', 1)[0]}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -17,7 +16,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 
 from mergetune.search.runner import DIED, optuna_study_name
-from mergetune.search.storage import open_storage
+from mergetune.search.storage import open_storage, scratch_postgres_database
 from mergetune.search.study_file import load_study
 from mergetune.demo import tiny_study
 from mergetune.skills import write_task_dir
@@ -132,12 +131,5 @@ def postgres_database() -> Iterator[str]:
     base = os.environ.get(POSTGRES_ENV)
     if not base:
         pytest.skip(f"{POSTGRES_ENV} is not set: no PostgreSQL server to test against (.ci/run starts one)")
-    import psycopg
-
-    name = f"mergetune_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"{base.rsplit('/', 1)[0]}/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    with scratch_postgres_database(base, "mergetune_test") as url:
+        yield url
