@@ -35,7 +35,7 @@ import torch
 
 from mergetune.eval import EvalConfig, Evaluator
 from mergetune.eval.local_data import local_task_dir
-from mergetune.tiny import TinySpec, build_tokenizer, perturbed, random_model, save_model
+from mergetune.demo.tiny import TinySpec, build_tokenizer, perturbed, random_model, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 

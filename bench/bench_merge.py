@@ -162,7 +162,7 @@ def main() -> None:
     models = {name: work / name for name in ("base", "model_a", "model_b")}
     if not all((path / "config.json").exists() for path in models.values()):
         shutil.rmtree(work, ignore_errors=True)
-        from mergetune.merge_ops.sources import load_state
+        from mergetune.demo.tiny import load_state
 
         synthetic_model(models["base"], args.hidden, args.layers, args.vocab, 0, None)
         base = load_state(models["base"])

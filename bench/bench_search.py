@@ -24,14 +24,18 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from mergetune.demo import prepare_demo
-from mergetune.search.leaderboard import final_records
-from mergetune.search.records import summarize
-from mergetune.search.runner import StudyRunner, Workspace, choose_documents, open_optuna_study
+from mergetune.demo.study import prepare_demo
+from mergetune.eval.evidence import summarize
+from mergetune.search.documents import choose_documents
+from mergetune.search.runner import StudyRunner
+from mergetune.search.setup import open_optuna_study
+from mergetune.search.trials import StoredTrial, final_records
+from mergetune.search.workspace import Workspace
 
 
 def run_config(base: Workspace, method: str, sampler: str, pruning: bool, trials: int, seed: int) -> dict:
-    spec = base.study.spec.model_copy(update={"sampler": sampler, "pruning": pruning, "seed": seed})
+    pruner = "successive_halving" if pruning else "none"
+    spec = base.study.spec.model_copy(update={"sampler": sampler, "pruning": pruner, "seed": seed})
     study = base.study.model_copy(update={"spec": spec})
     workspace = Workspace(study, base.builder, base.evaluator, choose_documents(base.evaluator, spec))
     storage = optuna.storages.InMemoryStorage()
@@ -44,7 +48,7 @@ def run_config(base: Workspace, method: str, sampler: str, pruning: bool, trials
     finals = {number: summarize(record).average for number, record in final_records(optuna_study).items()}
     best_trial = max(finals, key=finals.get)
     ordered = sorted(optuna_study.get_trials(deepcopy=False), key=lambda t: t.number)
-    scored = list(itertools.accumulate(t.user_attrs.get("docs_scored", 0) for t in ordered))
+    scored = list(itertools.accumulate(StoredTrial.of(t).docs_scored for t in ordered))
     return {
         "best_final": finals[best_trial],
         "best_trial": best_trial,

@@ -35,12 +35,14 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from mergetune.search.runner import DIED, optuna_study_name
-from mergetune.search.storage import journal_path, open_storage, scratch_postgres_database
+from mergetune.demo.postgres import scratch_postgres_database
+from mergetune.search.storage import journal_path, open_storage
+from mergetune.search.trials import optuna_study_name
+from mergetune.search.workers import DIED
 from mergetune.search.study_file import load_study, redact_url
-from mergetune.demo import tiny_study
-from mergetune.skills import write_task_dir
-from mergetune.tiny import build_family
+from mergetune.demo.study import tiny_study
+from mergetune.demo.skills import write_task_dir
+from mergetune.demo.tiny import build_family
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 WORKER = [sys.executable, "-c", "from mergetune.cli import app; app()"]

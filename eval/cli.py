@@ -65,7 +65,7 @@ def eval_command(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot count for every task (default: per task)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the document sample."),
     doc_ids: Optional[Path] = typer.Option(None, "--doc-ids", help="Score the documents of an earlier --json output."),
-    backend: str = typer.Option("hf", "--backend", help="hf | vllm | server"),
+    backend: str = typer.Option("hf", "--backend", help="hf, vllm, server: a name registered in mergetune.eval.backends."),
     device: Optional[str] = typer.Option(None, "--device", help="hf: cpu, cuda, cuda:1, ... (default: cuda if available)."),
     batch_size: str = typer.Option("auto", "--batch-size", help="hf: an integer or 'auto'."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="server: e.g. http://127.0.0.1:8000/v1"),
@@ -79,21 +79,27 @@ def eval_command(
     from transformers.utils import logging as transformers_logging
 
     from mergetune.eval import EvalConfig, Evaluator
+    from mergetune.eval.backends import backend_names, get_backend_class
 
     datasets.disable_progress_bars()
     transformers_logging.disable_progress_bar()
     if suite is None and not tasks:
         raise MergetuneError("give --suite leaderboard or --tasks a,b,...")
-    if backend == "hf":
+    if backend not in backend_names():
+        raise MergetuneError(f"unknown --backend {backend!r}; use {', '.join(backend_names())}")
+    given = {
+        "device": device,
+        "batch_size": batch_size,
+        "base_url": base_url,
+        "model": served_model,
+        "num_concurrent": num_concurrent,
+        "tensor_parallel_size": tensor_parallel_size,
+    }
+    options = {name: given[name] for name in get_backend_class(backend).command_options}
+    if "batch_size" in options:
         if batch_size != "auto" and not batch_size.isdigit():
             raise MergetuneError(f"--batch-size must be an integer or 'auto', not {batch_size!r}")
-        options = {"device": device, "batch_size": batch_size if batch_size == "auto" else int(batch_size)}
-    elif backend == "vllm":
-        options = {"tensor_parallel_size": tensor_parallel_size}
-    elif backend == "server":
-        options = {"base_url": base_url, "model": served_model, "num_concurrent": num_concurrent}
-    else:
-        raise MergetuneError(f"unknown --backend {backend!r}; use hf, vllm or server")
+        options["batch_size"] = batch_size if batch_size == "auto" else int(batch_size)
     config = EvalConfig(
         suite=suite,
         tasks=tuple(name.strip() for name in (tasks or "").split(",") if name.strip()),

@@ -20,8 +20,10 @@ from typing import Any
 from lm_eval.api.task import Task
 
 from mergetune.errors import MergetuneError
-from mergetune.eval.backends import BACKENDS, Backend
-from mergetune.eval.metrics import average, entry_metrics
+from mergetune.eval.backends import get_backend_class
+from mergetune.eval.backends.base import Backend
+from mergetune.eval.evidence import average
+from mergetune.eval.metrics import entry_metrics
 from mergetune.eval.requests import PreparedTask, prepare_task
 from mergetune.eval.results import DocResult, EvalResult, TaskScore
 from mergetune.eval.subsets import sample_doc_ids
@@ -101,27 +103,20 @@ class Evaluator:
         config: EvalConfig = EvalConfig(),
         *,
         backend: str = "hf",
-        engine_dir: str | Path | None = None,
+        checkpoint_dir: str | Path | None = None,
         **backend_options: Any,
     ) -> Evaluator:
         """An evaluator of a live transformers model whose weights will change in place.
 
-        backend "hf" scores the model object itself; "vllm" starts an engine from
-        `engine_dir` (a checkpoint of the same architecture) and copies the
+        `backend`: one of `live_backend_names()`. "hf" scores the model object
+        itself (and ignores `checkpoint_dir`); "vllm" starts an engine from
+        `checkpoint_dir` (a checkpoint of the same architecture) and copies the
         model's weights into it before every `score`.
         """
-        if backend not in ("hf", "vllm"):
-            raise MergetuneError(f"backend {backend!r} cannot score a live model; use 'hf' or 'vllm'")
-        if backend == "vllm" and engine_dir is None:
-            raise MergetuneError("the vllm backend needs engine_dir, a checkpoint to start the engine from")
+        backend_class = get_backend_class(backend)
+        backend_class.check_live(checkpoint_dir)
         tasks = load_tasks(config)  # before any engine starts: configuration errors come first
-        if backend == "hf":
-            from mergetune.eval.backends.hf import HFBackend
-
-            return cls(HFBackend(model, tokenizer, **backend_options), config, tasks)
-        from mergetune.eval.backends.vllm import VLLMBackend
-
-        return cls(VLLMBackend.launch(engine_dir, source=model, **backend_options), config, tasks)
+        return cls(backend_class.for_live_model(model, tokenizer, checkpoint_dir, **backend_options), config, tasks)
 
     @classmethod
     def from_dir(
@@ -129,29 +124,17 @@ class Evaluator:
     ) -> Evaluator:
         """An evaluator of a checkpoint directory (or, for "server", of the model a server serves).
 
-        Options go to the backend: hf (device, dtype, batch_size, max_batch_size),
+        Options go to the backend's `for_directory`: hf (device, dtype, batch_size, max_batch_size),
         vllm (tensor_parallel_size, dtype, gpu_memory_utilization, ...),
         server (base_url, model, num_concurrent, ...; `model_dir` gives the tokenizer).
         """
         model_dir = Path(model_dir).expanduser()
         if not model_dir.is_dir():
             raise MergetuneError(f"model directory {model_dir} does not exist")
-        if backend not in BACKENDS:
-            raise MergetuneError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-        if backend == "server" and not backend_options.get("base_url"):
-            raise MergetuneError("the server backend needs the server's URL (--base-url)")
+        backend_class = get_backend_class(backend)
+        backend_class.check_directory(**backend_options)
         tasks = load_tasks(config)  # before the model loads: configuration errors come first
-        if backend == "hf":
-            from mergetune.eval.backends.hf import HFBackend
-
-            return cls(HFBackend.from_dir(model_dir, **backend_options), config, tasks)
-        if backend == "vllm":
-            from mergetune.eval.backends.vllm import VLLMBackend
-
-            return cls(VLLMBackend.launch(model_dir, **backend_options), config, tasks)
-        from mergetune.eval.backends.server import ServerBackend
-
-        return cls(ServerBackend(tokenizer=model_dir, **backend_options), config, tasks)
+        return cls(backend_class.for_directory(model_dir, **backend_options), config, tasks)
 
     def _select(self, tasks: Sequence[str] | None) -> list[LoadedTask]:
         if tasks is None:

@@ -7,7 +7,6 @@ equal those `lm_eval` reports for the same documents.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,11 +69,3 @@ def entry_metrics(entry: LoadedTask, docs: Mapping[str, Sequence[DocResult]], bo
             pooled = [doc.metrics[config.metric] for task_docs in docs.values() for doc in task_docs]
             stderrs[config.metric] = mean_stderr(pooled) if len(pooled) > 1 else None
     return values, stderrs
-
-
-def average(values: Sequence[float], stderrs: Sequence[float | None]) -> tuple[float, float | None]:
-    """Unweighted mean of the tasks' headline values; its stderr treats the tasks as independent."""
-    mean_value = sum(values) / len(values)
-    if None in stderrs:
-        return mean_value, None
-    return mean_value, math.sqrt(sum(s * s for s in stderrs)) / len(stderrs)

@@ -9,12 +9,12 @@ candidate can be scored on the same documents (`EvalResult.doc_ids` is the
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mergetune.errors import MergetuneError
+from mergetune.eval.evidence import mean_stderr, paired_differences
 
 FORMAT_VERSION = 1
 
@@ -49,6 +49,10 @@ class TaskScore:
     @property
     def doc_ids(self) -> dict[str, list[int]]:
         return {task: [doc.doc_id for doc in docs] for task, docs in self.docs.items()}
+
+    def rows(self, metric: str) -> dict[str, list[tuple[int, float]]]:
+        """(doc_id, value of `metric`) per lm-eval task: the shape `mergetune.eval.evidence` pairs on."""
+        return {task: [(doc.doc_id, doc.metrics[metric]) for doc in docs] for task, docs in self.docs.items()}
 
     @property
     def n_docs(self) -> int:
@@ -128,15 +132,8 @@ def paired_difference(a: TaskScore, b: TaskScore, metric: str | None = None) -> 
     separates two candidates with far fewer documents than their two stderrs.
     """
     metric = metric or a.metric
-    diffs = []
-    for task, docs_a in a.docs.items():
-        by_id = {doc.doc_id: doc.metrics[metric] for doc in b.docs.get(task, [])}
-        diffs += [by_id[doc.doc_id] - doc.metrics[metric] for doc in docs_a if doc.doc_id in by_id]
-    n = len(diffs)
-    if n == 0:
+    diffs = paired_differences(a.rows(metric), b.rows(metric))
+    if not diffs:
         raise MergetuneError(f"{a.name} and {b.name} share no scored documents")
-    mean = sum(diffs) / n
-    if n == 1:
-        return mean, None, n
-    variance = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    return mean, math.sqrt(variance / n), n
+    mean, stderr = mean_stderr(diffs)
+    return mean, stderr, len(diffs)

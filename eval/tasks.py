@@ -19,6 +19,7 @@ from lm_eval.api.task import Task
 from lm_eval.tasks import TaskManager
 
 from mergetune.errors import MergetuneError
+from mergetune.eval.lm_eval_adapter import TASK_INDEX_LOGGER
 from mergetune.eval.local_data import PROXY_TASKS, local_task_configs, local_task_dir
 from mergetune.eval.quiet import quieted
 
@@ -93,7 +94,7 @@ def task_manager(include_paths: tuple[str, ...] = ()) -> TaskManager:
     logging.getLogger("lm_eval.api.task").addFilter(_CUSTOM_DATASET_NOTICE)
     # Local-data configs deliberately shadow lm-eval's tasks of the same name;
     # one "overrides existing task" warning per task would only be noise.
-    with quieted("lm_eval.tasks._index"):
+    with quieted(TASK_INDEX_LOGGER):
         manager = TaskManager(include_path=list(include_paths) or None)
     log.info("lm-eval task index built: %d names", len(manager.all_tasks))
     return manager

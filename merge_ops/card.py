@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import html
 import re
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from mergetune.merge_ops.plan import MergePlan
 from mergetune.merge_ops.recipe import Recipe
+
+if TYPE_CHECKING:  # the card's text helpers serve the read side, which must not load torch
+    from mergetune.merge_ops.plan import MergePlan
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -18,7 +20,7 @@ def escape_markdown(text: str) -> str:
     return html.escape(" ".join(text.split())).replace("|", "\\|").replace("`", "\\`")
 
 
-def model_card(recipe: Recipe, plan: MergePlan, recipe_yaml: str, seed: Optional[int], extra: str = "") -> str:
+def model_card(recipe: Recipe, plan: "MergePlan", recipe_yaml: str, seed: Optional[int], extra: str = "") -> str:
     models = recipe.referenced_models()
     front = ["---", "library_name: transformers", "tags:", "- merge", "- mergetune", "- mergekit"]
     # Only names shaped like hub ids go into the YAML front matter (a stray newline or colon would rewrite it).

@@ -17,14 +17,20 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.card import model_card
-from mergetune.merge_ops.execute import fetch_inputs, run_op
+from mergetune.merge_ops.execute import check_device, fetch_inputs, run_op
 from mergetune.merge_ops.plan import MergePlan, plan_merge, validate_recipe
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
-from mergetune.merge_ops.sources import TOKENIZER_FILES, CheckpointSource, TensorSource, open_source
+from mergetune.merge_ops.sources import (
+    TOKENIZER_FILES,
+    CheckpointSource,
+    TensorSource,
+    open_source,
+    read_json_object,
+)
 from mergetune.merge_ops.vocab import VocabAlignment, tokenizer_vocab
 from mergetune.merge_ops.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorEntry, atomic_directory
 
@@ -53,9 +59,9 @@ class SourceCache:
 
     def __init__(self, allow_pickle: bool):
         self.allow_pickle = allow_pickle
-        self.opened: dict[str, TensorSource] = {}
+        self.opened: dict[str, CheckpointSource] = {}
 
-    def get(self, reference: str) -> TensorSource:
+    def get(self, reference: str) -> CheckpointSource:
         if reference not in self.opened:
             self.opened[reference] = open_source(reference, allow_pickle=self.allow_pickle)
         return self.opened[reference]
@@ -89,7 +95,7 @@ def resolve_chat_template(value: str, sources: dict[str, TensorSource]) -> str:
         for source in sources.values():
             config = (source.directory / "tokenizer_config.json") if source.directory else None
             if config and config.exists():
-                template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+                template = read_json_object(config, f"model {source.label}").get("chat_template")
                 if isinstance(template, str):
                     found.append(template.strip())
             jinja = source.directory / "chat_template.jinja" if source.directory else None
@@ -112,6 +118,7 @@ def write_side_files(
     sources: dict[str, TensorSource],
     recipe_yaml: str,
     seed: Optional[int],
+    chat_template: Optional[str],
     card_extra: str = "",
 ) -> None:
     """config.json, generation config, tokenizer, chat template, recipe and model card."""
@@ -119,19 +126,18 @@ def write_side_files(
     donor_dir = sources[plan.donor].directory
     if donor_dir and (donor_dir / "generation_config.json").exists():
         shutil.copy(donor_dir / "generation_config.json", directory / "generation_config.json")
-    tokenizer_dir = sources[tokenizer_donor(recipe, plan)].directory
+    tokenizer_source = sources[tokenizer_donor(recipe, plan)]
+    tokenizer_dir = tokenizer_source.directory
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).exists():
                 shutil.copy(tokenizer_dir / name, directory / name)
-    if recipe.chat_template:
-        template = resolve_chat_template(recipe.chat_template, sources)
-        (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
-        config_path = directory / "tokenizer_config.json"
-        if config_path.exists():
-            tokenizer_config = json.loads(config_path.read_text(encoding="utf-8"))
-            tokenizer_config["chat_template"] = template
-            config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+    if chat_template is not None:
+        (directory / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+        if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").exists():
+            tokenizer_config = read_json_object(tokenizer_dir / "tokenizer_config.json", f"model {tokenizer_source.label}")
+            tokenizer_config["chat_template"] = chat_template
+            (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
     (directory / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     (directory / "README.md").write_text(model_card(recipe, plan, recipe_yaml, seed, card_extra), encoding="utf-8")
 
@@ -149,6 +155,8 @@ def merge_stage(
 ) -> MergePlan:
     """Plan one stage and stream its tensors into `directory`."""
     plan = plan_merge(recipe, sources, vocab_alignment(recipe, sources))
+    # Resolved before the tensors, so a bad template fails in seconds, not after the whole merge.
+    chat_template = resolve_chat_template(recipe.chat_template, sources) if recipe.chat_template else None
     writer = ShardedWriter(directory, [TensorEntry(op.output, op.shape, op.dtype) for op in plan.ops], shard_bytes)
 
     def fetch(item):
@@ -177,8 +185,32 @@ def merge_stage(
     except BaseException:
         writer.abort()
         raise
-    write_side_files(directory, recipe, plan, sources, recipe_yaml, seed, card_extra)
+    write_side_files(directory, recipe, plan, sources, recipe_yaml, seed, chat_template, card_extra)
     return plan
+
+
+def check_output_apart(out_dir: Path, inputs: Mapping[str, Path]) -> None:
+    """Refuse an output directory that is, holds or lies inside an input (symlinks followed).
+
+    Writing there, or replacing it with --overwrite, would destroy the input, so
+    not even --overwrite allows it. `inputs` maps a description to its path.
+    """
+    target = out_dir.resolve()
+    for what, path in inputs.items():
+        where = path.resolve()
+        if target == where:
+            relation = "is"
+        elif target in where.parents:
+            relation = "contains"
+        elif where in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        shown = "" if str(where) in what else f" ({where})"
+        raise MergetuneError(
+            f"output directory {out_dir} {relation} the {what}{shown}; "
+            "choose an output outside the inputs (--overwrite never replaces an input)"
+        )
 
 
 def merge_recipe_file(
@@ -191,14 +223,31 @@ def merge_recipe_file(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Optional[Progress] = None,
     card_extra: str = "",
+    protected: Optional[Mapping[str, Path]] = None,
 ) -> MergeResult:
-    """Run every stage of a recipe file; the last stage's output becomes `out_dir`."""
+    """Run every stage of a recipe file; the last stage's output becomes `out_dir`.
+
+    Everything is checked before anything is written: the device, the recipe, every
+    input model (opened here), and that `out_dir` overlaps none of them nor any
+    `protected` path (such as the recipe file). Stage outputs go inside the
+    output's own hidden partial directory, so they are apart from the inputs too.
+    """
+    check_device(device)
     for stage in recipe_file.stages:
         validate_recipe(stage)
     if seed is None and any(_randomized(stage) for stage in recipe_file.stages):
         seed = secrets.randbelow(2**31)
         log.warning("no --seed given for a random method; using seed %d (recorded in the model card)", seed)
     cache = SourceCache(allow_pickle)
+    stage_names = set(recipe_file.stage_names())
+    # tokenizer_source must be one of these models (vocab_alignment says so if not).
+    inputs = {
+        f"input model {ref}": cache.get(ref).directory
+        for stage in recipe_file.stages
+        for ref in stage.referenced_models()
+        if ref not in stage_names
+    }
+    check_output_apart(out_dir, {**inputs, **(protected or {})})
     stage_outputs: dict[str, TensorSource] = {}
     warnings: list[str] = []
     try:

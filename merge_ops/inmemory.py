@@ -21,6 +21,7 @@ from mergetune.merge_ops.methods import SlerpGeometry, slerp_coefficients, slerp
 from mergetune.merge_ops.plan import MergePlan, TensorOp, plan_merge
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
 from mergetune.merge_ops.sources import MemorySource, TensorSource
+from mergetune.merge_ops.writer import not_finite
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ class InMemoryBuilder:
         finite = torch.stack([torch.isfinite(target).all() for target in targets]).tolist()  # one device sync
         bad = [op.output for op, ok in zip(plan.ops, finite) if not ok]
         if bad:
-            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-            raise MergetuneError(f"merged weights are not finite: NaN or inf in {', '.join(bad[:3])}{more}")
+            raise not_finite(bad)
 
     def _check_fits(self, plan: MergePlan) -> None:
         for op in plan.ops:

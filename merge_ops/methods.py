@@ -94,6 +94,8 @@ class MethodSpec:
     non_base_count: Optional[int] = None
     randomized: bool = False
     reference: str = ""
+    # check(shared, per_input) -> why one tensor's resolved parameters would give NaN or inf, or None.
+    check: Optional[Callable[[dict[str, Any], dict[str, list[Any]]], Optional[str]]] = None
 
     def param(self, name: str) -> Optional[ParamSpec]:
         return next((spec for spec in self.params if spec.name == name), None)
@@ -116,6 +118,17 @@ def linear(inputs: MergeInputs, normalize: bool = True) -> torch.Tensor:
     if normalize:
         result.div_(sum(weights))
     return result.to(first.dtype)
+
+
+ZERO_SUM = 1e-8  # as the task-arithmetic family's divisor: a smaller sum only magnifies rounding
+
+
+def linear_check(shared: dict[str, Any], per_input: dict[str, list[Any]]) -> Optional[str]:
+    """Normalizing by weights that sum to 0 would divide by 0."""
+    weights = per_input["weight"]
+    if shared["normalize"] and abs(sum(weights)) < ZERO_SUM:
+        return f"parameter 'weight': the weights {weights} sum to 0 and normalize divides by their sum; change a weight or set normalize: false"
+    return None
 
 
 # ---------------------------------------------------------------------------- slerp
@@ -388,6 +401,7 @@ METHODS: dict[str, MethodSpec] = {
             linear,
             (ParamSpec("weight", float, Scope.INPUT), ParamSpec("normalize", bool, Scope.SHARED, True)),
             reference="https://arxiv.org/abs/2203.05482",
+            check=linear_check,
         ),
         MethodSpec(
             "slerp",

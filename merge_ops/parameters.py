@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from pydantic import TypeAdapter, ValidationError
@@ -105,9 +106,14 @@ def filters_of(setting: ParameterSetting) -> list[str]:
 
 
 def check_value(coerce: Coerce, value: Any) -> Optional[str]:
-    """None if `value` has the parameter's type, else pydantic's reason."""
+    """None if `value` has the parameter's type and is finite, else the reason.
+
+    A NaN would slip past every range check (`nan < 0` is False) into the weights.
+    """
     try:
-        coerce(value)
+        coerced = coerce(value)
     except ValidationError as error:
         return error.errors()[0]["msg"]
+    if isinstance(coerced, float) and not math.isfinite(coerced):
+        return "not a finite number"
     return None

@@ -14,6 +14,7 @@ slice's sources and the final norm / lm_head from the last slice's, with t = 0.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<suffix>.+)$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-DTYPE_NAMES = {value: key for key, value in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,21 @@ def _is_tied_head(name: str) -> bool:
     return name.endswith("lm_head.weight")
 
 
+def _is_integer_buffer(output: str, dtypes: Sequence[torch.dtype]) -> bool:
+    """Position ids and the like: one integer dtype in every model, and not named like a weight."""
+    return not dtypes[0].is_floating_point and len(set(dtypes)) == 1 and not output.endswith("weight")
+
+
+def _check_floating(inputs: Sequence[TensorInput], dtypes: Sequence[torch.dtype]) -> None:
+    """Integer weights are quantized: averaging their codes (or promoting them to float) gives garbage."""
+    for item, dtype in zip(inputs, dtypes):
+        if not dtype.is_floating_point:
+            raise MergetuneError(
+                f"model {item.model}: tensor {item.name} is {str(dtype).removeprefix('torch.')}, not floating point; "
+                "quantized checkpoints are not supported (merge the unquantized weights)"
+            )
+
+
 # ------------------------------------------------------------------- validation
 
 
@@ -140,8 +155,9 @@ def validate_recipe(recipe: Recipe) -> MethodSpec:
                 problem = check_value(coerce, value)
                 if problem:
                     raise MergetuneError(f"{where}.{name}: {value!r} is not valid: {problem}")
-                if spec.low is not None and isinstance(value, (int, float)) and spec.out_of_range(value):
-                    raise MergetuneError(f"{where}.{name}: {value} is outside {spec.range_text()}")
+                number = coerce(value)  # range-check what the merge will use: a quoted "1.5" is 1.5
+                if spec.low is not None and isinstance(number, (int, float)) and spec.out_of_range(number):
+                    raise MergetuneError(f"{where}.{name}: {value!r} is outside {spec.range_text()}")
     for dtype_field in ("dtype", "out_dtype"):
         value = getattr(recipe, dtype_field)
         if value is not None and value not in DTYPES:
@@ -319,17 +335,16 @@ class Planner:
                         + (" — set tokenizer_source to merge models with different vocabularies" if "embed" in output or "lm_head" in output else "")
                     )
         dtypes = [self.sources[item.model].dtype(item.name) for item in resolved]
-        if self.recipe.dtype:
-            compute = DTYPES[self.recipe.dtype]
+        if _is_integer_buffer(output, dtypes):
+            compute = out_dtype = dtypes[0]  # copied as it is, never averaged
         else:
-            compute = dtypes[0]
-            for dtype in dtypes[1:]:
-                compute = torch.promote_types(compute, dtype)
-        if not compute.is_floating_point:
-            out_dtype = dtypes[0]
-        else:
+            _check_floating(resolved, dtypes)
+            compute = DTYPES[self.recipe.dtype] if self.recipe.dtype else functools.reduce(torch.promote_types, dtypes)
             out_dtype = DTYPES[self.recipe.out_dtype] if self.recipe.out_dtype else compute
         shared, per_input = self._parameters(output, inputs, resolved, base_index, out_slice, t)
+        problem = self.method.check(shared, per_input) if self.method.check else None
+        if problem:
+            raise MergetuneError(f"tensor {output}: {problem}")
         return TensorOp(
             output=output,
             inputs=tuple(resolved),

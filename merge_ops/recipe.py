@@ -11,21 +11,16 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, field_validator, model_validator
 
 from mergetune.errors import MergetuneError
+from mergetune.validation import Strict, read_text, validate
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
 
 
-class _Strict(BaseModel):
-    """Unknown keys are errors: a misspelt `paramters:` must not be silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class ConditionalParameter(_Strict):
+class ConditionalParameter(Strict):
     """`{filter: self_attn, value: [0, 0.5, 1]}`; no filter matches every tensor."""
 
     value: ScalarOrGradient
@@ -36,12 +31,12 @@ ParameterSetting = Union[ScalarOrGradient, ConditionalParameter, list[Conditiona
 Parameters = dict[str, ParameterSetting]
 
 
-class InputModel(_Strict):
+class InputModel(Strict):
     model: str
     parameters: Optional[Parameters] = None
 
 
-class InputSlice(_Strict):
+class InputSlice(Strict):
     model: str
     layer_range: tuple[int, int]
     parameters: Optional[Parameters] = None
@@ -55,7 +50,7 @@ class InputSlice(_Strict):
         return value
 
 
-class OutputSlice(_Strict):
+class OutputSlice(Strict):
     sources: list[InputSlice]
     base_model: Optional[str] = None
     parameters: Optional[Parameters] = None
@@ -68,7 +63,7 @@ class OutputSlice(_Strict):
         return value
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     """One merge: mergekit's `MergeConfiguration` without its multimodal `modules`."""
 
     name: Optional[str] = None
@@ -81,6 +76,14 @@ class Recipe(_Strict):
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
     chat_template: Optional[str] = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: Optional[str]) -> Optional[str]:
+        """A stage is written to a directory of its name: a path there (`../model`) would write outside the merge."""
+        if value is not None and (value in ("", ".", "..") or any(mark in value for mark in "/\\\0")):
+            raise ValueError(f"a stage name must be a plain name, not a path: {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "Recipe":
@@ -145,20 +148,6 @@ class RecipeFile(BaseModel):
         return iter(self.stages)
 
 
-def _describe_validation_error(error: ValidationError, where: str) -> str:
-    problems = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            message = "unknown field"
-        problems.append(f"{location}: {message}")
-    # Union types report one failure per alternative; keep the first few.
-    unique = list(dict.fromkeys(problems))
-    shown = "; ".join(unique[:4]) + ("; ..." if len(unique) > 4 else "")
-    return f"{where}: {shown}"
-
-
 def parse_recipes(text: str, source: str = "<recipe>") -> RecipeFile:
     """Parse one or several YAML documents into validated stages."""
     try:
@@ -172,10 +161,7 @@ def parse_recipes(text: str, source: str = "<recipe>") -> RecipeFile:
         where = source if len(documents) == 1 else f"{source} (document {index + 1})"
         if not isinstance(document, dict):
             raise MergetuneError(f"{where}: a recipe must be a mapping of fields, got {type(document).__name__}")
-        try:
-            stages.append(Recipe.model_validate(document))
-        except ValidationError as error:
-            raise MergetuneError(_describe_validation_error(error, where)) from None
+        stages.append(validate(Recipe, document, where))
     names = [stage.name for stage in stages if stage.name]
     duplicates = {name for name in names if names.count(name) > 1}
     if duplicates:
@@ -203,19 +189,10 @@ def _check_stage_order(stages: list[Recipe], source: str) -> None:
 
 def load_recipes(path: str | Path) -> RecipeFile:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MergetuneError(f"recipe file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise MergetuneError(f"cannot read recipe file {path}: {error}") from None
-    return parse_recipes(text, source=str(path))
+    return parse_recipes(read_text(path, "recipe file"), source=str(path))
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     """Validate one programmatically built recipe (the search builds them)."""
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as error:
-        raise MergetuneError(_describe_validation_error(error, source)) from None
+    return validate(Recipe, data, source)
 

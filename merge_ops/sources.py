@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ from mergetune.errors import MergetuneError
 log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
 # Files a merge output carries over from its donor model, besides weights and config.
 TOKENIZER_FILES = (
     "tokenizer_config.json",
@@ -35,6 +35,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap: a longer "header" is damage
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -99,38 +100,55 @@ class CheckpointSource:
             self._load_pickled(directory, label, allow_pickle)
 
     def _read_header(self, shard: Path) -> dict[str, _Stored]:
-        def corrupt(reason: str) -> MergetuneError:
-            return MergetuneError(f"model {self.label}: {shard} is corrupt or truncated ({reason})")
-
+        """Every tensor's place in `shard`, each checked against the file before any tensor is read."""
         try:
             size = shard.stat().st_size
             with open(shard, "rb") as handle:
                 prefix = handle.read(8)
                 if len(prefix) < 8:
-                    raise corrupt("no header")
+                    raise self._corrupt(shard, "no header")
                 length = struct.unpack("<Q", prefix)[0]
                 if length > size - 8:
-                    raise corrupt(f"header of {length} bytes in a file of {size}")
+                    raise self._corrupt(shard, f"header of {length} bytes in a file of {size}")
+                if length > MAX_HEADER_BYTES:  # checked before the read allocates it
+                    raise self._corrupt(shard, f"header of {length} bytes, over the {MAX_HEADER_BYTES} a header may have")
                 header = json.loads(handle.read(length))
         except OSError as error:
             raise MergetuneError(f"model {self.label}: cannot read {shard}: {error}") from None
         except ValueError as error:
-            raise corrupt(f"header is not JSON: {error}") from None
-        stored = {}
-        data_start = 8 + length
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                begin, end = info["data_offsets"]
-                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                shape = tuple(int(dim) for dim in info["shape"])
-            except (KeyError, TypeError, ValueError):
-                raise corrupt(f"bad entry for tensor {name}") from None
-            if data_start + end > size:
-                raise corrupt(f"tensor {name} ends at byte {data_start + end}, past the end of the file ({size})")
-            stored[name] = _Stored(shard, data_start + begin, data_start + end, shape, dtype)
-        return stored
+            raise self._corrupt(shard, f"header is not JSON: {error}") from None
+        if not isinstance(header, dict):
+            raise self._corrupt(shard, "header is not a JSON object")
+        return {
+            name: self._stored_tensor(shard, name, info, 8 + length, size)
+            for name, info in header.items()
+            if name != "__metadata__"
+        }
+
+    def _stored_tensor(self, shard: Path, name: str, info: Any, data_start: int, size: int) -> _Stored:
+        """One header entry whose dtype, shape and byte range agree with each other and lie inside the file."""
+        entry = info if isinstance(info, dict) else {}
+        offsets, shape, dtype_name = entry.get("data_offsets"), entry.get("shape"), entry.get("dtype")
+        if not (_naturals(offsets) and len(offsets) == 2 and _naturals(shape) and isinstance(dtype_name, str)):
+            raise self._corrupt(shard, f"bad entry for tensor {name}")
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise MergetuneError(
+                f"model {self.label}: tensor {name} in {shard} has dtype {dtype_name}, which mergetune does not "
+                f"read ({', '.join(_SAFETENSORS_DTYPES)}); quantized checkpoints are not supported"
+            )
+        begin, end = offsets
+        if data_start + end > size:
+            raise self._corrupt(shard, f"tensor {name} ends at byte {data_start + end}, past the end of the file ({size})")
+        needed = math.prod(shape) * dtype.itemsize
+        if end - begin != needed:
+            raise self._corrupt(
+                shard, f"tensor {name}: shape {shape} {dtype_name} needs {needed} bytes, its byte range [{begin}, {end}) holds {end - begin}"
+            )
+        return _Stored(shard, data_start + begin, data_start + end, tuple(shape), dtype)
+
+    def _corrupt(self, shard: Path, reason: str) -> MergetuneError:
+        return MergetuneError(f"model {self.label}: {shard} is corrupt or truncated ({reason})")
 
     def _load_pickled(self, directory: Path, label: str, allow_pickle: bool) -> None:
         files = sorted(directory.glob("pytorch_model*.bin"))
@@ -146,6 +164,10 @@ class CheckpointSource:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as error:  # torch raises many types for a bad pickle
                 raise MergetuneError(f"model {label}: cannot load {file}: {error}") from None
+            if not isinstance(state, dict) or not all(
+                isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+            ):
+                raise MergetuneError(f"model {label}: {file} does not hold a state dict (tensor names to tensors)")
             self._pickled.update(state)
 
     def names(self) -> list[str]:
@@ -224,23 +246,38 @@ class MemorySource:
         return self.tensors[name].to(device)
 
 
+def _naturals(value: Any) -> bool:
+    """A list of non-negative integers (a shape, a byte range), as JSON gives them."""
+    return isinstance(value, list) and all(isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in value)
+
+
+def read_json_object(path: Path, owner: str) -> dict[str, Any]:
+    """A JSON file that must hold an object, or one MergetuneError naming `owner` and the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+        raise MergetuneError(f"{owner}: cannot read {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise MergetuneError(f"{owner}: {path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
 def _read_config(directory: Path, label: str) -> dict[str, Any]:
     path = directory / "config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MergetuneError(f"model {label}: no config.json in {directory}") from None
-    except (OSError, ValueError) as error:
-        raise MergetuneError(f"model {label}: cannot read {path}: {error}") from None
+    if not path.exists():
+        raise MergetuneError(f"model {label}: no config.json in {directory}")
+    return read_json_object(path, f"model {label}")
 
 
 def _safetensors_shards(directory: Path, label: str) -> list[Path]:
     index = directory / SAFETENSORS_INDEX
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError) as error:
-            raise MergetuneError(f"model {label}: cannot read {index}: {error}") from None
+        weight_map = read_json_object(index, f"model {label}").get("weight_map")
+        # Shard names are plain file names: an index must not point the reader outside the model.
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(file, str) and file == Path(file).name and file not in ("", ".", "..") for file in weight_map.values()
+        ):
+            raise MergetuneError(f"model {label}: {index}: weight_map must map tensor names to shard file names in {directory}")
         shards = sorted({directory / file for file in weight_map.values()})
         missing = [shard.name for shard in shards if not shard.exists()]
         if missing:
@@ -276,9 +313,3 @@ def resolve_model_directory(reference: str) -> Path:
 
 def open_source(reference: str, allow_pickle: bool = False) -> CheckpointSource:
     return CheckpointSource(reference, resolve_model_directory(reference), allow_pickle=allow_pickle)
-
-
-def load_state(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory, by name (for checks and small models)."""
-    source = CheckpointSource(str(directory), Path(directory))
-    return {name: source.get(name) for name in source.names()}

@@ -8,6 +8,7 @@ they are produced: memory holds one tensor at a time, never a shard.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -37,6 +38,14 @@ SAFETENSORS_DTYPE_NAMES = {
     torch.bool: "BOOL",
 }
 DEFAULT_SHARD_BYTES = 5 * 1000**3
+CHECK_CHUNK_ELEMENTS = 1 << 20  # the finiteness check runs on slices that stay in cache
+SHOWN_TENSORS = 3
+
+
+def not_finite(names: Sequence[str]) -> MergetuneError:
+    """The one wording for merged weights with NaN or inf, on disk or in a live model."""
+    more = f" and {len(names) - SHOWN_TENSORS} more" if len(names) > SHOWN_TENSORS else ""
+    return MergetuneError(f"merged weights are not finite: NaN or inf in {', '.join(names[:SHOWN_TENSORS])}{more}")
 
 
 @dataclass(frozen=True)
@@ -108,8 +117,13 @@ class ShardedWriter:
             )
         if shard != self._open_shard:
             self._switch_to(shard)
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._handle.write(memoryview(data))
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        # Checked chunk by chunk as it is written, while the chunk is in cache: no second pass, no re-read.
+        for start in range(0, flat.numel(), CHECK_CHUNK_ELEMENTS):
+            chunk = flat[start : start + CHECK_CHUNK_ELEMENTS]
+            if chunk.is_floating_point() and not bool(torch.isfinite(chunk).all()):
+                raise not_finite([name])
+            self._handle.write(memoryview(chunk.view(torch.uint8).numpy()))
         self._position += 1
 
     def _switch_to(self, shard: int) -> None:
@@ -137,12 +151,12 @@ class ShardedWriter:
 
 
 def remove_abandoned_partials(target: Path) -> None:
-    """Delete `target`'s temporary siblings left by merges whose process is gone (SIGKILL, power loss)."""
-    for partial in target.parent.glob(f".{target.name}.partial-*"):
-        pid = partial.name.rpartition("-")[2]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
-            log.info("removing %s, left by an earlier merge that did not finish", partial)
-            shutil.rmtree(partial, ignore_errors=True)
+    """Delete `target`'s hidden siblings left by merges whose process is gone (SIGKILL, power loss)."""
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*-*"):
+        kind, _, pid = leftover.name[len(target.name) + 2 :].rpartition("-")
+        if kind in ("partial", "replaced") and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            log.info("removing %s, left by an earlier merge that did not finish", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -153,8 +167,11 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     nothing half-written can pass for a finished model.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise MergetuneError(f"output directory {target} already exists (use --overwrite to replace it)")
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise MergetuneError(f"output directory {target} already exists (use --overwrite to replace it)")
+        if target.is_symlink() or not target.is_dir():
+            raise MergetuneError(f"output {target} is not a directory (a file or a link); --overwrite replaces only a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_partials(target)
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"
@@ -162,9 +179,27 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     partial.mkdir()
     try:
         yield partial
+        _move_into_place(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(partial, target)
+
+
+def _move_into_place(partial: Path, target: Path) -> None:
+    """Rename `partial` onto `target`, moving an old `target` aside first rather than deleting it.
+
+    Killed at any moment, this leaves the old output or the new one at `target`
+    (or, between the two renames, neither but both hidden beside it) — never a
+    mix, and never the old one deleted before the new one is in place.
+    """
+    if not target.exists():
+        os.replace(partial, target)
+        return
+    retired = target.parent / f".{target.name}.replaced-{os.getpid()}"
+    os.replace(target, retired)
+    try:
+        os.replace(partial, target)
+    except BaseException:
+        os.replace(retired, target)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)  # what is left goes with the next merge to `target`

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -91,6 +92,7 @@ def merge(
         overwrite=overwrite,
         shard_bytes=parse_size(shard_size),
         progress=progress,
+        protected={"recipe file": recipe},
     )
     for warning in result.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
@@ -109,12 +111,12 @@ def parse_size(text: str) -> int:
     else:
         number, factor = cleaned, 1
     try:
-        value = int(float(number) * factor)
+        amount = float(number) * factor
     except ValueError:
         raise MergetuneError(f"--shard-size: cannot read '{text}' as a size like 5GB or 500MB") from None
-    if value <= 0:
-        raise MergetuneError(f"--shard-size: must be positive, got '{text}'")
-    return value
+    if not math.isfinite(amount) or int(amount) <= 0:
+        raise MergetuneError(f"--shard-size: must be a finite, positive size like 5GB, got '{text}'")
+    return int(amount)
 
 
 @app.command()
@@ -126,8 +128,8 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """A whole study offline: tiny specialists, SLERP vs DARE TIES search, leaderboard, export."""
-    from mergetune.demo import outdated_trials, prepare_demo, storage_file
-    from mergetune.search.cli import print_leaderboard, run_study
+    from mergetune.demo.study import outdated_trials, prepare_demo, storage_file
+    from mergetune.search.cli import print_leaderboard, run_with_progress
     from mergetune.search.export import export_trial
 
     typer.echo(f"building (or reusing) the demo's tiny models and tasks in {out_dir}/")
@@ -137,7 +139,7 @@ def demo(
         fresh = True
     if fresh:
         storage_file(study).unlink(missing_ok=True)
-    board = run_study(study, quiet=quiet)
+    board = run_with_progress(study, quiet=quiet)
     print_leaderboard(board, top=12)
     export_dir = out_dir / "best-merge"
     result = export_trial(study, export_dir, overwrite=True)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -50,56 +49,55 @@ def print_leaderboard(board, top: Optional[int] = None, console: Optional[Consol
         console.print(line)
 
 
-def run_study(
+class BarProgress:
+    """A tqdm bar per method on stderr; tqdm estimates the time left from the trial rate, a timeout adds its own."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bars: dict = {}
+
+    def start(self, method: str, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bars[method] = tqdm(total=total, desc=method, unit="trial", file=sys.stderr, disable=self.quiet)
+
+    def update(self, method: str, done: int, best: Optional[float], seconds_left: Optional[float]) -> None:
+        bar = self.bars[method]
+        bar.update(done - bar.n)
+        notes = [] if best is None else [f"best {100 * best:.2f}"]
+        if seconds_left is not None:
+            notes.append(f"timeout in {seconds_left:.0f}s")
+        bar.set_postfix_str(", ".join(notes))
+
+    def finish(self, method: str) -> None:
+        self.bars.pop(method).close()
+
+
+def run_with_progress(
     study: Study,
     n_trials: Optional[int] = None,
     timeout: Optional[float] = None,
-    say: Callable[[str], None] = typer.echo,
     quiet: bool = False,
     max_failures: Optional[int] = None,
 ):
-    """Run every method of the study to its budget, then the finalists' held-out evaluation.
-
-    Other workers may run the same study at the same time; the budget counts everyone's trials.
-    """
-    from tqdm import tqdm
-
-    from mergetune.search.leaderboard import build_leaderboard
-    from mergetune.search.runner import StudyRunner, Workspace
-    from mergetune.search.storage import open_storage
+    """`run_study` as the terminal shows it: messages on stdout, progress bars on stderr (none with `quiet`)."""
+    from mergetune.search.study import run_study
 
     if quiet:  # the datasets library draws one bar per split it loads
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()
-    spec = study.spec
-    n_trials = n_trials or spec.budget.n_trials
-    timeout = timeout or spec.budget.timeout
-    say(f"study {spec.name}: methods {', '.join(spec.methods)}; storage {study.storage_display}")
-    storage = open_storage(study)  # before loading models: a storage that doesn't answer fails fast
-    runner = StudyRunner(Workspace.open(study, say=say), storage, max_failures)
-    for method in spec.methods:
-        bar = tqdm(total=n_trials, desc=method, unit="trial", file=sys.stderr, disable=quiet)
-        deadline = None if timeout is None else time.monotonic() + timeout
-
-        def progress(name: str, done: int, total: int, best: Optional[float], bar=bar, deadline=deadline) -> None:
-            """tqdm estimates the time left from the trial rate; a timeout budget adds the time until it."""
-            bar.update(done - bar.n)
-            notes = [] if best is None else [f"best {100 * best:.2f}"]
-            if deadline is not None:
-                notes.append(f"timeout in {max(0, deadline - time.monotonic()):.0f}s")
-            bar.set_postfix_str(", ".join(notes))
-
-        runner.run_method(method, n_trials, timeout, progress)
-        bar.close()
-        runner.finalize(method, say=say)
-    return build_leaderboard(study, storage)
+    return run_study(study, n_trials, timeout, say=typer.echo, progress=BarProgress(quiet), max_failures=max_failures)
 
 
 def study_run(
     study_file: Path = typer.Argument(..., help="Study YAML (see studies/)."),
-    n_trials: Optional[int] = typer.Option(None, help="Completed trials per method (overrides the file's budget)."),
-    timeout: Optional[float] = typer.Option(None, help="Seconds per method (overrides the file's budget)."),
+    n_trials: Optional[int] = typer.Option(
+        None, min=1, help="Completed trials per method (overrides the file's budget)."
+    ),
+    timeout: Optional[float] = typer.Option(
+        None, min=1, help="Seconds per method (overrides the file's budget)."
+    ),
     storage: Optional[str] = storage_option(),
     device: Optional[str] = typer.Option(None, help="This worker's device, e.g. cuda:1 (overrides the file's)."),
     max_failures: Optional[int] = typer.Option(None, min=1, help="Stop after this many failed trials in a row (default 5)."),
@@ -109,7 +107,7 @@ def study_run(
 
     Start it on several GPUs or hosts with the same --storage to share the work.
     """
-    board = run_study(_load(study_file, storage, device), n_trials, timeout, quiet=quiet, max_failures=max_failures)
+    board = run_with_progress(_load(study_file, storage, device), n_trials, timeout, quiet, max_failures)
     print_leaderboard(board, top=20)
 
 

@@ -1,17 +1,26 @@
-"""Exporting a trial: its mergekit recipe, the merged model, and a model card with its scores."""
+"""Exporting a trial: its mergekit recipe, the merged model, and a model card with its scores.
+
+Choosing the trial and writing its card read only the storage; the merge engine
+(and torch with it) loads only when the model is written.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+from optuna.storages import BaseStorage
 
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.card import escape_markdown
-from mergetune.merge_ops.disk import Progress, merge_recipe_file
 from mergetune.merge_ops.recipe import parse_recipes
 from mergetune.search.leaderboard import Leaderboard, Row, build_leaderboard, comparison_lines
+from mergetune.search.storage import local_file
 from mergetune.search.study_file import Study
+
+if TYPE_CHECKING:
+    from mergetune.merge_ops.disk import Progress
 
 
 @dataclass
@@ -66,15 +75,26 @@ def score_table(board: Leaderboard, row: Row) -> str:
     return "\n".join(lines) + "\n"
 
 
+def protected_files(study: Study) -> dict[str, Path]:
+    """What an export must never overwrite besides the models: the study file and its storage."""
+    files = {"study file": study.path}
+    storage = local_file(study)
+    if storage is not None:
+        files["study storage"] = storage
+    return files
+
+
 def export_trial(
     study: Study,
     out_dir: Path,
     method: Optional[str] = None,
     trial: Optional[int] = None,
     overwrite: bool = False,
-    progress: Optional[Progress] = None,
-    storage=None,
+    progress: Optional["Progress"] = None,
+    storage: Optional[BaseStorage] = None,
 ) -> ExportResult:
+    from mergetune.merge_ops.disk import merge_recipe_file
+
     board = build_leaderboard(study, storage)
     row = pick_row(board, method, trial)
     recipe_file = parse_recipes(row.recipe, source=f"{study.spec.name} trial {row.trial}")
@@ -86,6 +106,7 @@ def export_trial(
         overwrite=overwrite,
         progress=progress,
         card_extra=score_table(board, row),
+        protected=protected_files(study),
     )
     return ExportResult(row, out_dir)
 

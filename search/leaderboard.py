@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-import optuna
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from mergetune.errors import MergetuneError
-from mergetune.search.records import PairedDifference, Record, Summary, paired_bootstrap, summarize
-from mergetune.search.runner import FINAL_PREFIX, optuna_study_name
-from mergetune.search.study_file import Study, redact_url
+from mergetune.eval.evidence import PairedDifference, Record, Summary, paired_bootstrap, summarize
+from mergetune.search.trials import StoredTrial, final_records, load_optuna_study
+from mergetune.search.study_file import Study
 
 
 @dataclass
@@ -71,24 +70,7 @@ class Leaderboard:
         return list(names)
 
 
-def load_optuna_study(study: Study, method: str, storage=None) -> Optional[optuna.Study]:
-    try:
-        return optuna.load_study(study_name=optuna_study_name(study.spec, method), storage=storage or study.storage_url)
-    except KeyError:
-        return None
-    except Exception as error:  # storage drivers raise their own types
-        raise MergetuneError(f"cannot open the study storage {study.storage_display}: {redact_url(str(error))}") from None
-
-
-def final_records(optuna_study: optuna.Study) -> dict[int, Record]:
-    return {
-        int(key[len(FINAL_PREFIX) :]): json.loads(value)
-        for key, value in optuna_study.user_attrs.items()
-        if key.startswith(FINAL_PREFIX)
-    }
-
-
-def build_leaderboard(study: Study, storage=None, bootstrap_iterations: int = 2000) -> Leaderboard:
+def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, bootstrap_iterations: int = 2000) -> Leaderboard:
     rows: list[Row] = []
     records: dict[tuple[str, int], Record] = {}
     for method in study.spec.methods:
@@ -96,7 +78,8 @@ def build_leaderboard(study: Study, storage=None, bootstrap_iterations: int = 20
         if optuna_study is None:
             continue
         finals = final_records(optuna_study)
-        for trial in optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for frozen in optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            trial = StoredTrial.of(frozen)
             final = finals.get(trial.number)
             if final is not None:
                 records[(method, trial.number)] = final
@@ -104,11 +87,11 @@ def build_leaderboard(study: Study, storage=None, bootstrap_iterations: int = 20
                 Row(
                     method=method,
                     trial=trial.number,
-                    baseline=trial.user_attrs.get("baseline"),
-                    search=summarize(json.loads(trial.user_attrs["record"])),
+                    baseline=trial.baseline,
+                    search=summarize(trial.record),
                     final=summarize(final) if final is not None else None,
-                    recipe=trial.user_attrs["recipe"],
-                    seed=int(trial.user_attrs["seed"]),
+                    recipe=trial.recipe,
+                    seed=trial.seed,
                 )
             )
     if not rows:

@@ -18,10 +18,10 @@ from optuna.trial import TrialState  # noqa: E402
 
 from mergetune.merge_ops.parameters import coercer, evaluate_setting  # noqa: E402
 from mergetune.merge_ops.recipe import recipe_from_dict  # noqa: E402
-from mergetune.search.leaderboard import Leaderboard, build_leaderboard, load_optuna_study, table_rows  # noqa: E402
-from mergetune.search.leaderboard import comparison_lines  # noqa: E402
+from mergetune.search.leaderboard import Leaderboard, build_leaderboard, comparison_lines, table_rows  # noqa: E402
 from mergetune.search.storage import dashboard_target  # noqa: E402
 from mergetune.search.study_file import Study  # noqa: E402
+from mergetune.search.trials import is_baseline, load_optuna_study  # noqa: E402
 
 log = logging.getLogger(__name__)
 DEFAULT_LAYERS = 32
@@ -53,7 +53,7 @@ def plot_history(optuna_study: optuna.Study, method: str, path: Path) -> Path:
     if line:
         axis.step(*zip(*line), where="post", color="black", linewidth=1, label="best so far")
     for trial in complete:
-        if trial.user_attrs.get("baseline"):
+        if is_baseline(trial):
             axis.axhline(100 * trial.value, linestyle="--", color="gray", linewidth=1, label="hand-written baseline")
     axis.set_xlabel("trial")
     axis.set_ylabel("search score (avg %)")

@@ -17,7 +17,6 @@ import random
 import re
 import threading
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -63,6 +62,15 @@ def journal_path(study: Study) -> Optional[Path]:
     else:
         return None
     return (study.directory / Path(path).expanduser()).resolve()
+
+
+def local_file(study: Study) -> Optional[Path]:
+    """The file on this machine that holds the study's storage (a journal or a SQLite database), else None."""
+    path = journal_path(study)
+    if path is not None or dialect(study.storage_url) != "sqlite":
+        return path
+    name = study.storage_url.split("://", 1)[1].removeprefix("/")  # SQLAlchemy reads a relative name from the cwd
+    return Path(name).resolve() if name and name != ":memory:" else None
 
 
 def dialect(url: str) -> str:
@@ -150,16 +158,6 @@ def heartbeat_interval(storage: BaseStorage) -> Optional[int]:
     return getter() if getter else None
 
 
-def stale_trial_ids(optuna_study: optuna.Study) -> set[int]:
-    """Running trials whose heartbeat stopped longer than the grace period ago, by the database's clock."""
-    storage = optuna_study._storage
-    if heartbeat_interval(storage) is None:
-        return set()
-    # Part of Optuna's heartbeat interface (BaseHeartbeat), which fail_stale_trials uses too; we call it
-    # directly to record why the trial failed before failing it.
-    return set(storage._get_stale_trial_ids(optuna_study._study_id))
-
-
 @contextlib.contextmanager
 def heartbeat(storage: BaseStorage, trial_id: int) -> Iterator[None]:
     """Record the trial's heartbeat now and every interval until the block ends (no-op without heartbeats).
@@ -194,18 +192,3 @@ def dashboard_target(study: Study) -> str:
     """What to give optuna-dashboard to browse the study (the password masked: the user knows it)."""
     path = journal_path(study)
     return str(path) if path is not None else study.storage_display
-
-
-@contextlib.contextmanager
-def scratch_postgres_database(server_url: str, prefix: str) -> Iterator[str]:
-    """The URL of a new, uniquely named database on `server_url`'s server, dropped (connections and all)
-    afterwards: an empty study storage for tests and benchmarks."""
-    import psycopg
-
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            yield f"{server_url.rsplit('/', 1)[0]}/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

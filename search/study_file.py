@@ -10,64 +10,35 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, create_model, field_validator, model_validator
 
 from mergetune.errors import MergetuneError
+from mergetune.eval.backends import live_backend_names
+from mergetune.registry import Registry
+from mergetune.search.methods import SEARCHABLE
+from mergetune.search.samplers import PRUNERS, SAMPLERS
+from mergetune.validation import Strict, read_text, validate
 
-SEARCHABLE_METHODS = ("slerp", "dare_ties", "ties", "task_arithmetic", "linear")
 # Where and how long a study runs, not what its trials mean: free to differ between workers and runs.
 RUN_SETTINGS = frozenset({"storage", "storage_options", "budget", "device", "backend"})
+LEGACY_PRUNING = ("successive_halving", "none")  # the pruners `pruning: true/false` meant
+
+# `space:` has one section per searchable method, each that method's own settings model.
+Space = create_model(
+    "Space", __base__=Strict, **{name: (SEARCHABLE.get(name).space, SEARCHABLE.get(name).space()) for name in SEARCHABLE}
+)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _registered(registry: Registry, value: str) -> str:
+    if value not in registry:
+        raise ValueError(registry.unknown(value))
+    return value
 
 
-class Range(_Strict):
-    low: float
-    high: float
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "Range":
-        if self.low > self.high:
-            raise ValueError(f"low {self.low} is above high {self.high}")
-        return self
-
-
-class SlerpSpace(_Strict):
-    """A t-curve of `control_points` values in [0, 1] per filter, plus one for all other tensors."""
-
-    filters: list[str] = Field(default_factory=lambda: ["self_attn", "mlp"])
-    control_points: int = Field(5, ge=1, le=64)
-
-
-class WeightedSpace(_Strict):
-    """Weight (and density, for sparsifying methods) per model; optionally a curve across layers."""
-
-    weight: Range = Range(low=0.1, high=1.0)
-    density: Range = Range(low=0.1, high=1.0)
-    curve_points: Optional[int] = Field(None, ge=2, le=64)
-
-    @field_validator("density")
-    @classmethod
-    def _density_range(cls, value: Range) -> Range:
-        if value.low <= 0 or value.high > 1:
-            raise ValueError("density must lie in (0, 1]")
-        return value
-
-
-class Space(_Strict):
-    slerp: SlerpSpace = SlerpSpace()
-    dare_ties: WeightedSpace = WeightedSpace()
-    ties: WeightedSpace = WeightedSpace()
-    task_arithmetic: WeightedSpace = WeightedSpace()
-    linear: WeightedSpace = WeightedSpace()
-
-
-class Final(_Strict):
+class Final(Strict):
     """The finalists' evaluation: more documents, none of them seen by the search."""
 
     tasks: list[str] = Field(
@@ -80,7 +51,7 @@ class Final(_Strict):
     seed: int = 1
 
 
-class Evaluation(_Strict):
+class Evaluation(Strict):
     suite: Optional[str] = None
     tasks: list[str] = Field(default_factory=list)
     include_paths: list[str] = Field(default_factory=list)
@@ -119,7 +90,7 @@ class Evaluation(_Strict):
         return self
 
 
-class StorageOptions(_Strict):
+class StorageOptions(Strict):
     """How workers share a storage: a running trial's heartbeat, when silence means death, how long to wait for a database."""
 
     heartbeat_interval: int = Field(30, ge=1, description="seconds between a running trial's heartbeats (RDB storages)")
@@ -137,47 +108,84 @@ class StorageOptions(_Strict):
         return self
 
 
-class Budget(_Strict):
+class Budget(Strict):
     n_trials: Optional[int] = Field(30, ge=1, description="completed (or pruned) trials per method")
     timeout: Optional[float] = Field(None, gt=0, description="seconds per method")
 
 
-class StudySpec(_Strict):
+class StudySpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     models: list[str] = Field(min_length=2)
     base_model: Optional[str] = None
-    methods: list[Literal["slerp", "dare_ties", "ties", "task_arithmetic", "linear"]] = Field(
-        default_factory=lambda: ["slerp", "dare_ties"], min_length=1
-    )
+    methods: list[str] = Field(default_factory=lambda: ["slerp", "dare_ties"], min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     space: Space = Space()
     evaluation: Evaluation
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: str = "hf"
     device: str = "cpu"
     budget: Budget = Budget()
-    sampler: Literal["tpe", "cmaes", "gp", "random"] = "tpe"
-    pruning: bool = True
+    sampler: str = "tpe"
+    pruning: Union[str, bool] = Field(
+        "successive_halving", description="a registered pruner; true/false stand for successive_halving/none"
+    )
     seed: int = 0
     storage: Optional[str] = None
     storage_options: StorageOptions = StorageOptions()
     baselines: bool = True
 
+    @field_validator("methods")
+    @classmethod
+    def _searchable(cls, value: list[str]) -> list[str]:
+        return [_registered(SEARCHABLE, name) for name in value]
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, value: str) -> str:
+        return _registered(SAMPLERS, value)
+
+    @field_validator("pruning")
+    @classmethod
+    def _pruner(cls, value: Union[str, bool]) -> str:
+        if isinstance(value, bool):
+            return "successive_halving" if value else "none"
+        return _registered(PRUNERS, value)
+
+    @field_validator("backend")
+    @classmethod
+    def _live_backend(cls, value: str) -> str:
+        if value not in live_backend_names():
+            known = ", ".join(live_backend_names())
+            raise ValueError(f"backend {value!r} cannot score candidates built in memory; use one of {known}")
+        return value
+
     @model_validator(mode="after")
     def _methods_fit_models(self) -> "StudySpec":
-        if "slerp" in self.methods and len(self.models) != 2:
-            raise ValueError(f"slerp merges exactly 2 models; {len(self.models)} are listed")
-        needs_base = [m for m in self.methods if m in ("dare_ties", "ties", "task_arithmetic")]
+        for name in self.methods:
+            count = SEARCHABLE.get(name).model_count
+            if count is not None and len(self.models) != count:
+                raise ValueError(f"{name} merges exactly {count} models; {len(self.models)} are listed")
+        needs_base = [m for m in self.methods if SEARCHABLE.get(m).needs_base]
         if needs_base and not self.base_model:
             raise ValueError(f"{', '.join(needs_base)} need a base_model (the models' common ancestor)")
         given = self.evaluation.model_fields_set
         pruning_fields = {f for f in ("first_limit", "reduction_factor") if f in given and getattr(self.evaluation, f) is not None}
-        if pruning_fields and not self.pruning:
-            raise ValueError(f"evaluation.{min(pruning_fields)} only makes sense with pruning: true")
+        if pruning_fields and not PRUNERS.get(self.pruning).uses_rungs:
+            raise ValueError(f"evaluation.{min(pruning_fields)} only makes sense with pruning (this study has pruning: {self.pruning})")
         return self
+
+    def rungs(self) -> list[int]:
+        """Documents per task at which this study's pruner may stop a candidate (empty: never)."""
+        return PRUNERS.get(self.pruning).rungs(self.evaluation)
 
     def definition_hash(self) -> str:
         """Identifies what the trials mean (not where they are stored or how long to run)."""
-        return hashlib.sha256(json.dumps(self.definition(), sort_keys=True).encode()).hexdigest()[:16]
+        return _hash(self.definition())
+
+    def has_definition(self, stored_hash: str) -> bool:
+        """Whether a stored study's definition hash is this file's — also as stored before pruners had names
+        (`pruning: true/false`), so a study begun with an older mergetune continues."""
+        legacy = {**self.definition(), "pruning": self.pruning != "none"} if self.pruning in LEGACY_PRUNING else None
+        return stored_hash == self.definition_hash() or (legacy is not None and stored_hash == _hash(legacy))
 
     def definition(self) -> dict:
         """The fields that define the trials; stored with the study (never the storage URL and its password)."""
@@ -211,6 +219,10 @@ class Study(BaseModel):
         return f"sqlite:///{(self.directory / (self.spec.name + '.db')).resolve()}"
 
 
+def _hash(definition: dict) -> str:
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def redact_url(text: str) -> str:
     """postgresql://user:secret@host/db → postgresql://user:***@host/db, anywhere in `text`.
 
@@ -224,22 +236,9 @@ def redact_url(text: str) -> str:
 def load_study(path: str | Path) -> Study:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MergetuneError(f"study file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise MergetuneError(f"cannot read study file {path}: {error}") from None
+        data = yaml.safe_load(read_text(path, "study file"))
     except yaml.YAMLError as error:
         raise MergetuneError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise MergetuneError(f"{path}: a study file must be a mapping of fields")
-    try:
-        spec = StudySpec.model_validate(data)
-    except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            location = ".".join(str(part) for part in item["loc"]) or "(top level)"
-            message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
-            problems.append(f"{location}: {message}")
-        raise MergetuneError(f"{path}: " + "; ".join(dict.fromkeys(problems))) from None
-    return Study(spec=spec, path=path.resolve())
+    return Study(spec=validate(StudySpec, data, str(path)), path=path.resolve())

@@ -15,11 +15,13 @@ import pytest
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from mergetune.search.runner import DIED, optuna_study_name
-from mergetune.search.storage import open_storage, scratch_postgres_database
+from mergetune.demo.postgres import scratch_postgres_database
+from mergetune.search.storage import open_storage
+from mergetune.search.trials import optuna_study_name
+from mergetune.search.workers import DIED
 from mergetune.search.study_file import load_study
-from mergetune.demo import tiny_study
-from mergetune.skills import write_task_dir
+from mergetune.demo.study import tiny_study
+from mergetune.demo.skills import write_task_dir
 
 POSTGRES_ENV = "MERGETUNE_TEST_POSTGRES_URL"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -195,7 +195,7 @@ def doc_metrics(result):
 def test_vllm_scores_the_live_weights_after_every_in_place_update(fake_vllm, live_model, eval_models, toy_task_dir):
     model, tokenizer = live_model
     config = EvalConfig(tasks=(TOY_TASK,), include_paths=(toy_task_dir,))
-    on_vllm = Evaluator.from_model(model, tokenizer, config, backend="vllm", engine_dir=eval_models["base"])
+    on_vllm = Evaluator.from_model(model, tokenizer, config, backend="vllm", checkpoint_dir=eval_models["base"])
     in_process = Evaluator.from_model(model, tokenizer, config, batch_size=1)
     (engine,) = FakeLLM.instances
     assert engine.options["worker_extension_cls"] == WORKER_EXTENSION
@@ -224,7 +224,7 @@ def test_a_weight_the_engine_did_not_load_is_an_error_not_a_stale_score(fake_vll
     model, tokenizer = live_model
     FakeLLM.skip = "layers.2.self_attn.o_proj"
     evaluator = Evaluator.from_model(
-        model, tokenizer, EvalConfig(tasks=(TOY_TASK,), include_paths=(toy_task_dir,)), backend="vllm", engine_dir=eval_models["base"]
+        model, tokenizer, EvalConfig(tasks=(TOY_TASK,), include_paths=(toy_task_dir,)), backend="vllm", checkpoint_dir=eval_models["base"]
     )
     with pytest.raises(MergetuneError, match="did not load 1 parameters, e.g. model.layers.2.self_attn.o_proj.weight"):
         evaluator.score(limit=2)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
 import socket
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,10 +29,10 @@ from mergetune.merge_ops.recipe import recipe_from_dict
 from mergetune.merge_ops.sources import open_source
 from mergetune.search.export import score_table
 from mergetune.search.leaderboard import Leaderboard, Row
-from mergetune.search.records import Summary, TaskSummary
+from mergetune.eval.evidence import Summary, TaskSummary
 from mergetune.search.report import _html_table
 from mergetune.search.storage import redact
-from mergetune.tiny import TinySpec, build_family
+from mergetune.demo.tiny import TinySpec, build_family
 
 pytest.register_assert_rewrite("scaleout_fixtures")
 from scaleout_fixtures import COUNTED, stored_trials, write_study  # noqa: E402
@@ -128,17 +130,39 @@ class Inputs:
     def study(self, family: dict | None = None, **overrides) -> str:
         return str(write_study(self.tmp, family or self.family, self.tasks, **overrides))
 
-    def model_copy(self, name: str, damage: Callable[[Path], None]) -> dict:
+    def model_copy(self, name: str, damage: Callable[[Path], None], file: str = "model-*.safetensors") -> dict:
+        """The family with `name` replaced by a copy whose first `file` is damaged."""
         copy = self.tmp / "damaged"
         shutil.copytree(self.family[name], copy)
-        damage(sorted(copy.glob("model-*.safetensors"))[0])
+        damage(sorted(copy.glob(file))[0])
         return {**self.family, name: copy}
 
-    def recipe(self, **changes) -> str:
+    def local_family(self) -> dict:
+        """Copies of base and model_a under tmp/models: inputs a wrong output path could destroy."""
+        return {name: shutil.copytree(self.family[name], self.tmp / "models" / name) for name in ("base", "model_a")}
+
+    def link_to(self, target: Path) -> str:
+        link = self.tmp / "link"
+        link.symlink_to(target, target_is_directory=True)
+        return str(link)
+
+    def pickled_non_state_dict(self) -> dict:
+        pickled = self.tmp / "pickled"
+        pickled.mkdir()
+        shutil.copy(self.family["model_a"] / "config.json", pickled / "config.json")
+        torch.save([torch.zeros(2)], pickled / "pytorch_model.bin")
+        return {**self.family, "model_a": pickled}
+
+    def file_at(self, name: str) -> str:
+        (self.tmp / name).write_text("my notes\n")
+        return str(self.tmp / name)
+
+    def recipe(self, family: dict | None = None, **changes) -> str:
+        family = family or self.family
         recipe = {
             "merge_method": "slerp",
-            "base_model": str(self.family["base"]),
-            "models": [{"model": str(self.family["base"])}, {"model": str(self.family["model_a"])}],
+            "base_model": str(family["base"]),
+            "models": [{"model": str(family["base"])}, {"model": str(family["model_a"])}],
             "parameters": {"t": 0.5},
             **changes,
         }
@@ -169,6 +193,47 @@ class Inputs:
 
 def run(*args: str) -> list[str]:
     return list(args)
+
+
+def edit_header(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    """Damage that rewrites a safetensors shard's JSON header, keeping its data bytes."""
+
+    def damage(shard: Path) -> None:
+        raw = shard.read_bytes()
+        length = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8 : 8 + length])
+        change(header)
+        text = json.dumps(header).encode()
+        shard.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+
+    return damage
+
+
+def first_tensor(header: dict) -> dict:
+    return header[next(name for name in header if name != "__metadata__")]
+
+
+def raw_header(text: bytes) -> Callable[[Path], None]:
+    return lambda shard: shard.write_bytes(struct.pack("<Q", len(text)) + text)
+
+
+def huge_header(shard: Path) -> None:
+    """A header length of 1 TiB in a (sparse) file long enough to hold it: the reader must not allocate it."""
+    shard.write_bytes(struct.pack("<Q", 2**40))
+    os.truncate(shard, 2**40 + 64)
+
+
+def quantized(shard: Path) -> None:
+    """One tensor stored as int8, as a quantized checkpoint has it."""
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
+def linear_recipe(i: "Inputs", weights: tuple[float, float]) -> str:
+    models = [{"model": str(i.family[name]), "parameters": {"weight": w}} for name, w in zip(("base", "model_a"), weights)]
+    return i.recipe(merge_method="linear", models=models, parameters={"normalize": True})
 
 
 HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
@@ -256,6 +321,149 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         lambda i: i.on_a_filling_disk(run("export", str(i.request.getfixturevalue("failing_study")), str(i.tmp / "out"))),
         "cannot write {tmp}/out: No space left on device; nothing was written there",
     ),
+    # An output that is, holds or lies inside an input is refused, even with --overwrite.
+    (
+        "merge over an input model",
+        lambda i: run("merge", i.recipe(i.local_family()), str(i.tmp / "models" / "model_a"), "--overwrite"),
+        "output directory {tmp}/models/model_a is the input model",
+    ),
+    (
+        "merge over the folder that holds the inputs",
+        lambda i: run("merge", i.recipe(i.local_family()), str(i.tmp / "models"), "--overwrite"),
+        "output directory {tmp}/models contains the input model",
+    ),
+    (
+        "merge into an input model",
+        lambda i: run("merge", i.recipe(i.local_family()), str(i.tmp / "models" / "base" / "merged")),
+        "output directory {tmp}/models/base/merged lies inside the input model",
+    ),
+    (
+        "merge over an input through a symlink",
+        lambda i: run("merge", i.recipe(f := i.local_family()), i.link_to(f["model_a"]), "--overwrite"),
+        "output directory {tmp}/link is the input model",
+    ),
+    (
+        "merge over the recipe's folder",
+        lambda i: run("merge", i.recipe(), str(i.tmp), "--overwrite"),
+        "output directory {tmp} contains the recipe file ({tmp}/recipe.yaml)",
+    ),
+    (
+        "export over an input model",
+        lambda i: run("export", str(i.request.getfixturevalue("failing_study")), str(i.family["model_a"]), "--overwrite"),
+        "is the input model",
+    ),
+    (
+        "export over the folder of the study file and its database",
+        lambda i: run("export", str(study := i.request.getfixturevalue("failing_study")), str(study.parent), "--overwrite"),
+        "contains the study file",
+    ),
+    # Numbers that would put NaN or inf into the weights.
+    (
+        "NaN in a gradient",
+        lambda i: run("merge", i.recipe(parameters={"t": [0, float("nan"), 1]}), str(i.tmp / "out")),
+        "parameters.t: nan is not valid: not a finite number",
+    ),
+    (
+        "linear weights that sum to 0",
+        lambda i: run("merge", linear_recipe(i, (1, -1)), str(i.tmp / "out")),
+        "tensor model.embed_tokens.weight: parameter 'weight': the weights [1.0, -1.0] sum to 0",
+    ),
+    (
+        "merged weights not finite",
+        lambda i: run("merge", i.recipe({**i.family, "model_a": nan_copy(i.family["model_a"], i.tmp)}), str(i.tmp / "out")),
+        "merged weights are not finite: NaN or inf in model.layers.0.mlp.down_proj.weight",
+    ),
+    (
+        "quantized (int8) weights",
+        lambda i: run("merge", i.recipe(i.model_copy("model_a", quantized)), str(i.tmp / "out")),
+        "{tmp}/damaged: tensor model.embed_tokens.weight is int8, not floating point; quantized checkpoints are not supported",
+    ),
+    # Damaged or strange files: one message, not a traceback.
+    (
+        "config.json that isn't an object",
+        lambda i: run("merge", i.recipe(i.model_copy("model_a", lambda f: f.write_text("[1, 2]"), "config.json")), str(i.tmp / "out")),
+        "{tmp}/damaged/config.json holds a JSON list, not an object",
+    ),
+    (
+        "safetensors shape that disagrees with its bytes",
+        lambda i: run("merge", i.recipe(i.model_copy("model_a", edit_header(lambda h: first_tensor(h)["shape"].append(2)))), str(i.tmp / "out")),
+        "is corrupt or truncated (tensor model.embed_tokens.weight: shape",
+    ),
+    (
+        "safetensors byte range outside the file",
+        lambda i: run("merge", i.recipe(i.model_copy("model_a", edit_header(lambda h: first_tensor(h).update(data_offsets=[0, 10**12])))), str(i.tmp / "out")),
+        "is corrupt or truncated (tensor model.embed_tokens.weight ends at byte",
+    ),
+    (
+        "safetensors header of 1 TiB",
+        lambda i: run("merge", i.recipe(i.model_copy("model_a", huge_header)), str(i.tmp / "out")),
+        "is corrupt or truncated (header of 1099511627776 bytes, over the 100000000",
+    ),
+    (
+        "safetensors header that isn't an object",
+        lambda i: run("merge", i.recipe(i.model_copy("model_a", raw_header(b"[1, 2]  "))), str(i.tmp / "out")),
+        "is corrupt or truncated (header is not a JSON object)",
+    ),
+    (
+        "safetensors dtype this tool doesn't read (fp8)",
+        lambda i: run("merge", i.recipe(i.model_copy("model_a", edit_header(lambda h: first_tensor(h).update(dtype="F8_E4M3")))), str(i.tmp / "out")),
+        "tensor model.embed_tokens.weight in {tmp}/damaged/model-00001-of-00008.safetensors has dtype F8_E4M3",
+    ),
+    (
+        "shard index that isn't an object",
+        lambda i: run("merge", i.recipe(i.model_copy("model_a", lambda f: f.write_text("[]"), "*.index.json")), str(i.tmp / "out")),
+        "model.safetensors.index.json holds a JSON list, not an object",
+    ),
+    (
+        "shard index pointing outside the model",
+        lambda i: run(
+            "merge",
+            i.recipe(i.model_copy("model_a", lambda f: f.write_text(json.dumps({"weight_map": {"x": "../../etc/passwd"}})), "*.index.json")),
+            str(i.tmp / "out"),
+        ),
+        "weight_map must map tensor names to shard file names in {tmp}/damaged",
+    ),
+    (
+        "tokenizer_config.json that isn't JSON, with chat_template: auto",
+        lambda i: run(
+            "merge",
+            i.recipe(i.model_copy("model_a", lambda f: f.write_text("{oops"), "tokenizer_config.json"), chat_template="auto"),
+            str(i.tmp / "out"),
+        ),
+        "cannot read {tmp}/damaged/tokenizer_config.json",
+    ),
+    (
+        "pickled weights that aren't a state dict",
+        lambda i: run("merge", i.recipe(i.pickled_non_state_dict()), str(i.tmp / "out"), "--allow-pickle"),
+        "pytorch_model.bin does not hold a state dict",
+    ),
+    # A typo in the recipe or on the command line.
+    (
+        "stage name that is a path",
+        lambda i: run("merge", i.recipe(name="../victim"), str(i.tmp / "out")),
+        "name: Value error, a stage name must be a plain name, not a path: '../victim'",
+    ),
+    (
+        "quoted number out of range",
+        lambda i: run("merge", i.recipe(parameters={"t": "1.5"}), str(i.tmp / "out")),
+        "parameters.t: '1.5' is outside [0.0, 1.0]",
+    ),
+    ("shard size inf", lambda i: run("merge", i.recipe(), str(i.tmp / "out"), "--shard-size", "inf"), "--shard-size: must be a finite"),
+    (
+        "merge on a device this machine lacks",
+        lambda i: run("merge", i.recipe(), str(i.tmp / "out"), "--device", "cuda:99"),
+        "device cuda:99: ",
+    ),
+    (
+        "merge on the meta device",
+        lambda i: run("merge", i.recipe(), str(i.tmp / "out"), "--device", "meta"),
+        "device meta: merges run on cpu or cuda, not meta",
+    ),
+    (
+        "--overwrite onto a file",
+        lambda i: run("merge", i.recipe(), i.file_at("notes.txt"), "--overwrite"),
+        "output {tmp}/notes.txt is not a directory",
+    ),
     (
         "export of a trial that doesn't exist",
         lambda i: run("export", str(i.request.getfixturevalue("failing_study")), str(i.tmp / "out"), "--trial", "99"),
@@ -267,12 +475,29 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
 @pytest.mark.parametrize("case, make, message", HOSTILE, ids=[case for case, _, _ in HOSTILE])
 def test_hostile_input_gives_one_clear_message(case, make, message, family_f32, tiny_tasks, tmp_path, monkeypatch, request):
     inputs = Inputs(tmp_path, family_f32, tiny_tasks, monkeypatch, request)
-    result = runner.invoke(app, make(inputs))
+    args = make(inputs)
+    before = checksums(tmp_path, *family_f32.values())
+    result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert message.format(tmp=tmp_path) in result.output
     assert result.output.count("error: ") == 1 and "Traceback" not in result.output
     assert PASSWORD not in result.output
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*.partial-*"))
+    after = checksums(tmp_path, *family_f32.values())
+    assert {path: after.get(path) for path in before} == before  # every input untouched
+
+
+def checksums(*roots: Path) -> dict[Path, tuple]:
+    """Every file under `roots` (links not followed): size, and content hash unless huge (a sparse test file)."""
+    sums = {}
+    for root in roots:
+        for directory, _, files in os.walk(root):
+            for name in files:
+                path = Path(directory, name)
+                size = path.lstat().st_size
+                digest = hashlib.sha256(path.read_bytes()).hexdigest() if size < 2**26 and not path.is_symlink() else None
+                sums[path] = (size, digest)
+    return sums
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mergetune.cli import app
-from mergetune.tiny import TinySpec, build_family
+from mergetune.demo.tiny import TinySpec, build_family
 
 runner = CliRunner()
 
@@ -195,7 +195,7 @@ def test_ctrl_c_exits_130_and_cleans_up(family_f32, tmp_path, monkeypatch):
 def test_pickled_weights_load_with_allow_pickle(family_f32, tmp_path):
     import torch
 
-    from mergetune.merge_ops.sources import load_state
+    from mergetune.demo.tiny import load_state
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -13,7 +13,8 @@ from mergetune.merge_ops.inmemory import InMemoryBuilder
 from mergetune.merge_ops.parameters import coercer, evaluate_setting
 from mergetune.merge_ops.plan import plan_merge
 from mergetune.merge_ops.recipe import ConditionalParameter, parse_recipes, recipe_from_dict
-from mergetune.merge_ops.sources import MemorySource, load_state, open_source
+from mergetune.demo.tiny import load_state
+from mergetune.merge_ops.sources import MemorySource, open_source
 
 CURVE = [0, 0.5, 0.3, 0.7, 1]
 as_float = coercer(float)

@@ -17,7 +17,7 @@ import yaml
 
 from mergetune.merge_ops.disk import merge_recipe_file
 from mergetune.merge_ops.recipe import parse_recipes
-from mergetune.merge_ops.sources import load_state
+from mergetune.demo.tiny import load_state
 
 mergekit_merge = pytest.importorskip("mergekit.merge")
 from mergekit.config import MergeConfiguration  # noqa: E402
@@ -292,7 +292,7 @@ def test_multi_stage_slerp_of_two_stacks_matches_mergekit_run_stage_by_stage(fam
 @pytest.fixture(scope="session")
 def family_other_vocab(tmp_path_factory, family_f32) -> dict[str, Path]:
     """model_x: same architecture as family_f32 but a tokenizer with more (and renumbered) words."""
-    from mergetune.tiny import TinySpec, build_tokenizer, random_model, save_model
+    from mergetune.demo.tiny import TinySpec, build_tokenizer, random_model, save_model
 
     tokenizer = build_tokenizer(extra_text="zebra yak quokka aardvark")
     model = random_model(TinySpec(), tokenizer, seed=5)

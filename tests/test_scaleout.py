@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from mergetune.cli import app
-from mergetune.search.runner import DIED, Reaper, Worker, admitted
+from mergetune.search.optuna_adapter import storage_of, trial_id
+from mergetune.search.workers import DIED, Reaper, Worker, admitted
 from mergetune.search.storage import heartbeat, open_storage
 from mergetune.search.study_file import load_study
 
@@ -181,7 +182,7 @@ def test_a_dead_workers_trial_is_failed_and_queued_again_exactly_once(tmp_path):
 
 def test_a_worker_on_another_host_is_dead_once_its_heartbeat_is_silent_past_the_grace_period(tmp_path):
     study = running_trial(tmp_path, dead_worker(host="elsewhere"))
-    with heartbeat(study._storage, study.trials[0]._trial_id):
+    with heartbeat(storage_of(study), trial_id(study.trials[0])):
         time.sleep(1.5)  # alive and beating: not dead, though its process isn't on this host
         assert Reaper(grace_period=2).reap(study) == []
     time.sleep(3)

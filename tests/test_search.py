@@ -15,12 +15,12 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from mergetune.cli import app
-from mergetune.merge_ops.sources import load_state
-from mergetune.search.leaderboard import build_leaderboard, final_records
-from mergetune.search.runner import optuna_study_name
-from mergetune.demo import tiny_study
+from mergetune.demo.tiny import load_state
+from mergetune.search.leaderboard import build_leaderboard
+from mergetune.search.trials import final_records, optuna_study_name
+from mergetune.demo.study import tiny_study
 from mergetune.search.study_file import Evaluation, load_study
-from mergetune.skills import HELDOUT_TASKS, SEARCH_TASKS, write_task_dir
+from mergetune.demo.skills import HELDOUT_TASKS, SEARCH_TASKS, write_task_dir
 
 runner = CliRunner()
 
@@ -264,14 +264,17 @@ def test_a_different_study_definition_under_the_same_name_is_refused(finished_st
     [
         ({"methods": ["slerp"], "models": ["a", "b", "c"]}, "slerp merges exactly 2 models"),
         ({"base_model": None}, "dare_ties need a base_model"),
-        ({"sampler": "annealing"}, "sampler: Input should be"),
+        ({"sampler": "annealing"}, "unknown sampler 'annealing'; known: tpe, cmaes, gp, random"),
+        ({"methods": ["slerp", "karcher"]}, "unknown searchable method 'karcher'; known: slerp, dare_ties"),
+        ({"pruning": "hyperband"}, "unknown pruner 'hyperband'; known: successive_halving, none"),
+        ({"backend": "server"}, "backend 'server' cannot score candidates built in memory"),
         ({"budget": {"n_trials": 0}}, "budget.n_trials: Input should be greater than or equal to 1"),
         ({"evaulation": {}}, "evaulation: unknown field"),
         ({"space": {"dare_ties": {"density": {"low": 0.0, "high": 1.0}}}}, "density must lie in (0, 1]"),
         ({"evaluation": {"first_limit": 5}}, "first_limit (5) must be at most half of limit (8)"),
         (
             {"pruning": False, "evaluation": {"first_limit": None, "reduction_factor": 2}},
-            "evaluation.reduction_factor only makes sense with pruning: true",
+            "evaluation.reduction_factor only makes sense with pruning (this study has pruning: none)",
         ),
     ],
 )
@@ -286,3 +289,16 @@ def test_bad_study_files_get_one_clear_message(change, message, family_f32, task
 def test_shipped_study_files_are_valid(path):
     study = load_study(path)
     assert study.spec.methods and study.spec.evaluation.limit > 0
+
+
+def test_a_study_stored_by_the_release_before_named_pruners_continues():
+    from mergetune.demo.study import DEMO_STUDY
+    from mergetune.search.study_file import StudySpec
+
+    spec = StudySpec.model_validate({**DEMO_STUDY, "models": ["a", "b"], "base_model": "c"})
+    # Hashes the previous release (pruning: true/false) stored for this very spec.
+    assert spec.has_definition("2250dfc94337abd2")
+    assert StudySpec.model_validate({**DEMO_STUDY, "models": ["a", "b"], "base_model": "c", "pruning": "none"}).has_definition(
+        "c2f38d0d6f6937fe"
+    )
+    assert not spec.has_definition("c2f38d0d6f6937fe")  # pruning differs: a different study

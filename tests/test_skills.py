@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from mergetune.merge_ops.inmemory import InMemoryBuilder
 from mergetune.merge_ops.recipe import recipe_from_dict
 from mergetune.merge_ops.sources import open_source
-from mergetune.skills import (
+from mergetune.demo.skills import (
     HELDOUT_TASKS,
     SEARCH_TASKS,
     SKILLS,
@@ -24,7 +24,7 @@ from mergetune.skills import (
     specialist_layers,
     write_task_dir,
 )
-from mergetune.tiny import TinySpec
+from mergetune.demo.tiny import TinySpec
 
 #: Seconds to build; too short to learn anything, enough to check determinism and caching.
 TINY = DemoSettings(
@@ -111,7 +111,7 @@ def test_build_is_deterministic_cached_and_keyed_by_settings(tmp_path, caplog):
 
     stamp = tmp_path / "a" / "demo-models.json"
     written = stamp.stat().st_mtime_ns, (first["base"] / "model.safetensors").stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="mergetune.skills"):
+    with caplog.at_level("INFO", logger="mergetune.demo.skills"):
         assert build_demo_models(tmp_path / "a", TINY) == first
     assert "cached" in caplog.text
     assert (stamp.stat().st_mtime_ns, (first["base"] / "model.safetensors").stat().st_mtime_ns) == written

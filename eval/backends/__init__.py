@@ -5,70 +5,58 @@ Each backend wraps an lm-eval `TemplateLM` (HFLM for `hf`, local-completions for
 lm-eval's. Requests are tokenized once through `encode` and scored many times
 through `loglikelihood`; `forward_seconds` adds up the time spent in forward
 passes (or, for a server, in requests), which the benchmark reports.
+
+Backends are found by name in a registry, as lm-eval finds its models
+(`lm_eval/models/__init__.py`): each name maps to a "module:Class" string that
+is imported the first time the backend is used, so naming vLLM costs nothing
+until an engine starts. To add a backend:
+
+1. write a `Backend` subclass (`mergetune.eval.backends.base`) with `name`, `lm`, the classmethods `for_directory`
+   (and `for_live_model` if it can score a model object whose weights change in
+   place) and `command_options` (the `mergetune eval` options it takes);
+2. add its line to `_BACKENDS` below.
+
+`Evaluator.from_model` / `from_dir`, `mergetune eval --backend` and study files need
+nothing else. This module imports no backend (nor lm-eval): study files check
+their `backend` against it on the read side.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, NamedTuple
 
-from lm_eval.api.model import TemplateLM
+from mergetune.registry import Registry
 
-from mergetune.eval.requests import TokenRequest
-
-BACKENDS = ("hf", "vllm", "server")
+if TYPE_CHECKING:
+    from mergetune.eval.backends.base import Backend
 
 
-def encode_request(lm: TemplateLM, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Tokens of one request, split as lm-eval's `TemplateLM.loglikelihood` splits them.
-
-    An empty context is replaced by the model's prefix token (BOS, else EOS),
-    unless the continuation already starts with it.
-    """
-    if context:
-        return lm._encode_pair(context, continuation)
-    tokens = lm.tok_encode(continuation, add_special_tokens=False)
-    prefix = lm.prefix_token_id
-    if tokens[0] == prefix:
-        return tokens[:1], tokens[1:]
-    return [prefix], tokens
+class _Entry(NamedTuple):
+    target: str  # "module:Class", imported on first use
+    live: bool  # whether `for_live_model` can score a live in-memory transformers model
 
 
-class Backend:
-    """Scores requests with `self.lm`; subclasses set `name` and `lm`."""
+_BACKENDS = {
+    "hf": _Entry("mergetune.eval.backends.hf:HFBackend", live=True),
+    "vllm": _Entry("mergetune.eval.backends.vllm:VLLMBackend", live=True),
+    "server": _Entry("mergetune.eval.backends.server:ServerBackend", live=False),
+}
 
-    name: str
-    lm: TemplateLM
+_REGISTRY: Registry[type["Backend"]] = Registry("backend")
+for _name, _entry in _BACKENDS.items():
+    _REGISTRY.register(_name, _entry.target)
 
-    def __init__(self) -> None:
-        self._forward_seconds = 0.0
 
-    @property
-    def forward_seconds(self) -> float:
-        """Seconds spent in forward passes since this backend was made."""
-        return self._forward_seconds
+def backend_names() -> list[str]:
+    """Every registered backend, in registration order."""
+    return _REGISTRY.names()
 
-    def encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        return encode_request(self.lm, context, continuation)
 
-    def loglikelihood(self, requests: Sequence[TokenRequest]) -> list[tuple[float, bool]]:
-        """(sum of continuation logprobs, whether every continuation token is the argmax)."""
-        batch = [(r.args, list(r.context), list(r.continuation)) for r in requests]
-        return self.lm._loglikelihood_tokens(batch, disable_tqdm=True, **self._call_options(requests))
+def live_backend_names() -> list[str]:
+    """The backends that can score a live in-memory model (what a search needs)."""
+    return [name for name, entry in _BACKENDS.items() if entry.live]
 
-    def _call_options(self, requests: Sequence[TokenRequest]) -> dict[str, Any]:
-        """Extra keyword arguments for `_loglikelihood_tokens` (e.g. a batch size)."""
-        return {}
 
-    def sync_weights(self) -> None:
-        """Make the next scores reflect the live model's current weights.
-
-        Backends that score the live model object itself have nothing to do.
-        """
-
-    def describe(self) -> dict[str, Any]:
-        """What to record about this backend next to its scores."""
-        return {"backend": self.name}
-
-    def close(self) -> None:
-        """Release engines, sessions or processes the backend started."""
+def get_backend_class(name: str) -> type["Backend"]:
+    """The class registered as `name`, importing its module on first use; an unknown name lists the known ones."""
+    return _REGISTRY.get(name)

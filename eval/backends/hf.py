@@ -18,25 +18,12 @@ from lm_eval.models.huggingface import HFLM
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mergetune.errors import MergetuneError
-from mergetune.eval.backends import Backend
+from mergetune.eval.backends.base import Backend
+from mergetune.eval.lm_eval_adapter import ModelCall, detect_batch_size, wrap_model_call
 from mergetune.eval.quiet import quieted
 from mergetune.eval.requests import TokenRequest
 
 log = logging.getLogger(__name__)
-
-
-class _TimedHFLM(HFLM):
-    """HFLM that adds the wall time of each model call to `forward_seconds`."""
-
-    forward_seconds = 0.0
-
-    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
-        start = perf_counter()
-        logits = super()._model_call(inps, attn_mask, labels)
-        if logits.is_cuda:
-            torch.cuda.synchronize(logits.device)
-        self.forward_seconds += perf_counter() - start
-        return logits
 
 
 class HFBackend(Backend):
@@ -48,6 +35,7 @@ class HFBackend(Backend):
     """
 
     name = "hf"
+    command_options = ("device", "batch_size")
 
     def __init__(
         self,
@@ -63,15 +51,25 @@ class HFBackend(Backend):
         self.model = model.eval()
         # HFLM warns that a pre-loaded model skips its device and parallel options: intended here.
         with quieted("lm_eval.models.huggingface"):
-            self.lm = _TimedHFLM(
-                pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size
-            )
+            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size)
+        wrap_model_call(self.lm, self._timed)
         self._auto = batch_size == "auto"
         self._max_batch_size = max_batch_size
         self._probed: dict[int, int] = {}  # longest request length -> batch size
 
     @classmethod
-    def from_dir(
+    def check_live(cls, checkpoint_dir: str | Path | None) -> None:
+        """Any live transformers model will do."""
+
+    @classmethod
+    def for_live_model(
+        cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, checkpoint_dir: str | Path | None, **options: Any
+    ) -> HFBackend:
+        """Scores the model object itself, so its in-place updates need no copy; `checkpoint_dir` is not needed."""
+        return cls(model, tokenizer, **options)
+
+    @classmethod
+    def for_directory(
         cls, model_dir: str | Path, *, device: str | None = None, dtype: str = "auto", **options: Any
     ) -> HFBackend:
         """Load a checkpoint the way `lm_eval --model hf --model_args pretrained=DIR` does."""
@@ -84,9 +82,18 @@ class HFBackend(Backend):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         return cls(model, tokenizer, **options)
 
-    @property
-    def forward_seconds(self) -> float:
-        return self.lm.forward_seconds
+    def _timed(self, model_call: ModelCall) -> ModelCall:
+        """`model_call`, adding the wall time of each call (finished on the GPU) to `forward_seconds`."""
+
+        def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
+            start = perf_counter()
+            logits = model_call(*args, **kwargs)
+            if logits.is_cuda:
+                torch.cuda.synchronize(logits.device)
+            self._forward_seconds += perf_counter() - start
+            return logits
+
+        return timed
 
     def _call_options(self, requests: Sequence[TokenRequest]) -> dict[str, Any]:
         if not self._auto or not requests:
@@ -99,7 +106,7 @@ class HFBackend(Backend):
         if covering:
             return {"override_bs": self._probed[min(covering)]}
         probe = max(requests, key=lambda r: len(r.context) + len(r.continuation))
-        self._probed[longest] = self.lm._detect_batch_size([(probe.args, list(probe.context), list(probe.continuation))])
+        self._probed[longest] = detect_batch_size(self.lm, (probe.args, list(probe.context), list(probe.continuation)))
         log.info("batch size %d for requests up to %d tokens", self._probed[longest], longest)
         return {"override_bs": self._probed[longest]}
 

@@ -16,7 +16,7 @@ from typing import Any
 from lm_eval.models.openai_completions import LocalCompletionsAPI
 
 from mergetune.errors import MergetuneError
-from mergetune.eval.backends import Backend
+from mergetune.eval.backends.base import Backend
 from mergetune.eval.requests import TokenRequest
 
 
@@ -33,7 +33,10 @@ def completions_url(base_url: str) -> str:
 
 
 class ServerBackend(Backend):
+    """Cannot score a live model (the base `for_live_model` says so): the server holds its own weights."""
+
     name = "server"
+    command_options = ("base_url", "model", "num_concurrent")
 
     def __init__(
         self,
@@ -62,6 +65,16 @@ class ServerBackend(Backend):
             max_retries=max_retries,
             timeout=timeout,
         )
+
+    @classmethod
+    def check_directory(cls, *, base_url: str | None = None, **options: Any) -> None:
+        if not base_url:
+            raise MergetuneError("the server backend needs the server's URL (--base-url)")
+
+    @classmethod
+    def for_directory(cls, model_dir: str | Path, *, base_url: str, **options: Any) -> ServerBackend:
+        """The model served at `base_url`; `model_dir` holds its tokenizer."""
+        return cls(base_url=base_url, tokenizer=model_dir, **options)
 
     def loglikelihood(self, requests: Sequence[TokenRequest]) -> list[tuple[float, bool]]:
         start = perf_counter()

@@ -14,17 +14,17 @@ only when an engine is started.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from time import perf_counter
 from typing import Any
 
 import torch
-from lm_eval.api.model import TemplateLM
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mergetune.errors import MergetuneError
-from mergetune.eval.backends import Backend
+from mergetune.eval.backends.base import Backend
+from mergetune.eval.lm_eval_adapter import TokenBatchItem, TokenScoringLM
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def plan_weight_update(hf_names: Iterable[str], engine_parameters: Collection[st
     return plan
 
 
-class _VLLMLM(TemplateLM):
+class _VLLMLM(TokenScoringLM):
     """lm-eval LM over a vLLM engine: HF tokenization, log-likelihoods from prompt logprobs."""
 
     def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
@@ -108,7 +108,7 @@ class _VLLMLM(TemplateLM):
         options = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         return self.tokenizer.encode(string, **options)
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def score_tokens(self, requests: Sequence[TokenBatchItem]) -> list[tuple[float, bool]]:
         vllm = import_vllm()
         from vllm.inputs import TokensPrompt
 
@@ -140,6 +140,7 @@ class VLLMBackend(Backend):
     """Scores with a vLLM engine; with `source`, mirrors that live model's weights before each call."""
 
     name = "vllm"
+    command_options = ("tensor_parallel_size",)
 
     def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase, *, source: torch.nn.Module | None = None) -> None:
         super().__init__()
@@ -147,6 +148,25 @@ class VLLMBackend(Backend):
         self.source = source
         self.lm = _VLLMLM(llm, tokenizer, llm.llm_engine.model_config.max_model_len)
         self._engine_parameters: set[str] | None = None
+
+    @classmethod
+    def for_live_model(
+        cls, model: torch.nn.Module, tokenizer: Any, checkpoint_dir: str | Path | None, **options: Any
+    ) -> VLLMBackend:
+        """An engine started from `checkpoint_dir` that is sent `model`'s weights before every score.
+
+        The engine tokenizes with `checkpoint_dir`'s tokenizer, not `tokenizer`.
+        """
+        return cls.launch(checkpoint_dir, source=model, **options)
+
+    @classmethod
+    def check_live(cls, checkpoint_dir: str | Path | None) -> None:
+        if checkpoint_dir is None:
+            raise MergetuneError("the vllm backend needs checkpoint_dir, a checkpoint to start the engine from")
+
+    @classmethod
+    def for_directory(cls, model_dir: str | Path, **options: Any) -> VLLMBackend:
+        return cls.launch(model_dir, **options)
 
     @classmethod
     def launch(

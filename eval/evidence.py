@@ -1,24 +1,29 @@
-"""Per-document evidence stored with every trial, and the scores recomputed from it.
+"""Per-document evidence: what every score is computed from, in eval and in search alike.
 
 A record keeps, for each suite entry, its headline metric's value on every
 document scored: `{"tasks": {name: {"metric", "proxy", "docs": {lm_eval_task: [[doc_id, value], ...]}}}}`.
-Scores, standard errors and paired comparisons are all computed from records, so
-a leaderboard can always be re-derived from what is in the study's storage.
+It is what a study stores with every trial, so scores, standard errors and paired
+comparisons can always be re-derived from the storage. Plain Python only: the read
+side (leaderboard, report) uses it without loading torch or lm-eval.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from mergetune.eval import EvalResult
+if TYPE_CHECKING:
+    from mergetune.eval.results import EvalResult
 
 Record = dict[str, Any]
+Rows = Mapping[str, Sequence[Sequence[float]]]  # lm-eval task → [[doc_id, value], ...]
 
 
-def record_from_result(result: EvalResult) -> Record:
+def record_from_result(result: "EvalResult") -> Record:
+    """The headline metric of every document an evaluation scored."""
     tasks = {}
     for name, score in result.tasks.items():
         tasks[name] = {
@@ -42,6 +47,32 @@ def combine(first: Record, second: Record) -> Record:
             docs.setdefault(leaf, []).extend(rows)
         tasks[name] = {"metric": a["metric"], "proxy": a["proxy"], "docs": docs}
     return {"tasks": tasks}
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """The mean of per-document values and its standard error (None for a single document)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def average(values: Sequence[float], stderrs: Sequence[Optional[float]]) -> tuple[float, Optional[float]]:
+    """Unweighted mean of the tasks' headline values; its stderr treats the tasks as independent."""
+    mean_value = sum(values) / len(values)
+    if None in stderrs:
+        return mean_value, None
+    return mean_value, math.sqrt(sum(s * s for s in stderrs)) / len(stderrs)  # type: ignore[operator]
+
+
+def paired_differences(a: Rows, b: Rows) -> list[float]:
+    """b − a for every document both scored, matched by lm-eval task and document id."""
+    diffs = []
+    for leaf, rows in a.items():
+        by_id = {doc_id: value for doc_id, value in b.get(leaf, ())}
+        diffs += [by_id[doc_id] - value for doc_id, value in rows if doc_id in by_id]
+    return diffs
 
 
 @dataclass(frozen=True)
@@ -69,13 +100,10 @@ def summarize(record: Record) -> Summary:
     tasks = {}
     for name, task in sorted(record["tasks"].items()):
         values = _values(task)
-        n = len(values)
-        mean = sum(values) / n
-        stderr = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
-        tasks[name] = TaskSummary(mean, stderr, n, task["metric"], task["proxy"])
-    errors = [task.stderr for task in tasks.values()]
-    average_stderr = None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(errors)
-    return Summary(tasks, sum(task.value for task in tasks.values()) / len(tasks), average_stderr)
+        mean, stderr = mean_stderr(values)
+        tasks[name] = TaskSummary(mean, stderr, len(values), task["metric"], task["proxy"])
+    mean_value, mean_error = average([t.value for t in tasks.values()], [t.stderr for t in tasks.values()])
+    return Summary(tasks, mean_value, mean_error)
 
 
 @dataclass(frozen=True)
@@ -86,30 +114,26 @@ class PairedDifference:
     n_docs: int
 
 
+def _mean_of_means(groups: Iterable[Sequence[float]]) -> float:
+    means = [sum(group) / len(group) for group in groups]
+    return sum(means) / len(means)
+
+
 def paired_bootstrap(a: Record, b: Record, iterations: int = 2000, seed: int = 0, level: float = 0.95) -> PairedDifference:
     """Bootstrap CI of the difference in average score, resampling the shared documents of each task."""
     pairs: dict[str, list[float]] = {}
     for name, task_a in a["tasks"].items():
         task_b = b["tasks"].get(name)
-        if task_b is None:
-            continue
-        diffs = []
-        for leaf, rows in task_a["docs"].items():
-            by_id = {doc_id: value for doc_id, value in task_b["docs"].get(leaf, [])}
-            diffs += [by_id[doc_id] - value for doc_id, value in rows if doc_id in by_id]
+        diffs = paired_differences(task_a["docs"], task_b["docs"]) if task_b else []
         if diffs:
             pairs[name] = diffs
     if not pairs:
         raise ValueError("the two records share no documents")
     rng = random.Random(seed)
-
-    def average(sample: dict[str, list[float]]) -> float:
-        return sum(sum(d) / len(d) for d in sample.values()) / len(sample)
-
     estimates = sorted(
-        average({name: [rng.choice(diffs) for _ in diffs] for name, diffs in pairs.items()}) for _ in range(iterations)
+        _mean_of_means([rng.choice(diffs) for _ in diffs] for diffs in pairs.values()) for _ in range(iterations)
     )
     tail = (1 - level) / 2
     low = estimates[int(tail * (iterations - 1))]
     high = estimates[int((1 - tail) * (iterations - 1))]
-    return PairedDifference(average(pairs), low, high, sum(len(d) for d in pairs.values()))
+    return PairedDifference(_mean_of_means(pairs.values()), low, high, sum(len(d) for d in pairs.values()))

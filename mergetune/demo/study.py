@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from mergetune.search.study_file import Study, load_study
-from mergetune.skills import HELDOUT_TASKS, SEARCH_TASKS, build_demo_models, write_task_dir
+from mergetune.demo.skills import HELDOUT_TASKS, SEARCH_TASKS, build_demo_models, write_task_dir
 
 DEMO_STUDY: dict[str, Any] = {
     "name": "demo",
@@ -36,7 +36,9 @@ DEMO_STUDY: dict[str, Any] = {
 
 def storage_file(study: Study) -> Path:
     """The demo study's SQLite file (the default storage, beside the study file)."""
-    return Path(study.storage_url.removeprefix("sqlite:///"))
+    from mergetune.search.storage import local_file
+
+    return local_file(study)
 
 
 def outdated_trials(study: Study) -> bool:
@@ -45,11 +47,11 @@ def outdated_trials(study: Study) -> bool:
         return False
     import optuna
 
-    from mergetune.search.runner import DEFINITION_HASH_KEY
+    from mergetune.search.trials import stored_definition_hash
 
-    current = study.spec.definition_hash()
     summaries = optuna.get_all_study_summaries(storage=study.storage_url)
-    return any(summary.user_attrs.get(DEFINITION_HASH_KEY, current) != current for summary in summaries)
+    stored = [stored_definition_hash(summary.user_attrs) for summary in summaries]
+    return any(found is not None and not study.spec.has_definition(found) for found in stored)
 
 
 def prepare_demo(out_dir: Path, n_trials: int | None = None) -> Study:

@@ -16,6 +16,8 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from mergetune.merge_ops.sources import CheckpointSource
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 # A small embedded corpus: enough words for a usable vocabulary and for the
@@ -150,3 +152,9 @@ def build_family(
         relative = perturbed(base, seed=seed * 1000 + index)
         paths[name] = save_model(relative, tokenizer, out_dir / name, dtype, max_shard_size)
     return paths
+
+
+def load_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, by name (for checks on small models)."""
+    source = CheckpointSource(str(directory), Path(directory))
+    return {name: source.get(name) for name in source.names()}

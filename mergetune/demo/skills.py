@@ -39,7 +39,7 @@ import torch
 import yaml
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from mergetune.tiny import TinySpec, build_tokenizer, random_model, save_model
+from mergetune.demo.tiny import TinySpec, build_tokenizer, random_model, save_model
 
 log = logging.getLogger(__name__)
 

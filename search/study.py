@@ -1,0 +1,76 @@
+"""A whole study, start to leaderboard: every method to its budget, then its finalists.
+
+The CLI (`mergetune study run`, `mergetune demo`), the benchmarks and the tests all
+run studies through `run_study`; what the user sees while it runs is the caller's
+(`StudyProgress`), so this module prints nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional, Protocol
+
+from mergetune.search.leaderboard import Leaderboard, build_leaderboard
+from mergetune.search.runner import StudyRunner
+from mergetune.search.storage import open_storage
+from mergetune.search.study_file import Study
+from mergetune.search.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+class StudyProgress(Protocol):
+    """What a long study reports while it runs, method by method."""
+
+    def start(self, method: str, total: int) -> None:
+        """`method`'s trials begin; `total` completed trials are wanted (0: until the timeout)."""
+
+    def update(self, method: str, done: int, best: Optional[float], seconds_left: Optional[float]) -> None:
+        """`done` trials of `method` are completed or pruned (by any worker); the best search score so far."""
+
+    def finish(self, method: str) -> None:
+        """`method`'s trials are over; its finalists are scored next."""
+
+
+class QuietProgress:
+    def start(self, method: str, total: int) -> None:
+        pass
+
+    def update(self, method: str, done: int, best: Optional[float], seconds_left: Optional[float]) -> None:
+        pass
+
+    def finish(self, method: str) -> None:
+        pass
+
+
+def run_study(
+    study: Study,
+    n_trials: Optional[int] = None,
+    timeout: Optional[float] = None,
+    say: Callable[[str], None] = log.info,
+    progress: StudyProgress = QuietProgress(),
+    max_failures: Optional[int] = None,
+) -> Leaderboard:
+    """Run every method of the study to its budget, then the finalists' held-out evaluation.
+
+    Other workers may run the same study at the same time; the budget counts everyone's trials.
+    """
+    spec = study.spec
+    n_trials = n_trials or spec.budget.n_trials
+    timeout = timeout or spec.budget.timeout
+    say(f"study {spec.name}: methods {', '.join(spec.methods)}; storage {study.storage_display}")
+    storage = open_storage(study)  # before loading models: a storage that doesn't answer fails fast
+    runner = StudyRunner(Workspace.open(study, say=say), storage, max_failures)
+    for method in spec.methods:
+        progress.start(method, n_trials or 0)
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def update(name: str, done: int, total: int, best: Optional[float], deadline=deadline) -> None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            progress.update(name, done, best, left)
+
+        runner.run_method(method, n_trials, timeout, update)
+        progress.finish(method)
+        runner.finalize(method, say=say)
+    return build_leaderboard(study, storage)

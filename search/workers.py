@@ -1,0 +1,157 @@
+"""Worker processes sharing one study: who they are, which of them may run a trial, who notices the dead.
+
+Several workers (processes, GPUs, hosts) may run one study at once through one
+storage; they agree through the storage alone:
+- a trial runs only if fewer than the requested number of trials are done or under
+  way ahead of it in trial-number order (`admitted`), so however workers race, the
+  study ends with exactly the requested number of completed (or pruned) trials;
+- a worker that dies mid-trial is noticed by the others — by its process id on the
+  same host, by its silent heartbeat from elsewhere — and its trial is failed and
+  its parameters queued again, once, by whoever noticed first (`Reaper`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import optuna
+import psutil
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from mergetune.search import trials
+from mergetune.search.optuna_adapter import stale_trial_ids, storage_of, trial_id, was_enqueued
+from mergetune.search.storage import heartbeat_interval
+
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+AHEAD = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+DIED = "worker died mid-trial"
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One worker process, identified well enough to tell later whether it is still alive."""
+
+    host: str
+    pid: int
+    boot: str
+    started: float
+
+    @classmethod
+    def this(cls) -> "Worker":
+        pid = os.getpid()
+        return cls(socket.gethostname(), pid, _boot_id(), psutil.Process(pid).create_time())
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> Optional["Worker"]:
+        value = trials.worker_attr(trial)
+        try:
+            return cls(**value) if isinstance(value, dict) else None
+        except TypeError:
+            return None
+
+    def as_attr(self) -> dict:
+        return {"host": self.host, "pid": self.pid, "boot": self.boot, "started": self.started}
+
+    def seed(self, base: int) -> int:
+        """A sampler seed for this worker: no two workers propose the same sequence."""
+        text = f"{base}:{self.host}:{self.pid}:{self.started}"
+        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+    def died_here(self, other: "Worker") -> bool:
+        """Whether `other` ran on this machine (same host, same boot) and its process is gone (or its pid reused)."""
+        if (other.host, other.boot) != (self.host, self.boot):
+            return False
+        try:
+            return abs(psutil.Process(other.pid).create_time() - other.started) > 1.0
+        except psutil.NoSuchProcess:
+            return True
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def admitted(optuna_study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
+    """Whether `trial` may run: fewer than `target` trials ahead of it (by number) are done or under way.
+
+    The storage hands out trial numbers in order, so every trial that could still count
+    and has a smaller number exists by the time this is asked: of two workers racing
+    for the last place, the one holding the larger number stands down, and the study
+    can never end with more than `target` completed trials.
+    """
+    ahead = optuna_study.get_trials(deepcopy=False, states=AHEAD)
+    return sum(other.number < trial.number for other in ahead) < target
+
+
+class Reaper:
+    """Fails the running trials of dead workers — once, whoever notices first — and queues their parameters again.
+
+    A worker is dead when its process is gone from this machine, when its heartbeat
+    has been silent past the grace period (RDB storages, any host), or when its trial
+    has run that long without naming its worker (it died within moments of starting).
+    """
+
+    def __init__(self, grace_period: float):
+        self.me = Worker.this()
+        self.grace_period = grace_period
+        self._unnamed_since: dict[int, float] = {}  # trial id → when first seen running without a worker
+
+    def reap(self, optuna_study: optuna.Study) -> list[int]:
+        """Numbers of the trials this call failed (and queued again when they had parameters)."""
+        running = optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        stale = stale_trial_ids(optuna_study) if heartbeat_interval(storage_of(optuna_study)) else set()
+        now = time.monotonic()
+        self._unnamed_since = {
+            trial_id(t): self._unnamed_since.get(trial_id(t), now) for t in running if trials.worker_attr(t) is None
+        }
+        reaped = []
+        for trial in running:
+            reason = self._cause_of_death(trial, stale, now)
+            if reason and self._fail(optuna_study, trial, reason):
+                self._requeue(optuna_study, trial_id(trial))
+                reaped.append(trial.number)
+        return reaped
+
+    def _cause_of_death(self, trial: FrozenTrial, stale: set[int], now: float) -> Optional[str]:
+        owner = Worker.of(trial)
+        if owner is not None and self.me.died_here(owner):
+            return DIED
+        if trial_id(trial) in stale:
+            return f"{DIED} (no heartbeat for {self.grace_period:g} s)"
+        if owner is None and now - self._unnamed_since[trial_id(trial)] > self.grace_period:
+            return f"{DIED} (before it named itself)"
+        return None
+
+    @staticmethod
+    def _fail(optuna_study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+        """Mark the trial failed; False if another worker did first (or it finished after all)."""
+        storage = storage_of(optuna_study)
+        try:
+            trials.fail_reason_in_storage(storage, trial_id(trial), reason)
+            return storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            return False
+
+    @staticmethod
+    def _requeue(optuna_study: optuna.Study, failed_id: int) -> None:
+        failed = storage_of(optuna_study).get_trial(failed_id)
+        if not failed.params and not was_enqueued(failed):
+            return  # it died before choosing parameters: nothing to retry, a new trial takes its place
+        retry = copy.deepcopy(failed)
+        retry.user_attrs = trials.retried_attrs(failed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            RetryHeartbeatStaleTrialCallback()(optuna_study, retry)

@@ -1,0 +1,114 @@
+"""The house rules a newcomer relies on: the read side stays light, extension points are registries,
+and Optuna's private API is reached only through its adapter — which fails here, loudly, when Optuna changes."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mergetune.errors import MergetuneError
+from mergetune.registry import Registry
+from mergetune.search import optuna_adapter
+from mergetune.search.methods import SEARCHABLE
+from mergetune.search.samplers import PRUNERS, SAMPLERS, make_sampler
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "lm_eval")
+PRIVATE = (  # the private third-party names mergetune uses, each behind its adapter
+    "._storage", "._trial_id", "._study_id", "._get_stale", "._encode_pair", "._loglikelihood_tokens",
+    "._detect_batch_size", "._model_call",
+)
+
+
+def test_the_read_side_imports_no_model_stack():
+    code = (
+        "import sys\n"
+        "import mergetune.search.leaderboard, mergetune.search.report, mergetune.search.trials\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "", f"the leaderboard/report import {loaded}"
+
+
+def test_the_core_package_carries_no_demo_code():
+    code = "import sys, mergetune.search.runner, mergetune.cli\nprint([m for m in sys.modules if m.startswith('mergetune.demo')])"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_an_unknown_name_is_refused_naming_the_known_ones():
+    registry: Registry[int] = Registry("widget")
+    registry.register("one", 1)
+    registry.register("lazy", "math:pi")
+    assert registry.get("lazy") == pytest.approx(3.14159, abs=1e-5)  # imported on first use
+    with pytest.raises(MergetuneError, match="unknown widget 'two'; known: one, lazy"):
+        registry.get("two")
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register("one", 2)
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_every_registered_sampler_builds_with_a_seed(name):
+    assert isinstance(make_sampler(name, seed=3), optuna.samplers.BaseSampler)
+
+
+def test_every_registered_searchable_method_proposes_what_its_recipe_uses(tmp_path):
+    from mergetune.merge_ops.recipe import recipe_from_dict
+    from mergetune.search.study_file import StudySpec
+
+    spec = StudySpec.model_validate(
+        {"name": "t", "models": ["a", "b"], "base_model": "a", "methods": ["linear"], "evaluation": {"tasks": ["x"]}}
+    )
+    for name in SEARCHABLE:
+        method = SEARCHABLE.get(name)
+        trial = optuna.create_study().ask()
+        params = method.suggest(trial, spec)
+        assert set(params) == set(method.baseline(spec)), name  # the baseline is a point of the same space
+        recipe = recipe_from_dict(method.recipe(params, spec, str))
+        assert recipe.merge_method == name
+
+
+def test_pruners_say_where_a_candidate_may_stop():
+    from mergetune.search.study_file import Evaluation
+
+    evaluation = Evaluation(tasks=["x"], limit=90)
+    assert PRUNERS.get("successive_halving").rungs(evaluation) == [10, 30]
+    assert PRUNERS.get("none").rungs(evaluation) == []
+    assert isinstance(PRUNERS.get("none").pruner(evaluation), optuna.pruners.NopPruner)
+
+
+def test_optunas_private_api_is_where_the_adapter_expects_it():
+    """If this fails, Optuna moved something `mergetune.search.optuna_adapter` relies on: fix the adapter."""
+    low, high = optuna_adapter.CHECKED_VERSIONS
+    assert low <= optuna_adapter._major_minor(optuna.__version__) <= high, (
+        f"Optuna {optuna.__version__} is not among the versions the adapter was checked against"
+    )
+    storage = optuna.storages.RDBStorage("sqlite://", heartbeat_interval=60, grace_period=120)
+    study = optuna.create_study(storage=storage)
+    study.enqueue_trial({"x": 0.5})
+    trial = study.ask()
+    frozen = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))[0]
+    assert optuna_adapter.trial_id(trial) == optuna_adapter.trial_id(frozen)
+    assert optuna_adapter.storage_of(study).get_trial(optuna_adapter.trial_id(trial)).number == trial.number
+    assert optuna_adapter.was_enqueued(frozen)
+    assert optuna_adapter.stale_trial_ids(study) == set()  # running, and not silent yet
+    assert "study_id" in inspect.signature(type(storage)._get_stale_trial_ids).parameters
+
+
+def test_only_the_adapters_touch_private_third_party_api():
+    """Private attributes of Optuna and lm-eval objects appear in their adapters alone."""
+    offenders = []
+    for path in [*ROOT.glob("search/*.py"), *ROOT.glob("eval/**/*.py"), *ROOT.glob("merge_ops/*.py")]:
+        if path.name in ("optuna_adapter.py", "lm_eval_adapter.py"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for private in PRIVATE:
+                if private in line:
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
