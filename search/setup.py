@@ -22,7 +22,7 @@ from mergetune.search import trials
 from mergetune.search.methods import SEARCHABLE
 from mergetune.search.samplers import PRUNERS, make_sampler
 from mergetune.search.storage import open_storage, storage_errors
-from mergetune.search.study_file import RUN_SETTINGS, Study, StudySpec
+from mergetune.search.study_file import RUN_SETTINGS, Study, StudySpec, upgraded
 from mergetune.search.workers import Worker
 
 DEFINITION_WAIT_SECONDS = 10.0  # how long a worker waits for the study's creator to store the definition
@@ -61,8 +61,9 @@ def check_definition(optuna_study: optuna.Study, spec: StudySpec) -> None:
         stored = trials.stored_definition_hash(optuna_study.user_attrs)
     if stored is None:  # its creator died before storing it
         trials.set_definition(optuna_study, spec)
-    elif not spec.has_definition(stored):
-        difference = describe_difference(trials.stored_definition(optuna_study), spec.definition())
+    elif not spec.has_definition(stored, trials.stored_definition(optuna_study)):
+        definition = trials.stored_definition(optuna_study)
+        difference = describe_difference(upgraded(definition), spec.comparable_definition(definition))
         raise MergetuneError(
             f"study '{optuna_study.study_name}' in the storage was made from a different study file "
             f"({difference or 'definition differs'}); use another study name or storage"

@@ -8,7 +8,7 @@ import optuna
 from typer.testing import CliRunner
 
 from mergetune.cli import app
-from mergetune.search.trials import DEFINITION_HASH
+from mergetune.search.trials import DEFINITION, DEFINITION_HASH
 
 runner = CliRunner()
 
@@ -37,7 +37,10 @@ def test_the_demo_beats_both_hand_written_recipes_on_held_out_facts_and_exports_
     assert (out / "models" / "demo-models.json").stat().st_mtime_ns == stamp  # models reused, not rebuilt
 
     storage = f"sqlite:///{out / 'demo.db'}"
-    optuna.load_study(study_name="demo.slerp", storage=storage).set_user_attr(DEFINITION_HASH, "an-older-demo")
+    stored = optuna.load_study(study_name="demo.slerp", storage=storage)
+    older_demo = {**stored.user_attrs[DEFINITION], "evaluation": {**stored.user_attrs[DEFINITION]["evaluation"], "limit": 60}}
+    stored.set_user_attr(DEFINITION, older_demo)
+    stored.set_user_attr(DEFINITION_HASH, "an-older-demo")
     changed = runner.invoke(app, ["demo", "--out-dir", str(out), "--quiet"])  # as after an upgrade of the demo
     assert changed.exit_code == 0, changed.output
     assert "the demo's study has changed since the trials in" in changed.output

@@ -11,7 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from eval_fixtures import TOY_TASK
 from mergetune.errors import MergetuneError
 from mergetune.eval import EvalConfig, Evaluator
-from mergetune.eval.backends import backend_names, get_backend_class, live_backend_names
+from mergetune.eval.backends import (
+    backend_names,
+    engine_backend_names,
+    get_backend_class,
+    live_backend_names,
+    search_backend_names,
+)
 from mergetune.eval.backends.base import Backend
 
 pytest_plugins = ["eval_fixtures"]  # session fixtures shared by every test_eval_* module
@@ -25,7 +31,8 @@ def test_naming_the_backends_imports_none_of_them():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
-    assert backend_names() == ["hf", "vllm", "server"] and live_backend_names() == ["hf", "vllm"]
+    assert backend_names() == ["hf", "vllm", "server"] and live_backend_names() == ["hf"]
+    assert engine_backend_names() == ["vllm"] and search_backend_names() == ["hf", "vllm"]
 
 
 @pytest.mark.parametrize("name", backend_names())
@@ -35,6 +42,8 @@ def test_every_registered_backend_resolves_to_a_backend_class_that_says_whether_
     overrides_live = backend_class.for_live_model.__func__ is not Backend.for_live_model.__func__
     accepts_live = backend_class.check_live.__func__ is not Backend.check_live.__func__
     assert overrides_live == accepts_live == (name in live_backend_names())
+    builds = backend_class.for_candidates.__func__ is not Backend.for_candidates.__func__
+    assert builds == (name in engine_backend_names())
 
 
 def test_an_unknown_backend_lists_the_known_ones():
@@ -47,12 +56,11 @@ def config(toy_task_dir) -> EvalConfig:
     return EvalConfig(tasks=(TOY_TASK,), include_paths=(toy_task_dir,), limit=2)
 
 
-def test_a_live_model_is_scored_by_the_same_call_for_every_live_backend_and_refused_by_the_others(eval_models, config):
+def test_a_live_model_is_scored_by_a_live_backend_and_refused_by_the_others(eval_models, config):
     model = AutoModelForCausalLM.from_pretrained(eval_models["base"]).eval()
     tokenizer = AutoTokenizer.from_pretrained(eval_models["base"])
     evaluator = Evaluator.from_model(model, tokenizer, config, backend="hf", checkpoint_dir=eval_models["base"])
     assert evaluator.score().backend["backend"] == "hf"  # hf scores the object and ignores the checkpoint
-    with pytest.raises(MergetuneError, match="backend 'server' cannot score a live model; use one of hf, vllm"):
-        Evaluator.from_model(model, tokenizer, config, backend="server", checkpoint_dir=eval_models["base"])
-    with pytest.raises(MergetuneError, match="vllm backend needs checkpoint_dir"):
-        Evaluator.from_model(model, tokenizer, config, backend="vllm")
+    for other in ("server", "vllm"):  # vllm merges candidates in its own engine: no live model crosses to it
+        with pytest.raises(MergetuneError, match=f"backend '{other}' cannot score a live model; use one of hf"):
+            Evaluator.from_model(model, tokenizer, config, backend=other, checkpoint_dir=eval_models["base"])

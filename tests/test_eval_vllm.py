@@ -1,12 +1,17 @@
-"""The vLLM backend without vLLM: name mapping, and the update + scoring flow against a stand-in engine.
+"""The vLLM backend without vLLM: candidates merged inside the engine, checked against a stand-in engine.
 
 vLLM cannot be installed here. The stand-in below plays vLLM's part as its public
-API documents it: `LLM(..., worker_extension_cls=...)` mixes our extension into
-each worker, `collective_rpc` calls it, the engine model keeps Llama's q/k/v and
-gate/up projections in fused `qkv_proj` / `gate_up_proj` parameters and fills them
-in `load_weights`, and `generate` with `prompt_logprobs` returns, per prompt
-position, a dict of token id -> Logprob holding the prompt token and the top one.
-The engine computes those logprobs from its own fused parameters.
+API and source (0.33) say: `LLM(..., worker_extension_cls=...)` mixes our extension
+into each worker (one per tensor-parallel rank), `collective_rpc` calls it with
+arguments that pass through the engine core's serializer — msgpack with tensors
+encoded as (dtype, shape, frame) and utility arguments decoded untyped
+(`v1/serial_utils.py`, `v1/engine/core.py`), so only plain data survives — the
+engine model keeps Llama's q/k/v and gate/up projections in fused `qkv_proj` /
+`gate_up_proj` parameters filled by `load_weights`, `load_format="dummy"` starts it
+with random weights, and `generate` with `prompt_logprobs` returns, per prompt
+position, a dict of token id -> Logprob holding the prompt token and the top one,
+computed from the engine's own fused parameters. What the stand-in does not show:
+real CUDA workers in other processes, vLLM's own Llama, memory.
 """
 
 from __future__ import annotations
@@ -18,32 +23,27 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from eval_fixtures import TOY_TASK
 from mergetune.cli import app
+from mergetune.demo.tiny import load_state
 from mergetune.errors import MergetuneError
 from mergetune.eval import EvalConfig, Evaluator
-from mergetune.eval.backends.vllm import WORKER_EXTENSION, plan_weight_update, vllm_parameter
+from mergetune.eval.backends.vllm import WORKER_EXTENSION
+from mergetune.merge_ops.disk import merge_recipe_file
+from mergetune.merge_ops.inmemory import InMemoryBuilder
+from mergetune.merge_ops.recipe import parse_recipes
+from mergetune.merge_ops.sources import open_source
+from mergetune.search.workspace import write_skeleton
 
 pytest_plugins = ["eval_fixtures"]  # session fixtures shared by every test_eval_* module
 
 # The engine's layout, written out independently of the code under test.
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
-_SHARD_IDS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "gate_proj": 0, "up_proj": 1}
-
-
-def test_hf_llama_names_map_onto_vllm_fused_parameters():
-    assert vllm_parameter("model.layers.3.self_attn.q_proj.weight") == ("model.layers.3.self_attn.qkv_proj.weight", "q")
-    assert vllm_parameter("model.layers.3.self_attn.k_proj.weight") == ("model.layers.3.self_attn.qkv_proj.weight", "k")
-    assert vllm_parameter("model.layers.3.self_attn.v_proj.weight") == ("model.layers.3.self_attn.qkv_proj.weight", "v")
-    assert vllm_parameter("model.layers.0.mlp.gate_proj.weight") == ("model.layers.0.mlp.gate_up_proj.weight", 0)
-    assert vllm_parameter("model.layers.0.mlp.up_proj.weight") == ("model.layers.0.mlp.gate_up_proj.weight", 1)
-    for unfused in ("model.layers.0.self_attn.o_proj.weight", "model.layers.0.mlp.down_proj.weight",
-                    "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        assert vllm_parameter(unfused) == (unfused, None)
 
 
 def engine_layout(hf_names):
@@ -57,22 +57,26 @@ def engine_layout(hf_names):
     return {target: [name for _, name in sorted(parts)] for target, parts in layout.items()}
 
 
-def test_a_full_update_of_a_tiny_llama_covers_every_engine_parameter(eval_models):
-    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(eval_models["base"]).named_parameters()]
-    layout = engine_layout(names)
-    plan = plan_weight_update(names, set(layout))
-    assert set(plan) == set(layout)
-    for target, parts in layout.items():
-        assert [name for name, _ in plan[target]] == parts
-        assert [shard for _, shard in plan[target]] == [_SHARD_IDS.get(p.split(".")[-2]) for p in parts]
+def vllm_wire(value, frames=None):
+    """What a value becomes after vLLM's engine-core serializer and untyped decoder: plain data only."""
+    frames = [] if frames is None else frames
+    if isinstance(value, torch.Tensor):
+        frames.append(value)
+        return [str(value.dtype).removeprefix("torch."), list(value.shape), len(frames)]
+    if isinstance(value, (list, tuple)):
+        return [vllm_wire(item, frames) for item in value]
+    if isinstance(value, dict):
+        return {key: vllm_wire(item, frames) for key, item in value.items()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"Object of type {type(value)} is not serializable")
 
 
-def test_update_plans_refuse_unknown_tensors_and_partial_fused_parameters():
-    engine = {"model.layers.0.self_attn.qkv_proj.weight", "model.norm.weight"}
-    with pytest.raises(MergetuneError, match="model.layers.0.self_attn.rotary.weight"):
-        plan_weight_update(["model.layers.0.self_attn.rotary.weight"], engine)
-    with pytest.raises(MergetuneError, match="qkv_proj"):
-        plan_weight_update(["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"], engine)
+def test_only_plain_data_crosses_the_engine_boundary():
+    assert vllm_wire(("recipe: text", 7, None)) == ["recipe: text", 7, None]
+    assert vllm_wire([("w", torch.zeros(2, 3))]) == [["w", ["float32", [2, 3], 1]]]  # not a tensor any more
+    with pytest.raises(TypeError):
+        vllm_wire(object())
 
 
 # --------------------------------------------------------------------------- stand-in engine
@@ -97,6 +101,9 @@ class EngineModel:
     def named_parameters(self):
         return iter(self.params.items())
 
+    def parameters(self):
+        return iter(self.params.values())
+
     def _rows(self, target: str, hf_name: str) -> slice:
         parts = self.layout[target]
         start = sum(self.hf_params[p].shape[0] for p in parts[: parts.index(hf_name)])
@@ -105,12 +112,18 @@ class EngineModel:
     def load_weights(self, weights):
         loaded = set()
         for name, tensor in weights:
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__} {tensor!r:.60}")
             if self.skip and self.skip in name:
                 continue
             target = next(t for t, parts in self.layout.items() if name in parts)
             self.params[target][self._rows(target, name)].copy_(tensor)
             loaded.add(target)
         return loaded
+
+    def hf_state(self) -> dict[str, torch.Tensor]:
+        """The engine's weights under their HF names, unfused."""
+        return {name: self.params[target][self._rows(target, name)] for target, parts in self.layout.items() for name in parts}
 
     def unfuse(self) -> None:
         with torch.no_grad():
@@ -137,21 +150,29 @@ class FakeLLM:
     instances: list[FakeLLM] = []
     skip: str | None = None
 
-    def __init__(self, model, tokenizer, worker_extension_cls, **options):
+    def __init__(self, model, tokenizer, worker_extension_cls, tensor_parallel_size=1, load_format="auto", **options):
         module, _, name = worker_extension_cls.rpartition(".")
         extension = getattr(importlib.import_module(module), name)
-        worker_cls = type("Worker", (extension,), {})
-        self.worker = worker_cls()
-        hf_model = AutoModelForCausalLM.from_pretrained(model).eval()
-        self.worker.model_runner = types.SimpleNamespace(model=EngineModel(hf_model, skip=FakeLLM.skip))
-        self.options = {"worker_extension_cls": worker_extension_cls, **options}
+        worker_cls = type("Worker", (extension,), {"get_model": lambda self: self.model})
+        self.workers = []
+        for rank in range(tensor_parallel_size):
+            if load_format == "dummy":  # random weights, as vLLM's dummy loader
+                torch.manual_seed(100 + rank)
+                hf_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).eval()
+            else:
+                hf_model = AutoModelForCausalLM.from_pretrained(model).eval()
+            worker = worker_cls()
+            worker.model = EngineModel(hf_model, skip=FakeLLM.skip)
+            self.workers.append(worker)
+        self.options = {"worker_extension_cls": worker_extension_cls, "load_format": load_format, **options}
         self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=512, model=model, dtype=torch.float32))
         self.prefix_cache_resets = 0
         self.generate_calls = 0
         FakeLLM.instances.append(self)
 
     def collective_rpc(self, method, args=(), kwargs=None):
-        return [getattr(self.worker, method)(*args, **(kwargs or {}))]
+        args, kwargs = vllm_wire(args), vllm_wire(kwargs or {})
+        return [vllm_wire(getattr(worker, method)(*args, **kwargs)) for worker in self.workers]
 
     def reset_prefix_cache(self):
         self.prefix_cache_resets += 1
@@ -159,8 +180,9 @@ class FakeLLM:
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
         assert sampling_params.kwargs["prompt_logprobs"] >= 1
+        assert all(len(p["prompt_token_ids"]) < 512 for p in prompts)  # room for one generated token
         self.generate_calls += 1
-        model = self.worker.model_runner.model
+        model = self.workers[0].model
         model.unfuse()
         return [types.SimpleNamespace(prompt_logprobs=model.prompt_logprobs(p["prompt_token_ids"])) for p in prompts]
 
@@ -183,51 +205,140 @@ def fake_vllm(monkeypatch):
     return vllm
 
 
-@pytest.fixture
-def live_model(eval_models):
-    return AutoModelForCausalLM.from_pretrained(eval_models["base"]).eval(), AutoTokenizer.from_pretrained(eval_models["base"])
-
-
 def doc_metrics(result):
     return [doc.metrics for docs in result.tasks[TOY_TASK].docs.values() for doc in docs]
 
 
-def test_vllm_scores_the_live_weights_after_every_in_place_update(fake_vllm, live_model, eval_models, toy_task_dir):
-    model, tokenizer = live_model
+SLERP = """merge_method: slerp
+base_model: {a}
+models: [{{model: {a}}}, {{model: {b}}}]
+parameters: {{t: [{{filter: self_attn, value: [0, 0.5, 1]}}, {{value: 0.3}}]}}
+dtype: float32
+"""
+RECIPES = {
+    "slerp": SLERP,
+    "dare_ties": """merge_method: dare_ties
+base_model: {base}
+models: [{{model: {base}}}, {{model: {a}, parameters: {{weight: 0.6, density: 0.5}}}},
+         {{model: {b}, parameters: {{weight: [0.2, 0.9], density: 0.7}}}}]
+dtype: float32
+""",
+    "ties": """merge_method: ties
+base_model: {base}
+models: [{{model: {base}}}, {{model: {a}, parameters: {{weight: 0.5, density: 0.6}}}},
+         {{model: {b}, parameters: {{weight: 0.5, density: 0.4}}}}]
+dtype: float32
+""",
+    "linear": """merge_method: linear
+models: [{{model: {a}, parameters: {{weight: 0.3}}}}, {{model: {b}, parameters: {{weight: 0.7}}}}]
+dtype: float32
+""",
+    "passthrough": """merge_method: passthrough
+slices:
+  - sources: [{{model: {a}, layer_range: [0, 1]}}]
+  - sources: [{{model: {b}, layer_range: [1, 2]}}]
+  - sources: [{{model: {a}, layer_range: [2, 4]}}]
+dtype: float32
+""",
+    "two stages": """name: blend
+merge_method: linear
+models: [{{model: {a}, parameters: {{weight: 0.5}}}}, {{model: {b}, parameters: {{weight: 0.5}}}}]
+dtype: float32
+---
+merge_method: slerp
+base_model: blend
+models: [{{model: blend}}, {{model: {base}}}]
+parameters: {{t: 0.4}}
+dtype: float32
+""",
+}
+
+
+def recipe_text(name, models):
+    return RECIPES[name].format(**{key: str(path) for key, path in models.items()})
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_worker_side_build_is_the_disk_merge_bit_for_bit(name, family_f32, tmp_path):
+    models = {"a": family_f32["model_a"], "b": family_f32["model_b"], "base": family_f32["base"]}
+    recipe = parse_recipes(recipe_text(name, models))
+    merge_recipe_file(recipe, tmp_path / "disk", seed=11)
+    on_disk = load_state(tmp_path / "disk")
+    references = {ref for stage in recipe.stages for ref in stage.referenced_models() if ref not in recipe.stage_names()}
+    streamed = dict(InMemoryBuilder({ref: open_source(ref) for ref in references}).stream(recipe, seed=11))
+    assert streamed.keys() == on_disk.keys()
+    assert all(torch.equal(streamed[key], on_disk[key]) for key in on_disk), name
+
+
+def engine_evaluator(eval_models, toy_task_dir, **options):
+    models = {"a": eval_models["base"], "b": eval_models["other"]}
+    first = parse_recipes(SLERP.format(**models)).stages[0]
+    sources = {str(path): open_source(str(path)) for path in models.values()}
     config = EvalConfig(tasks=(TOY_TASK,), include_paths=(toy_task_dir,))
-    on_vllm = Evaluator.from_model(model, tokenizer, config, backend="vllm", checkpoint_dir=eval_models["base"])
-    in_process = Evaluator.from_model(model, tokenizer, config, batch_size=1)
+    skeleton = write_skeleton(first, sources)
+    return Evaluator.for_candidates(skeleton, list(sources), "float32", config, backend="vllm", **options)
+
+
+def test_each_candidate_is_merged_inside_the_engine_and_scores_as_the_disk_merge_does(
+    fake_vllm, eval_models, toy_task_dir, tmp_path
+):
+    evaluator = engine_evaluator(eval_models, toy_task_dir)
     (engine,) = FakeLLM.instances
-    assert engine.options["worker_extension_cls"] == WORKER_EXTENSION
-    assert engine.options["enable_prefix_caching"] is False
-
-    before = on_vllm.score()
-    assert doc_metrics(before) == doc_metrics(in_process.score(doc_ids=before.doc_ids))
-
-    other = AutoModelForCausalLM.from_pretrained(eval_models["other"]).state_dict()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.data.copy_(other[name])
-    after = on_vllm.score(doc_ids=before.doc_ids)
-    assert doc_metrics(after) == doc_metrics(in_process.score(doc_ids=before.doc_ids))
-    assert doc_metrics(after) != doc_metrics(before)
-
-    qkv = engine.worker.model_runner.model.params["model.layers.1.self_attn.qkv_proj.weight"]
-    layer = model.model.layers[1].self_attn
-    assert torch.equal(qkv, torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]))
-    assert FakeLLM.instances == [engine]  # one engine for the whole search, never restarted
-    assert engine.prefix_cache_resets == 2 and engine.generate_calls == 2
-    assert on_vllm.score(doc_ids=before.doc_ids).forward_seconds > 0
+    assert engine.options["worker_extension_cls"] == WORKER_EXTENSION and engine.options["load_format"] == "dummy"
+    assert engine.options["dtype"] == "float32" and engine.options["enable_prefix_caching"] is False
+    scores = []
+    for t in (0.0, 1.0):  # the base model, then the other
+        text = recipe_text("slerp", {"a": eval_models["base"], "b": eval_models["other"]})
+        text = text.replace("value: 0.3", f"value: {t}").replace("[0, 0.5, 1]", str(t))
+        recipe = parse_recipes(text)
+        evaluator.backend.build(recipe, seed=None)
+        merge_recipe_file(recipe, tmp_path / f"t{t}")
+        disk = load_state(tmp_path / f"t{t}")
+        engine_state = engine.workers[0].model.hf_state()
+        assert all(torch.equal(engine_state[name], disk[name]) for name in disk)
+        on_engine = evaluator.score(limit=12)
+        reference = Evaluator.from_dir(tmp_path / f"t{t}", evaluator.config, batch_size=1).score(doc_ids=on_engine.doc_ids)
+        assert doc_metrics(on_engine) == doc_metrics(reference)
+        scores.append(doc_metrics(on_engine))
+    assert scores[0] != scores[1]
+    assert FakeLLM.instances == [engine] and engine.prefix_cache_resets == 2  # one engine, cache dropped per candidate
 
 
-def test_a_weight_the_engine_did_not_load_is_an_error_not_a_stale_score(fake_vllm, live_model, eval_models, toy_task_dir):
-    model, tokenizer = live_model
+def test_every_tensor_parallel_rank_builds_the_same_seeded_candidate(fake_vllm, eval_models, toy_task_dir):
+    evaluator = engine_evaluator(eval_models, toy_task_dir, tensor_parallel_size=2)
+    (engine,) = FakeLLM.instances
+    base, other = eval_models["base"], eval_models["other"]
+    recipe = f"""merge_method: dare_ties
+base_model: {base}
+models: [{{model: {base}}}, {{model: {other}, parameters: {{weight: 0.8, density: 0.5}}}}]
+dtype: float32
+"""
+    evaluator.backend.build(parse_recipes(recipe), seed=5)
+    first, second = (worker.model.params for worker in engine.workers)
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_a_parameter_the_engine_did_not_load_is_an_error_not_a_stale_score(fake_vllm, eval_models, toy_task_dir):
     FakeLLM.skip = "layers.2.self_attn.o_proj"
-    evaluator = Evaluator.from_model(
-        model, tokenizer, EvalConfig(tasks=(TOY_TASK,), include_paths=(toy_task_dir,)), backend="vllm", checkpoint_dir=eval_models["base"]
-    )
-    with pytest.raises(MergetuneError, match="did not load 1 parameters, e.g. model.layers.2.self_attn.o_proj.weight"):
-        evaluator.score(limit=2)
+    evaluator = engine_evaluator(eval_models, toy_task_dir)
+    recipe = parse_recipes(recipe_text("slerp", {"a": eval_models["base"], "b": eval_models["other"]}))
+    with pytest.raises(MergetuneError, match="kept the previous weights of 1 parameter.*layers.2.self_attn.o_proj.weight"):
+        evaluator.backend.build(recipe)
+
+
+def test_a_study_scored_by_vllm_runs_end_to_end_without_a_live_model(fake_vllm, eval_models, toy_task_dir, tmp_path):
+    study = {
+        "name": "engine", "models": [str(eval_models["base"]), str(eval_models["other"])], "methods": ["slerp"],
+        "dtype": "float32", "backend": "vllm", "engine": {"tensor_parallel_size": 2},
+        "space": {"slerp": {"control_points": 2}}, "budget": {"n_trials": 3},
+        "evaluation": {"tasks": [TOY_TASK], "include_paths": [str(toy_task_dir)], "limit": 4, "final": {"limit": 4, "finalists": 1}},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    result = CliRunner().invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    (engine,) = FakeLLM.instances
+    assert len(engine.workers) == 2 and engine.prefix_cache_resets >= 3  # every trial and finalist built in the engine
 
 
 def test_missing_vllm_is_a_clear_error(monkeypatch, eval_models, toy_task_dir):

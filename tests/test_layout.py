@@ -4,8 +4,10 @@ and Optuna's private API is reached only through its adapter — which fails her
 from __future__ import annotations
 
 import inspect
+import io
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import optuna
@@ -20,10 +22,10 @@ from mergetune.search.samplers import PRUNERS, SAMPLERS, make_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "lm_eval")
-PRIVATE = (  # the private third-party names mergetune uses, each behind its adapter
-    "._storage", "._trial_id", "._study_id", "._get_stale", "._encode_pair", "._loglikelihood_tokens",
-    "._detect_batch_size", "._model_call",
-)
+PRIVATE = {  # the private third-party names mergetune uses, each behind its adapter
+    "_storage", "_trial_id", "_study_id", "_get_stale_trial_ids", "_encode_pair", "_loglikelihood_tokens",
+    "_detect_batch_size", "_model_call",
+}
 
 
 def test_the_read_side_imports_no_model_stack():
@@ -101,14 +103,22 @@ def test_optunas_private_api_is_where_the_adapter_expects_it():
     assert "study_id" in inspect.signature(type(storage)._get_stale_trial_ids).parameters
 
 
+def private_attribute_uses(source: str) -> list[tuple[int, str]]:
+    """(line, name) of every `.name` in code (not strings or comments) that is one of PRIVATE."""
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    return [
+        (token.start[0], token.string)
+        for before, token in zip(tokens, tokens[1:])
+        if before.type == tokenize.OP and before.string == "." and token.type == tokenize.NAME and token.string in PRIVATE
+    ]
+
+
 def test_only_the_adapters_touch_private_third_party_api():
-    """Private attributes of Optuna and lm-eval objects appear in their adapters alone."""
+    """Private attributes of Optuna and lm-eval objects are used in their adapters alone."""
+    assert private_attribute_uses("x = study._storage  # study._study_id\ny = 'lm._model_call'") == [(1, "_storage")]
     offenders = []
     for path in [*ROOT.glob("search/*.py"), *ROOT.glob("eval/**/*.py"), *ROOT.glob("merge_ops/*.py")]:
         if path.name in ("optuna_adapter.py", "lm_eval_adapter.py"):
             continue
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            for private in PRIVATE:
-                if private in line:
-                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+        offenders += [f"{path.relative_to(ROOT)}:{line}: .{name}" for line, name in private_attribute_uses(path.read_text())]
     assert offenders == []

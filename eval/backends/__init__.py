@@ -33,13 +33,15 @@ if TYPE_CHECKING:
 
 class _Entry(NamedTuple):
     target: str  # "module:Class", imported on first use
-    live: bool  # whether `for_live_model` can score a live in-memory transformers model
+    # How it scores a search's candidates: "live" (a transformers model the search rewrites in place,
+    # `for_live_model`), "engine" (its own engine merges each candidate, `for_candidates`), or "none".
+    candidates: str
 
 
 _BACKENDS = {
-    "hf": _Entry("mergetune.eval.backends.hf:HFBackend", live=True),
-    "vllm": _Entry("mergetune.eval.backends.vllm:VLLMBackend", live=True),
-    "server": _Entry("mergetune.eval.backends.server:ServerBackend", live=False),
+    "hf": _Entry("mergetune.eval.backends.hf:HFBackend", candidates="live"),
+    "vllm": _Entry("mergetune.eval.backends.vllm:VLLMBackend", candidates="engine"),
+    "server": _Entry("mergetune.eval.backends.server:ServerBackend", candidates="none"),
 }
 
 _REGISTRY: Registry[type["Backend"]] = Registry("backend")
@@ -53,8 +55,18 @@ def backend_names() -> list[str]:
 
 
 def live_backend_names() -> list[str]:
-    """The backends that can score a live in-memory model (what a search needs)."""
-    return [name for name, entry in _BACKENDS.items() if entry.live]
+    """The backends that can score a live in-memory transformers model."""
+    return [name for name, entry in _BACKENDS.items() if entry.candidates == "live"]
+
+
+def engine_backend_names() -> list[str]:
+    """The backends whose engine merges each candidate itself (nothing tensor-sized is sent to it)."""
+    return [name for name, entry in _BACKENDS.items() if entry.candidates == "engine"]
+
+
+def search_backend_names() -> list[str]:
+    """The backends a study can score its candidates with."""
+    return [*live_backend_names(), *engine_backend_names()]
 
 
 def get_backend_class(name: str) -> type["Backend"]:

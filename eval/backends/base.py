@@ -49,6 +49,15 @@ class Backend:
         raise NotImplementedError
 
     @classmethod
+    def for_candidates(cls, skeleton_dir: str | Path, sources: list[str], dtype: str, **options: Any) -> Backend:
+        """A backend whose engine holds `sources` and merges each candidate given to `build` (engine backends)."""
+        raise MergetuneError(f"backend {cls.name!r} cannot merge candidates in its engine")
+
+    def build(self, recipe: Any, seed: int | None = None) -> None:
+        """Make the engine's weights `recipe`'s merge (engine backends only)."""
+        raise MergetuneError(f"backend {self.name!r} cannot merge candidates in its engine")
+
+    @classmethod
     def for_directory(cls, model_dir: Path, **options: Any) -> Backend:
         """A backend scoring the checkpoint in `model_dir` (or, for a server, whatever it serves); only called
         once `check_directory` has passed."""

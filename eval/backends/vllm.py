@@ -1,11 +1,16 @@
-"""`vllm` backend: one in-process vLLM engine for the whole search, weights swapped in place.
+"""`vllm` backend: one vLLM engine for the whole search; each candidate merged inside the engine.
 
-The engine is started once from a checkpoint of the right architecture. Before
-each scoring call, `sync_weights` sends the live transformers model's current
-tensors to every worker through `LLM.collective_rpc`, where the model's own
-`load_weights` writes them into vLLM's (fused, sharded) parameters; then the
-prefix cache is reset, so no KV computed with old weights is reused. The
-engine is never restarted. Log-likelihoods come from prompt logprobs.
+For a search (`for_candidates`) the engine starts once, with dummy weights, from a
+directory holding the merged model's config and tokenizer, in the study's dtype.
+Its workers load the source models once (`vllm_worker.MergeExtension`); for each
+candidate the driver sends the recipe's YAML text and seed through
+`LLM.collective_rpc`, every worker builds the merged tensors itself and loads them,
+and the prefix cache is reset so no KV computed with old weights is reused. Only
+plain data crosses the process boundary, as vLLM's default multiprocess mode
+requires, and it works the same under tensor parallelism. For a checkpoint on disk
+(`for_directory`, `mergetune eval --backend vllm`) the engine just loads it.
+Log-likelihoods come from prompt logprobs, with requests truncated as lm-eval's
+own vLLM model truncates them.
 
 Needs `pip install 'mergetune[vllm]'` and a GPU vLLM supports; vLLM is imported
 only when an engine is started.
@@ -14,31 +19,23 @@ only when an engine is started.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mergetune.errors import MergetuneError
 from mergetune.eval.backends.base import Backend
 from mergetune.eval.lm_eval_adapter import TokenBatchItem, TokenScoringLM
 
+if TYPE_CHECKING:
+    from mergetune.merge_ops.recipe import Recipe, RecipeFile
+
 log = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "mergetune.eval.backends.vllm_worker.WeightLoadExtension"
-
-#: HF Llama projections that vLLM stores fused: (HF part, vLLM fused parameter, shard id)
-FUSED_PROJECTIONS: tuple[tuple[str, str, str | int], ...] = (
-    ("q_proj", "qkv_proj", "q"),
-    ("k_proj", "qkv_proj", "k"),
-    ("v_proj", "qkv_proj", "v"),
-    ("gate_proj", "gate_up_proj", 0),
-    ("up_proj", "gate_up_proj", 1),
-)
-_FUSED_SHARDS = {fused: {s for _, f, s in FUSED_PROJECTIONS if f == fused} for _, fused, _ in FUSED_PROJECTIONS}
+WORKER_EXTENSION = "mergetune.eval.backends.vllm_worker.MergeExtension"
 
 
 def import_vllm() -> Any:
@@ -51,37 +48,6 @@ def import_vllm() -> Any:
             "(on a machine with a GPU that vLLM supports)"
         ) from error
     return vllm
-
-
-def vllm_parameter(hf_name: str) -> tuple[str, str | int | None]:
-    """The vLLM parameter an HF Llama tensor is loaded into, and its shard id if fused."""
-    module, _, leaf = hf_name.rpartition(".")
-    parent, _, projection = module.rpartition(".")
-    for part, fused, shard in FUSED_PROJECTIONS:
-        if projection == part:
-            return f"{parent}.{fused}.{leaf}", shard
-    return hf_name, None
-
-
-def plan_weight_update(hf_names: Iterable[str], engine_parameters: Collection[str]) -> dict[str, list[tuple[str, str | int | None]]]:
-    """vLLM parameter -> the HF tensors (and shards) that fill it, for one full update.
-
-    Every HF tensor must land in a parameter the engine has, and every fused
-    parameter must receive all of its shards; otherwise part of the engine would
-    keep the previous candidate's weights.
-    """
-    plan: dict[str, list[tuple[str, str | int | None]]] = {}
-    for name in hf_names:
-        target, shard = vllm_parameter(name)
-        if target not in engine_parameters:
-            raise MergetuneError(f"tensor {name} maps to {target}, which the vLLM engine's model does not have")
-        plan.setdefault(target, []).append((name, shard))
-    for target, sources in plan.items():
-        wanted = _FUSED_SHARDS.get(target.rsplit(".", 2)[-2])
-        got = {shard for _, shard in sources}
-        if wanted and got != wanted:
-            raise MergetuneError(f"fused parameter {target} would get shards {sorted(map(str, got))} of {sorted(map(str, wanted))}")
-    return plan
 
 
 class _VLLMLM(TokenScoringLM):
@@ -112,8 +78,9 @@ class _VLLMLM(TokenScoringLM):
         vllm = import_vllm()
         from vllm.inputs import TokensPrompt
 
-        # Whole context + continuation, left-truncated to the engine's window.
-        sequences = [(list(context) + list(continuation))[-self.max_length :] for _, context, continuation in requests]
+        # Left-truncated as lm-eval's vLLM model does: vLLM wants room for one generated token.
+        window = self.max_length - 1
+        sequences = [(list(context) + list(continuation))[-window:] for _, context, continuation in requests]
         params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
         start = perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
@@ -137,43 +104,38 @@ class _VLLMLM(TokenScoringLM):
 
 
 class VLLMBackend(Backend):
-    """Scores with a vLLM engine; with `source`, mirrors that live model's weights before each call."""
+    """Scores with a vLLM engine: a checkpoint's, or the candidates its workers merge (`build`)."""
 
     name = "vllm"
     command_options = ("tensor_parallel_size",)
 
-    def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase, *, source: torch.nn.Module | None = None) -> None:
+    def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__()
         self.llm = llm
-        self.source = source
         self.lm = _VLLMLM(llm, tokenizer, llm.llm_engine.model_config.max_model_len)
         self._engine_parameters: set[str] | None = None
-
-    @classmethod
-    def for_live_model(
-        cls, model: torch.nn.Module, tokenizer: Any, checkpoint_dir: str | Path | None, **options: Any
-    ) -> VLLMBackend:
-        """An engine started from `checkpoint_dir` that is sent `model`'s weights before every score.
-
-        The engine tokenizes with `checkpoint_dir`'s tokenizer, not `tokenizer`.
-        """
-        return cls.launch(checkpoint_dir, source=model, **options)
-
-    @classmethod
-    def check_live(cls, checkpoint_dir: str | Path | None) -> None:
-        if checkpoint_dir is None:
-            raise MergetuneError("the vllm backend needs checkpoint_dir, a checkpoint to start the engine from")
 
     @classmethod
     def for_directory(cls, model_dir: str | Path, **options: Any) -> VLLMBackend:
         return cls.launch(model_dir, **options)
 
     @classmethod
+    def for_candidates(cls, skeleton_dir: str | Path, sources: list[str], dtype: str, **options: Any) -> VLLMBackend:
+        """An engine whose workers hold `sources` and merge each candidate `build` is given.
+
+        `skeleton_dir` holds the merged model's config.json and tokenizer (no weights:
+        the engine starts with dummy ones); `dtype` is the study's.
+        """
+        backend = cls.launch(skeleton_dir, dtype=dtype, load_format="dummy", **options)
+        counts = backend.llm.collective_rpc("mergetune_load_sources", args=(list(sources), dtype))
+        log.info("%d vLLM worker(s) hold %d source model(s) each", len(counts), counts[0])
+        return backend
+
+    @classmethod
     def launch(
         cls,
         model_dir: str | Path,
         *,
-        source: torch.nn.Module | None = None,
         tensor_parallel_size: int = 1,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.85,
@@ -181,7 +143,7 @@ class VLLMBackend(Backend):
         seed: int = 0,
         **engine_options: Any,
     ) -> VLLMBackend:
-        """Start the engine once from `model_dir` (any checkpoint of the live model's architecture).
+        """Start the engine once from `model_dir`.
 
         Prefix caching is off: prompt-logprob requests cannot use it, and a cache
         filled with one candidate's keys must never serve the next.
@@ -202,26 +164,24 @@ class VLLMBackend(Backend):
             worker_extension_cls=WORKER_EXTENSION,
             **engine_options,
         )
-        return cls(llm, AutoTokenizer.from_pretrained(model_dir), source=source)
+        return cls(llm, AutoTokenizer.from_pretrained(model_dir))
 
     @property
     def forward_seconds(self) -> float:
         return self.lm.forward_seconds
 
-    def sync_weights(self) -> None:
-        """Load the source model's current tensors into every worker, then drop cached prefixes."""
-        if self.source is None:
-            return
-        weights = [(name, param.detach()) for name, param in self.source.named_parameters()]
+    def build(self, recipe: Recipe | RecipeFile, seed: int | None = None) -> None:
+        """Merge `recipe` on every worker into the engine's weights; every parameter must be replaced."""
         if self._engine_parameters is None:
             self._engine_parameters = set(self.llm.collective_rpc("mergetune_parameter_names")[0])
-        plan = plan_weight_update((name for name, _ in weights), self._engine_parameters)
-        for worker, loaded in enumerate(self.llm.collective_rpc("mergetune_load_weights", args=(weights,))):
-            skipped = sorted(set(plan) - set(loaded))
-            if skipped:
-                raise MergetuneError(f"vLLM worker {worker} did not load {len(skipped)} parameters, e.g. {skipped[0]}")
+        for worker, loaded in enumerate(self.llm.collective_rpc("mergetune_build", args=(recipe.to_yaml(), seed))):
+            kept = sorted(self._engine_parameters - set(loaded))
+            if kept:
+                raise MergetuneError(
+                    f"vLLM worker {worker} kept the previous weights of {len(kept)} parameter(s), e.g. {kept[0]}: "
+                    "the recipe does not produce them"
+                )
         self.llm.reset_prefix_cache()
-        log.debug("loaded %d tensors into %d vLLM parameters", len(weights), len(plan))
 
     def describe(self) -> dict[str, Any]:
         config = self.llm.llm_engine.model_config

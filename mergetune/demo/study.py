@@ -47,11 +47,11 @@ def outdated_trials(study: Study) -> bool:
         return False
     import optuna
 
-    from mergetune.search.trials import stored_definition_hash
+    from mergetune.search.trials import DEFINITION, stored_definition_hash
 
     summaries = optuna.get_all_study_summaries(storage=study.storage_url)
-    stored = [stored_definition_hash(summary.user_attrs) for summary in summaries]
-    return any(found is not None and not study.spec.has_definition(found) for found in stored)
+    stored = [(stored_definition_hash(s.user_attrs), s.user_attrs.get(DEFINITION, {})) for s in summaries]
+    return any(found is not None and not study.spec.has_definition(found, definition) for found, definition in stored)
 
 
 def prepare_demo(out_dir: Path, n_trials: int | None = None) -> Study:
