@@ -4,13 +4,17 @@ K candidate models (seeded perturbations of one Llama-shaped model) are scored o
 the same documents of the same suite, in one run on one machine:
 
   (a) mergetune: one `Evaluator` over one live model; per candidate, its weights
-      are copied into the model's parameters in place, then `score()`.
+      are copied into the model's parameters in place, then `score()`, shared
+      prefixes computed once (the default);
+  (a') the same, each request scored as its own sequence (`shared_prefix=False`, lm-eval's way);
   (b) naive: per candidate, the model is written to disk and `lm_eval --model hf`
       runs in a fresh process (index tasks, load data and model, build prompts, score).
 
 Reported per loop: candidates per hour, and the share of each trial spent outside
 forward passes (both loops time the model's forward calls; for lm_eval, by
-wrapping HFLM._model_call in the child process, which otherwise is the lm_eval CLI).
+wrapping HFLM._model_call in the child process, which otherwise is the lm_eval CLI);
+for (a) against (a'): forward tokens (padding included; independent of machine load)
+and forward seconds per candidate, for the suite and per task.
 
     python bench/bench_eval.py --candidates 5 --limit 10
 """
@@ -34,6 +38,7 @@ import psutil
 import torch
 
 from mergetune.eval import EvalConfig, Evaluator
+from mergetune.eval.backends.hf import HFBackend
 from mergetune.eval.local_data import local_task_dir
 from mergetune.demo.tiny import TinySpec, build_tokenizer, perturbed, random_model, save_model
 
@@ -74,10 +79,43 @@ def write_in_place(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
 
 
 def mergetune_trial(evaluator: Evaluator, model, candidate, doc_ids) -> dict:
-    start = time.perf_counter()
+    start, tokens = time.perf_counter(), evaluator.backend.forward_tokens
     write_in_place(model, candidate)
     result = evaluator.score(doc_ids=doc_ids)
-    return {"seconds": time.perf_counter() - start, "forward_seconds": result.forward_seconds, "result": result}
+    return {
+        "seconds": time.perf_counter() - start,
+        "forward_seconds": result.forward_seconds,
+        "forward_tokens": evaluator.backend.forward_tokens - tokens,
+        "result": result,
+    }
+
+
+def per_task(evaluators: dict[str, Evaluator], doc_ids) -> dict[str, dict]:
+    """Forward tokens and seconds of one candidate (the current weights), task by task, for each evaluator."""
+    figures = {}
+    for name, entry in next(iter(evaluators.values())).tasks.items():
+        ids = {leaf: doc_ids[leaf] for leaf in entry.leaves if leaf in doc_ids}
+        row = {}
+        for label, evaluator in evaluators.items():
+            tokens = evaluator.backend.forward_tokens
+            result = evaluator.score([name], doc_ids=ids)
+            row[label] = {"forward_tokens": evaluator.backend.forward_tokens - tokens, "forward_seconds": result.forward_seconds}
+        row["token_ratio"] = row["lm_eval_way"]["forward_tokens"] / row["shared_prefix"]["forward_tokens"]
+        row["time_ratio"] = row["lm_eval_way"]["forward_seconds"] / row["shared_prefix"]["forward_seconds"]
+        figures[name] = row
+    return figures
+
+
+def check_agree(trials: list[dict], reference: list[dict], tolerance: float) -> None:
+    """Stop unless every task score of every candidate equals lm_eval's (within `tolerance`: TruthfulQA mc2 is a
+    mean of probabilities, which shared prefixes reproduce within 1e-4 (a changed decision moves a mean by 1/N), not bit for bit)."""
+    for mine, theirs in zip(trials, reference, strict=True):
+        for score in mine["result"].tasks.values():
+            for leaf, docs in score.docs.items():
+                value = sum(doc.metrics[score.metric] for doc in docs) / len(docs)
+                expected = theirs["results"][leaf][f"{score.metric},none"]
+                if abs(value - expected) > tolerance:
+                    raise SystemExit(f"scores differ on {leaf}: {value} vs {expected}")
 
 
 def suite_yaml(evaluator: Evaluator, path: Path) -> Path:
@@ -167,6 +205,7 @@ def main() -> None:
     start = time.perf_counter()
     evaluator = Evaluator.from_model(live, tokenizer, config, batch_size=args.batch_size)
     setup_seconds = time.perf_counter() - start
+    plain = Evaluator(HFBackend(live, tokenizer, batch_size=args.batch_size, shared_prefix=False), config, evaluator.tasks)
     groups = [name for name, task in evaluator.tasks.items() if task.group is not None]
     doc_ids = evaluator.sample_doc_ids([name for name in evaluator.tasks if name not in groups], limit=args.limit)
     for group in groups:  # lm_eval scores all of a subtask left out of --samples: sample every subject
@@ -176,21 +215,25 @@ def main() -> None:
     suite = suite_yaml(evaluator, args.work_dir / "suite.yaml")
     (args.work_dir / "timed_lm_eval.py").write_text(TIMED_LM_EVAL)
     include_path = local_task_dir(args.data_dir)
-    ours, theirs = [], []
-    for index, candidate in enumerate(weights):  # interleaved: both loops see the same machine load
+    ours, unshared, theirs = [], [], []
+    for index, candidate in enumerate(weights):  # interleaved: all loops see the same machine load
         ours.append(mergetune_trial(evaluator, live, candidate, doc_ids))
+        unshared.append(mergetune_trial(plain, live, candidate, doc_ids))
         theirs.append(naive_trial(base, tokenizer, candidate, args.work_dir, suite, include_path, doc_ids, args.batch_size))
-        print(f"candidate {index}: mergetune {ours[-1]['seconds']:.1f} s, lm_eval {theirs[-1]['seconds']:.1f} s", flush=True)
+        print(
+            f"candidate {index}: mergetune {ours[-1]['seconds']:.1f} s (without shared prefixes "
+            f"{unshared[-1]['seconds']:.1f} s), lm_eval {theirs[-1]['seconds']:.1f} s",
+            flush=True,
+        )
 
     # Same candidates, same documents: every task's score must agree.
-    for mine, reference in zip(ours, theirs, strict=True):
-        for score in mine["result"].tasks.values():
-            for leaf, docs in score.docs.items():
-                value = sum(doc.metrics[score.metric] for doc in docs) / len(docs)
-                if value != reference["results"][leaf][f"{score.metric},none"]:
-                    raise SystemExit(f"scores differ on {leaf}: {value} vs {reference['results'][leaf]}")
+    check_agree(unshared, theirs, tolerance=0.0)
+    check_agree(ours, theirs, tolerance=1e-4)
+    tasks = per_task({"shared_prefix": evaluator, "lm_eval_way": plain}, doc_ids)
 
-    a, b = summarize(ours, setup_seconds), summarize(theirs)
+    a, a_plain, b = summarize(ours, setup_seconds), summarize(unshared), summarize(theirs)
+    tokens, tokens_plain = ours[0]["forward_tokens"], unshared[0]["forward_tokens"]
+    seconds, seconds_plain = statistics.mean(a["forward_seconds"]), statistics.mean(a_plain["forward_seconds"])
     report = {
         "date": date.today().isoformat(),
         "machine": f"{psutil.cpu_count()}-core CPU, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.processor() or platform.machine()}",
@@ -199,11 +242,20 @@ def main() -> None:
         "model": {"params": sum(p.numel() for p in live.parameters()), **spec.__dict__},
         "documents": sum(map(len, doc_ids.values())),
         "mergetune": {"setup_seconds": setup_seconds, **a},
+        "mergetune_without_shared_prefix": a_plain,
         "naive_lm_eval": b,
         "speedup": {
             "all_trials": a["candidates_per_hour"] / b["candidates_per_hour"],
             "after_first": a["candidates_per_hour_after_first"] / b["candidates_per_hour"],
             "with_setup": a["candidates_per_hour_with_setup"] / b["candidates_per_hour"],
+            "without_shared_prefix_after_first": a_plain["candidates_per_hour_after_first"] / b["candidates_per_hour"],
+        },
+        "shared_prefix": {
+            "forward_tokens_per_candidate": {"shared": tokens, "lm_eval_way": tokens_plain, "ratio": tokens_plain / tokens},
+            "forward_seconds_per_candidate": {
+                "shared": seconds, "lm_eval_way": seconds_plain, "ratio": seconds_plain / seconds,
+            },
+            "per_task": tasks,
         },
         "scores_agree": True,
     }

@@ -15,6 +15,38 @@ from mergetune.errors import MergetuneError
 if TYPE_CHECKING:  # the package imports torch and lm-eval: not at CLI start-up
     from mergetune.eval import EvalResult, Evaluator
 
+#: Backends whose MODEL_DIR holds only the served model's tokenizer (see the argument's help).
+TOKENIZER_ONLY_BACKENDS = ("server",)
+#: What transformers (and vLLM) load a checkpoint's weights from.
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def _check_model_dir(model_dir: Path, backend: str) -> None:
+    """Before the task index (tens of seconds) and the model: the directory has what the backend will load."""
+    if not model_dir.is_dir():
+        raise MergetuneError(f"model directory {model_dir} does not exist")
+    if backend in TOKENIZER_ONLY_BACKENDS:
+        return
+    if not (model_dir / "config.json").is_file():
+        raise MergetuneError(f"model directory {model_dir} has no config.json")
+    if not any(next(model_dir.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise MergetuneError(f"model directory {model_dir} has no weights ({' or '.join(WEIGHT_FILES)} files)")
+
+
+def _check_at_least(option: str, value: Optional[int], least: int) -> None:
+    if value is not None and value < least:
+        raise MergetuneError(f"{option}: must be at least {least}, got {value}")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """Before any work (an output is written only at the end): the output file's folder exists, and the
+    path is not a folder."""
+    if not path.parent.is_dir():
+        state = "is a file, not a directory" if path.parent.exists() else "does not exist"
+        raise MergetuneError(f"{option} {path}: directory {path.parent} {state}")
+    if path.is_dir():
+        raise MergetuneError(f"{option} {path}: is a directory, expected a file name")
+
 
 def _doc_ids_from(path: Path) -> dict[str, list[int]]:
     """Document ids from an earlier `--json` output, or from a plain {task: [ids]} file."""
@@ -72,6 +104,9 @@ def eval_command(
     served_model: Optional[str] = typer.Option(None, "--served-model", help="server: model name (default: MODEL_DIR)."),
     num_concurrent: int = typer.Option(8, "--concurrency", help="server: requests in flight."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per engine."),
+    no_shared_prefix: bool = typer.Option(
+        False, "--no-shared-prefix", help="hf: score every request as its own sequence (lm-eval's way), for comparing."
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-task metrics, stderrs and document ids here."),
 ) -> None:
     """Score a model on lm-eval tasks: a table here, and JSON with metrics, stderrs and document ids."""
@@ -80,6 +115,7 @@ def eval_command(
 
     from mergetune.eval import EvalConfig, Evaluator
     from mergetune.eval.backends import backend_names, get_backend_class
+    from mergetune.eval.tasks import Origins, check_task_sources
 
     datasets.disable_progress_bars()
     transformers_logging.disable_progress_bar()
@@ -87,6 +123,14 @@ def eval_command(
         raise MergetuneError("give --suite leaderboard or --tasks a,b,...")
     if backend not in backend_names():
         raise MergetuneError(f"unknown --backend {backend!r}; use {', '.join(backend_names())}")
+    for option, value, least in (
+        ("--limit", limit, 1), ("--num-fewshot", num_fewshot, 0), ("--concurrency", num_concurrent, 1),
+        ("--tensor-parallel-size", tensor_parallel_size, 1),
+    ):
+        _check_at_least(option, value, least)
+    if json_out is not None:
+        check_output_file(json_out, "--json")
+    _check_model_dir(model_dir, backend)
     given = {
         "device": device,
         "batch_size": batch_size,
@@ -94,6 +138,7 @@ def eval_command(
         "model": served_model,
         "num_concurrent": num_concurrent,
         "tensor_parallel_size": tensor_parallel_size,
+        "shared_prefix": not no_shared_prefix,
     }
     options = {name: given[name] for name in get_backend_class(backend).command_options}
     if "batch_size" in options:
@@ -109,6 +154,7 @@ def eval_command(
         limit=limit,
         seed=seed,
     )
+    check_task_sources(config.suite, config.tasks, data_dir, include_path, Origins())
     evaluator = Evaluator.from_dir(model_dir, config, backend=backend, **options)
     try:
         result = evaluator.score(doc_ids=_doc_ids_to_score(evaluator, doc_ids) if doc_ids else None)

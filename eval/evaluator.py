@@ -119,6 +119,26 @@ class Evaluator:
         return cls(backend_class.for_live_model(model, tokenizer, checkpoint_dir, **backend_options), config, tasks)
 
     @classmethod
+    def for_candidates(
+        cls,
+        skeleton_dir: str | Path,
+        sources: Sequence[str],
+        dtype: str,
+        config: EvalConfig = EvalConfig(),
+        *,
+        backend: str,
+        **backend_options: Any,
+    ) -> Evaluator:
+        """An evaluator whose backend's engine merges each candidate: `evaluator.backend.build(recipe, seed)`.
+
+        `skeleton_dir`: the merged model's config and tokenizer; `sources`: the
+        checkpoints the recipes use, loaded by the engine once; `dtype`: the study's.
+        """
+        backend_class = get_backend_class(backend)
+        tasks = load_tasks(config)  # before any engine starts: configuration errors come first
+        return cls(backend_class.for_candidates(skeleton_dir, list(sources), dtype, **backend_options), config, tasks)
+
+    @classmethod
     def from_dir(
         cls, model_dir: str | Path, config: EvalConfig = EvalConfig(), *, backend: str = "hf", **backend_options: Any
     ) -> Evaluator:

@@ -3,7 +3,8 @@
 mergetune tokenizes each request once and scores it many times, which lm-eval's
 public `LM.loglikelihood` (tokenize, then score, in one call) cannot do. So it
 calls the two halves lm-eval keeps private, probes and times HFLM's forward
-passes through its private hooks, and quiets one private module's logger. Those
+passes through its private hooks, quiets one private module's logger, and
+re-reads the task files the private task index skips (to name them). Those
 names may change in any lm-eval release without notice; nothing else in
 mergetune touches them, and tests/test_lm_eval_adapter.py fails, naming what
 changed, when they do.
@@ -19,6 +20,7 @@ import abc
 import logging
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lm_eval.api.model import TemplateLM
@@ -99,6 +101,26 @@ def detect_batch_size(lm: HFLM, request: TokenBatchItem) -> int:
 def wrap_model_call(lm: HFLM, wrap: Callable[[ModelCall], ModelCall]) -> None:
     """Route every forward pass of `lm` (scoring and batch-size probes alike) through `wrap(original)`."""
     lm._model_call = wrap(lm._model_call)
+
+
+def skipped_task_files(root: str | Path) -> dict[Path, str]:
+    """The YAML files under `root` that lm-eval's task index skips, with why (one line each).
+
+    The index (`TaskIndex.build`) walks `root` as `_iter_yaml_files` does, loads each
+    file with the private `load_yaml` and files it with `process_cfg`; a file that
+    fails any step is dropped with a debug log line, so its task reads as unknown.
+    This repeats those steps to say which file failed and how.
+    """
+    from lm_eval.tasks._index import TaskIndex
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    skipped: dict[Path, str] = {}
+    for path in TaskIndex._iter_yaml_files(Path(root)):
+        try:
+            TaskIndex.process_cfg(load_yaml(path, resolve_func=False, recursive=True), path, {})
+        except Exception as error:  # the index skips a file whatever it raised
+            skipped[path] = " ".join(f"{type(error).__name__}: {error}".split())
+    return skipped
 
 
 class TokenScoringLM(TemplateLM):

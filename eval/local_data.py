@@ -78,6 +78,7 @@ LOCAL_DATASETS: tuple[LocalDataset, ...] = (
 )
 
 _MMLU = LocalDataset("mmlu", ("dev", "validation", "test"), {})
+_MMLU_GROUP = "mmlu"  # the lm-eval group of the MMLU subject tasks
 _FUNCTION_KEYS = ("custom_dataset",)
 
 
@@ -118,40 +119,77 @@ def _task_config(
     }
 
 
+def _missing_split(folder: Path, dataset: LocalDataset) -> str | None:
+    """The first of the dataset's splits without its `<split>.jsonl` in `folder`, else None."""
+    return next((split for split in dataset.splits if not (folder / f"{split}.jsonl").is_file()), None)
+
+
 def local_task_configs(data_dir: Path) -> dict[str, dict[str, Any]]:
     """Config of every task the data directory can feed, keyed by task name."""
     configs: dict[str, dict[str, Any]] = {}
     for dataset in LOCAL_DATASETS:
         folder = data_dir / dataset.folder
-        if not all((folder / f"{split}.jsonl").is_file() for split in dataset.splits):
+        if _missing_split(folder, dataset) is not None:
             continue
         for name, included in dataset.tasks.items():
             configs[name] = _task_config(name, included, folder, dataset.splits, dataset.overrides)
     mmlu_folder = data_dir / _MMLU.folder
-    if all((mmlu_folder / f"{split}.jsonl").is_file() for split in _MMLU.splits):
+    if _missing_split(mmlu_folder, _MMLU) is None:
         for name, (included, subject) in _mmlu_subject_configs().items():
             extra = {"dataset_kwargs": {"subject": subject}}
             configs[name] = _task_config(name, included, mmlu_folder, _MMLU.splits, extra)
     return configs
 
 
+def missing_split_files(data_dir: Path) -> dict[str, tuple[str, Path]]:
+    """task name -> (split, file) for each task whose dataset folder is in `data_dir` but lacks a split file.
+
+    Such a folder is not served (an lm-eval task cannot run without its splits); the
+    user who made it meant it to be, so the tasks it was for are named, not skipped.
+    """
+    missing: dict[str, tuple[str, Path]] = {}
+    for dataset in (*LOCAL_DATASETS, _MMLU):
+        folder = data_dir / dataset.folder
+        split = _missing_split(folder, dataset)
+        if folder.is_dir() and split is not None:
+            names = [*dataset.tasks] or [_MMLU_GROUP, *_mmlu_subject_configs()]
+            missing.update(dict.fromkeys(names, (split, folder / f"{split}.jsonl")))
+    return missing
+
+
+def missing_split_message(origin: str, data_dir: Path, task: str, split: str, file: Path) -> str:
+    return f"{origin} {data_dir}: task {task!r} needs its {split!r} split, {file}, which does not exist"
+
+
+def check_data_dir(data_dir: str | Path, origin: str = "--data-dir") -> Path:
+    """`data_dir` resolved, if it serves at least one task; else one MergetuneError naming what is missing.
+
+    `origin` says where the setting came from ("--data-dir", or a study file's field).
+    """
+    data_dir = Path(data_dir).expanduser().resolve()
+    if not data_dir.is_dir():
+        raise MergetuneError(f"{origin} {data_dir} does not exist or is not a directory")
+    if not local_task_configs(data_dir):
+        incomplete = missing_split_files(data_dir)
+        if incomplete:
+            task, (split, file) = next(iter(incomplete.items()))
+            raise MergetuneError(missing_split_message(origin, data_dir, task, split, file))
+        expected = ", ".join(d.folder for d in (*LOCAL_DATASETS, _MMLU))
+        raise MergetuneError(
+            f"{origin} {data_dir} holds none of the known datasets "
+            f"(expected folders with <split>.jsonl files: {expected})"
+        )
+    return data_dir
+
+
 @functools.lru_cache(maxsize=None)
 def local_task_dir(data_dir: Path) -> Path:
     """Write (once per process, removed at exit) an lm-eval include_path that serves `data_dir`'s tasks.
 
-    Raises MergetuneError when the directory is missing or holds none of the
-    known datasets, naming what was expected.
+    Raises MergetuneError (`check_data_dir`'s) when the directory serves no task.
     """
-    data_dir = Path(data_dir).expanduser().resolve()
-    if not data_dir.is_dir():
-        raise MergetuneError(f"--data-dir {data_dir} does not exist or is not a directory")
+    data_dir = check_data_dir(data_dir)
     configs = local_task_configs(data_dir)
-    if not configs:
-        expected = ", ".join(d.folder for d in (*LOCAL_DATASETS, _MMLU))
-        raise MergetuneError(
-            f"--data-dir {data_dir} holds none of the known datasets "
-            f"(expected folders with <split>.jsonl files: {expected})"
-        )
     out = Path(tempfile.mkdtemp(prefix="mergetune-local-tasks-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     for name, config in configs.items():
@@ -183,8 +221,16 @@ _ROW_SCHEMAS = {"hellaswag_proxy": _proxy_hellaswag_row}
 def _read_jsonl(path: str, schema: str | None) -> datasets.Dataset:
     """Parse a split file once per process; MMLU's 57 subject tasks share each file."""
     convert = _ROW_SCHEMAS[schema] if schema else dict
-    with open(path, encoding="utf-8") as handle:
-        rows = [convert(json.loads(line)) for line in handle if line.strip()]
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    rows.append(convert(json.loads(line)))
+    except (OSError, UnicodeDecodeError) as error:
+        raise MergetuneError(f"cannot read {path}: {error}") from None
+    except (ValueError, KeyError, TypeError) as error:  # not JSON, or not an object with the schema's fields
+        raise MergetuneError(f"{path} line {number}: not a JSON object in this dataset's schema ({type(error).__name__}: {error})") from None
     return datasets.Dataset.from_list(rows)
 
 

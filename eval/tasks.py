@@ -19,8 +19,15 @@ from lm_eval.api.task import Task
 from lm_eval.tasks import TaskManager
 
 from mergetune.errors import MergetuneError
-from mergetune.eval.lm_eval_adapter import TASK_INDEX_LOGGER
-from mergetune.eval.local_data import PROXY_TASKS, local_task_configs, local_task_dir
+from mergetune.eval.lm_eval_adapter import TASK_INDEX_LOGGER, skipped_task_files
+from mergetune.eval.local_data import (
+    PROXY_TASKS,
+    check_data_dir,
+    local_task_configs,
+    local_task_dir,
+    missing_split_files,
+    missing_split_message,
+)
 from mergetune.eval.quiet import quieted
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,20 @@ SUITES: dict[str, tuple[SuiteTask, ...]] = {
 }
 
 _HELLASWAG_PROXY = "hellaswag_proxy_llamacpp"
+SHOWN_SKIPPED_FILES = 3  # task YAMLs lm-eval skipped, named when a task is unknown
+
+
+@dataclass(frozen=True)
+class Origins:
+    """Where the data and task directories were set, as messages name them: command-line options, or a
+    study file's fields."""
+
+    data_dir: str = "--data-dir"
+    include_paths: str = "--include-path"
+
+    @classmethod
+    def study_file(cls, path: Path) -> Origins:
+        return cls(f"{path}: evaluation.data_dir", f"{path}: evaluation.include_paths")
 
 
 @dataclass
@@ -100,28 +121,53 @@ def task_manager(include_paths: tuple[str, ...] = ()) -> TaskManager:
     return manager
 
 
-def include_paths(data_dir: Path | None, user_paths: Sequence[str | Path]) -> tuple[str, ...]:
-    """lm-eval include paths: the local-data configs first, so a user's own YAMLs win."""
-    paths = [str(local_task_dir(Path(data_dir)))] if data_dir is not None else []
+def _user_paths(user_paths: Sequence[str | Path], origins: Origins) -> list[str]:
+    """The user's task directories, resolved; one that is missing is named with where it was set."""
+    paths = []
     for path in user_paths:
         path = Path(path).expanduser().resolve()
         if not path.is_dir():
-            raise MergetuneError(f"task directory {path} (--include-path) does not exist")
+            raise MergetuneError(f"task directory {path} ({origins.include_paths}) does not exist")
         paths.append(str(path))
-    return tuple(paths)
+    return paths
 
 
-def suite_tasks(suite: str | None, tasks: Sequence[str], data_dir: Path | None) -> list[SuiteTask]:
+def include_paths(data_dir: Path | None, user_paths: Sequence[str | Path]) -> tuple[str, ...]:
+    """lm-eval include paths: the local-data configs first, so a user's own YAMLs win."""
+    local = [str(local_task_dir(Path(data_dir)))] if data_dir is not None else []
+    return (*local, *_user_paths(user_paths, Origins()))
+
+
+def check_task_sources(
+    suite: str | None, tasks: Sequence[str], data_dir: Path | None, user_paths: Sequence[str | Path], origins: Origins
+) -> None:
+    """What `load_tasks` would refuse about the data and task directories, said before anything slow (the
+    task index, a model) and naming where each was set: `load_tasks` itself knows only option names."""
+    if data_dir is not None:
+        check_data_dir(data_dir, origins.data_dir)
+    _user_paths(user_paths, origins)
+    suite_tasks(suite, tasks, data_dir, origins)
+
+
+def suite_tasks(
+    suite: str | None, tasks: Sequence[str], data_dir: Path | None, origins: Origins = Origins()
+) -> list[SuiteTask]:
     """The entries to score: the named suite's, then any extra task names.
 
     With local data that has only the HellaSwag stand-in, the suite's hellaswag
-    entry is scored on the stand-in, under the stand-in's (proxy) name.
+    entry is scored on the stand-in, under the stand-in's (proxy) name. A task
+    whose dataset folder lacks a split file is named with the file.
     """
     if suite is not None and suite not in SUITES:
         raise MergetuneError(f"unknown suite {suite!r}; known suites: {', '.join(SUITES)}")
     entries = list(SUITES[suite]) if suite else []
     if data_dir is not None:
-        local = local_task_configs(Path(data_dir).expanduser().resolve())
+        data_dir = Path(data_dir).expanduser().resolve()
+        incomplete = missing_split_files(data_dir)
+        for name in (*(e.name for e in entries), *tasks):
+            if name in incomplete:
+                raise MergetuneError(missing_split_message(origins.data_dir, data_dir, name, *incomplete[name]))
+        local = local_task_configs(data_dir)
         if "hellaswag" not in local and _HELLASWAG_PROXY in local:
             entries = [
                 SuiteTask(_HELLASWAG_PROXY, e.num_fewshot, e.metric) if e.name == "hellaswag" else e
@@ -156,13 +202,27 @@ def _check_scorable(task: Task) -> None:
         raise MergetuneError(f"task {task.task_name!r} defines response filters; they are not supported")
 
 
+def _skipped_files_note(manager: TaskManager) -> str:
+    """The include paths' YAML files lm-eval could not read (its index skips them silently), for a message."""
+    roots = manager.include_path or []
+    skipped = [(path, why) for root in roots for path, why in skipped_task_files(root).items()]
+    if not skipped:
+        return ""
+    shown = "; ".join(f"{path}: {why}" for path, why in skipped[:SHOWN_SKIPPED_FILES])
+    more = f" (and {len(skipped) - SHOWN_SKIPPED_FILES} more)" if len(skipped) > SHOWN_SKIPPED_FILES else ""
+    return f"; lm-eval skipped task files it could not read: {shown}{more}"
+
+
 def _load(manager: TaskManager, name: str) -> dict:
     if name not in manager.task_index:
         raise MergetuneError(
             f"unknown task {name!r}: not an lm-eval task, group or tag, nor in the include paths"
+            + _skipped_files_note(manager)
         )
     try:
         return manager.load([name])
+    except MergetuneError:  # our own data loader's, already naming the file
+        raise
     except Exception as error:  # lm-eval raises whatever the dataset loader raised
         raise MergetuneError(
             f"task {name!r} could not be loaded ({type(error).__name__}: {error}); "

@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Optional
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.card import model_card
 from mergetune.merge_ops.execute import check_device, fetch_inputs, run_op
-from mergetune.merge_ops.plan import MergePlan, plan_merge, validate_recipe
+from mergetune.merge_ops.plan import MergePlan, validate_recipe
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
 from mergetune.merge_ops.sources import (
     TOKENIZER_FILES,
@@ -31,7 +31,8 @@ from mergetune.merge_ops.sources import (
     open_source,
     read_json_object,
 )
-from mergetune.merge_ops.vocab import VocabAlignment, tokenizer_vocab
+from mergetune.merge_ops.stages import final_stage
+from mergetune.merge_ops.vocab import tokenizer_donor
 from mergetune.merge_ops.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorEntry, atomic_directory
 
 log = logging.getLogger(__name__)
@@ -67,29 +68,7 @@ class SourceCache:
         return self.opened[reference]
 
 
-def vocab_alignment(recipe: Recipe, sources: dict[str, TensorSource]) -> Optional[VocabAlignment]:
-    """The alignment `tokenizer_source` asks for, or None when tokenizers are kept as they are."""
-    choice = recipe.tokenizer_source
-    if choice is None:
-        return None
-    donor = recipe.base_model if choice == "base" else choice
-    if donor is None:
-        raise MergetuneError("tokenizer_source: 'base' needs a base_model")
-    if donor not in sources:
-        raise MergetuneError(f"tokenizer_source: {donor} is not one of the recipe's models")
-    vocabs = {name: tokenizer_vocab(source.directory, name) for name, source in sources.items()}
-    sizes = {name: int(source.config.get("vocab_size", len(vocabs[name]))) for name, source in sources.items()}
-    return VocabAlignment.build(vocabs[donor], vocabs, sizes, recipe.base_model)
-
-
-def tokenizer_donor(recipe: Recipe, plan: MergePlan) -> str:
-    choice = recipe.tokenizer_source
-    if choice and choice != "base":
-        return choice
-    return recipe.base_model or plan.donor
-
-
-def resolve_chat_template(value: str, sources: dict[str, TensorSource]) -> str:
+def resolve_chat_template(value: str, sources: Mapping[str, TensorSource]) -> str:
     if value == "auto":
         found = []
         for source in sources.values():
@@ -115,7 +94,7 @@ def write_side_files(
     directory: Path,
     recipe: Recipe,
     plan: MergePlan,
-    sources: dict[str, TensorSource],
+    sources: Mapping[str, TensorSource],
     recipe_yaml: str,
     seed: Optional[int],
     chat_template: Optional[str],
@@ -144,7 +123,8 @@ def write_side_files(
 
 def merge_stage(
     recipe: Recipe,
-    sources: dict[str, TensorSource],
+    plan: MergePlan,
+    sources: Mapping[str, TensorSource],
     directory: Path,
     recipe_yaml: str,
     seed: Optional[int],
@@ -152,9 +132,8 @@ def merge_stage(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Optional[Progress] = None,
     card_extra: str = "",
-) -> MergePlan:
-    """Plan one stage and stream its tensors into `directory`."""
-    plan = plan_merge(recipe, sources, vocab_alignment(recipe, sources))
+) -> None:
+    """Stream one planned stage's tensors, and its side files, into `directory`."""
     # Resolved before the tensors, so a bad template fails in seconds, not after the whole merge.
     chat_template = resolve_chat_template(recipe.chat_template, sources) if recipe.chat_template else None
     writer = ShardedWriter(directory, [TensorEntry(op.output, op.shape, op.dtype) for op in plan.ops], shard_bytes)
@@ -186,7 +165,6 @@ def merge_stage(
         writer.abort()
         raise
     write_side_files(directory, recipe, plan, sources, recipe_yaml, seed, chat_template, card_extra)
-    return plan
 
 
 def check_output_apart(out_dir: Path, inputs: Mapping[str, Path]) -> None:
@@ -240,7 +218,7 @@ def merge_recipe_file(
         log.warning("no --seed given for a random method; using seed %d (recorded in the model card)", seed)
     cache = SourceCache(allow_pickle)
     stage_names = set(recipe_file.stage_names())
-    # tokenizer_source must be one of these models (vocab_alignment says so if not).
+    # tokenizer_source must be one of these models (vocab.vocab_alignment says so if not).
     inputs = {
         f"input model {ref}": cache.get(ref).directory
         for stage in recipe_file.stages
@@ -248,25 +226,24 @@ def merge_recipe_file(
         if ref not in stage_names
     }
     check_output_apart(out_dir, {**inputs, **(protected or {})})
-    stage_outputs: dict[str, TensorSource] = {}
     warnings: list[str] = []
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as partial:
-            for stage in recipe_file.stages:
-                sources = {
-                    ref: stage_outputs[ref] if ref in stage_outputs else cache.get(ref)
-                    for ref in stage.referenced_models()
-                }
-                is_final = stage is recipe_file.final
-                directory = partial if is_final else partial / ".stages" / stage.name
+
+            def write_intermediate(stage: Recipe, plan: MergePlan, sources: Mapping[str, TensorSource]) -> TensorSource:
+                directory = partial / ".stages" / stage.name
                 directory.mkdir(parents=True, exist_ok=True)
-                yaml_text = recipe_file.to_yaml() if is_final else stage.to_yaml()
-                extra = card_extra if is_final else ""
-                plan = merge_stage(stage, sources, directory, yaml_text, seed, device, shard_bytes, progress, extra)
+                merge_stage(stage, plan, sources, directory, stage.to_yaml(), seed, device, shard_bytes, progress)
                 warnings.extend(plan.warnings)
-                if not is_final:
-                    stage_outputs[stage.name] = CheckpointSource(stage.name, directory)
-            stage_outputs.clear()
+                return CheckpointSource(stage.name, directory)
+
+            plan, sources = final_stage(recipe_file.stages, cache.get, write_intermediate)
+            final_yaml = recipe_file.to_yaml()
+            merge_stage(
+                recipe_file.final, plan, sources, partial, final_yaml, seed, device, shard_bytes, progress, card_extra
+            )
+            warnings.extend(plan.warnings)
+            del sources  # the stage outputs' open files, before their directory goes
             shutil.rmtree(partial / ".stages", ignore_errors=True)
     except OSError as error:  # a full disk, a lost mount: atomic_directory has already removed the partial output
         raise MergetuneError(f"cannot write {out_dir}: {error.strerror or error}; nothing was written there") from None

@@ -11,16 +11,18 @@ each candidate costs a single weighted sum per tensor.
 from __future__ import annotations
 
 import logging
-from typing import Mapping, Optional
+from typing import Iterator, Mapping, Optional
 
 import torch
 
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.execute import fetch_inputs, run_op
 from mergetune.merge_ops.methods import SlerpGeometry, slerp_coefficients, slerp_geometry, slerp_into
-from mergetune.merge_ops.plan import MergePlan, TensorOp, plan_merge
+from mergetune.merge_ops.plan import MergePlan, TensorOp
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
 from mergetune.merge_ops.sources import MemorySource, TensorSource
+from mergetune.merge_ops.stages import final_stage, plan_stage
+from mergetune.merge_ops.vocab import tokenizer_donor
 from mergetune.merge_ops.writer import not_finite
 
 log = logging.getLogger(__name__)
@@ -54,16 +56,17 @@ def live_model(config: dict, device: str = "cpu", dtype: Optional[torch.dtype] =
 
 
 class InMemoryBuilder:
-    """Builds candidate recipes into one live model, again and again."""
+    """Builds candidate recipes from resident sources, again and again: into one live model (`build`), or
+    tensor by tensor for a model that loads them itself (`stream`, a vLLM worker's)."""
 
-    def __init__(self, sources: Mapping[str, TensorSource], model: torch.nn.Module, device: str = "cpu"):
+    def __init__(self, sources: Mapping[str, TensorSource], model: Optional[torch.nn.Module] = None, device: str = "cpu"):
         self.device = device
         self.sources: dict[str, TensorSource] = {
             name: source if isinstance(source, MemorySource) else MemorySource.resident(source, device)
             for name, source in sources.items()
         }
         self.model = model
-        self.targets = model.state_dict(keep_vars=True)
+        self.targets = model.state_dict(keep_vars=True) if model is not None else {}
         self._geometry: dict[tuple, SlerpGeometry] = {}
 
     @classmethod
@@ -72,21 +75,48 @@ class InMemoryBuilder:
     ) -> "InMemoryBuilder":
         """Resident sources and a live model shaped like `recipe`'s output."""
         resident = {name: MemorySource.resident(source, device) for name, source in sources.items()}
-        config = plan_merge(recipe, resident).config
+        config = plan_stage(recipe, resident).config
         return cls(resident, live_model(config, device, dtype), device)
 
-    def build(self, recipe: Recipe | RecipeFile, seed: Optional[int] = None) -> MergePlan:
-        """Write the recipe's merged tensors into the live model's parameters."""
+    @property
+    def device_type(self) -> str:
+        """"cpu" or "cuda": seeded random draws (DARE, DELLA masks) depend on it."""
+        return torch.device(self.device).type
+
+    def _final_stage(self, recipe: Recipe | RecipeFile, seed: Optional[int]) -> tuple[MergePlan, dict[str, TensorSource]]:
+        """The last stage's plan and its sources: the resident models plus every earlier stage, built in memory."""
         stages = recipe.stages if isinstance(recipe, RecipeFile) else [recipe]
-        sources = dict(self.sources)
-        for stage in stages[:-1]:
-            plan = plan_merge(stage, sources)
+
+        def build_intermediate(stage: Recipe, plan: MergePlan, sources: Mapping[str, TensorSource]) -> TensorSource:
             tensors = {}
             for op in plan.ops:
                 tensors[op.output] = torch.empty(op.shape, dtype=op.dtype, device=self.device)
                 self._build_into(tensors[op.output], op, plan, sources, seed)
-            sources[stage.name] = MemorySource(stage.name, tensors, plan.config)
-        plan = plan_merge(stages[-1], sources)
+            # It carries its tokenizer donor's files, as the disk merge's stage directory does.
+            directory = sources[tokenizer_donor(stage, plan)].directory
+            return MemorySource(stage.name, tensors, plan.config, directory)
+
+        return final_stage(stages, self.sources.get, build_intermediate)
+
+    def stream(
+        self, recipe: Recipe | RecipeFile, seed: Optional[int] = None, dtype: Optional[torch.dtype] = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The recipe's merged tensors one at a time (as `dtype`, default the plan's), each checked finite:
+        what the disk merge would write, without a live model and with one tensor's memory at a time."""
+        plan, sources = self._final_stage(recipe, seed)
+        with torch.no_grad():
+            for op in plan.ops:
+                tensor = torch.empty(op.shape, dtype=op.dtype, device=self.device)
+                self._build_into(tensor, op, plan, sources, seed)
+                if not bool(torch.isfinite(tensor).all()):
+                    raise not_finite([op.output])
+                yield op.output, tensor if dtype is None else tensor.to(dtype)
+
+    def build(self, recipe: Recipe | RecipeFile, seed: Optional[int] = None) -> MergePlan:
+        """Write the recipe's merged tensors into the live model's parameters."""
+        if self.model is None:
+            raise MergetuneError("this builder has no live model to build into; use stream()")
+        plan, sources = self._final_stage(recipe, seed)
         self._check_fits(plan)
         with torch.no_grad():
             for op in plan.ops:

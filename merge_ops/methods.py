@@ -91,14 +91,23 @@ class MethodSpec:
     base: BasePolicy = BasePolicy.IGNORED
     min_inputs: int = 1
     max_inputs: Optional[int] = None
-    non_base_count: Optional[int] = None
+    # Models besides the base, when the method needs a number of them (mergekit's min/max_non_base).
+    min_non_base: Optional[int] = None
+    max_non_base: Optional[int] = None
     randomized: bool = False
     reference: str = ""
     # check(shared, per_input) -> why one tensor's resolved parameters would give NaN or inf, or None.
     check: Optional[Callable[[dict[str, Any], dict[str, list[Any]]], Optional[str]]] = None
+    # The least dtype the method returns: mergekit writes a kernel's result as it comes when no out_dtype is
+    # set, and some kernels multiply by a float32 mask, so their half-precision merges are stored as float32.
+    least_result_dtype: Optional[torch.dtype] = None
 
     def param(self, name: str) -> Optional[ParamSpec]:
         return next((spec for spec in self.params if spec.name == name), None)
+
+    def result_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The dtype of the merged tensor when the recipe sets no out_dtype."""
+        return compute if self.least_result_dtype is None else torch.promote_types(compute, self.least_result_dtype)
 
 
 def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -352,6 +361,228 @@ def passthrough(inputs: MergeInputs) -> torch.Tensor:
     return tensor if scale is None else tensor * scale
 
 
+# ------------------------------------------------------------------------ multislerp
+
+
+def multislerp(inputs: MergeInputs, normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Weighted mean of any number of models on the hypersphere (of task vectors, given a base).
+
+    The unit vectors are averaged, projected onto the tangent space at that mean,
+    mapped back with the exponential map and scaled by the weighted mean norm.
+    """
+    others = inputs.non_base
+    if len(others) == 1:
+        return inputs.tensors[others[0]]
+    base = inputs.base
+    tensors = torch.stack([inputs.tensors[index] for index in others])
+    if base is not None:
+        tensors -= base
+    flat = tensors.view(len(others), -1)
+    weights = torch.tensor(
+        [inputs.per_input["weight"][index] for index in others], dtype=tensors.dtype, device=tensors.device
+    )
+    if normalize_weights:
+        weights = weights / weights.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(others) != 2:
+            raise ValueError(
+                "the weighted sum of the unit task vectors is zero (antipodal inputs with balancing weights); "
+                "change the weights"
+            )
+        result = tensors[0] * weights[0] + tensors[1] * weights[1]  # two antipodes: linear interpolation
+    else:
+        mean = mean / mean_norm
+        tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+        tangent = (tangents * weights.view(-1, 1)).sum(0)
+        tangent_norm = torch.norm(tangent) + eps
+        on_sphere = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+        result = (on_sphere * (norms.squeeze(-1) * weights).sum()).view(tensors.shape[1:])
+    return result if base is None else result + base
+
+
+# --------------------------------------------------------------------------- karcher
+
+
+def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int, tol: float) -> torch.Tensor:
+    """Weighted Karcher (Riemannian) mean of the tensors' directions, scaled by their weighted mean norm.
+
+    Norms and angles' stopping tests are taken in float32 (float64 for float64
+    inputs); the iterate itself stays in the inputs' dtype, as mergekit's does.
+    """
+    if len(tensors) == 1:
+        return tensors[0]
+    dtype = _compute_dtype(tensors[0])
+    norms = [torch.linalg.vector_norm(tensor.to(dtype)) for tensor in tensors]
+    units = [
+        torch.zeros_like(tensor) if norm.item() == 0.0 else (tensor / norm).to(tensor.dtype)
+        for tensor, norm in zip(tensors, norms)
+    ]
+    valid = [index for index, norm in enumerate(norms) if norm.item() > tol]
+    if not valid:
+        return sum(tensor * 0 for tensor in tensors)
+    total = sum(alphas[index] for index in valid)
+    weights = [alphas[index] / total for index in valid]
+    valid_units = [units[index] for index in valid]
+    mean = torch.zeros_like(valid_units[0])
+    for weight, unit in zip(weights, valid_units):
+        mean += weight * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = valid_units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for weight, unit in zip(weights, valid_units):
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += weight * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    return sum(alpha * norm for alpha, norm in zip(alphas, norms)) * mean
+
+
+def karcher(inputs: MergeInputs, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """The equally weighted Karcher mean of every input (a listed base is one more input)."""
+    count = len(inputs.tensors)
+    return karcher_mean(inputs.tensors, [1.0 / count] * count, max_iter, tol)
+
+
+# ------------------------------------------------------------------------------ sce
+
+
+def _sce_weights(task_vectors: torch.Tensor) -> torch.Tensor:
+    """Each task vector's share of the total mean square: larger updates weigh more."""
+    weights = task_vectors.square().reshape(task_vectors.shape[0], -1).mean(dim=1)
+    total = torch.sum(weights).item()
+    if abs(total) < 1e-6:
+        return torch.ones_like(weights) / weights.shape[0]
+    return weights / total
+
+
+def sce(inputs: MergeInputs, int8_mask: bool = False, select_topk: float = 1.0) -> torch.Tensor:
+    """Select (the entries that vary most across models), calculate (weights), erase (minority signs)."""
+    base = inputs.base
+    others = inputs.non_base
+    if not others:
+        return base
+    task_vectors = torch.stack([inputs.tensors[index] - base for index in others])
+    if select_topk < 1:
+        mask_dtype = torch.int8 if int8_mask else base.dtype
+        task_vectors = task_vectors * sparsify.top_variance(task_vectors, select_topk, mask_dtype).unsqueeze(0)
+    erase = _majority_mask(task_vectors, int8_mask)
+    weights = _sce_weights(task_vectors).reshape(-1, *([1] * base.dim()))
+    erased = weights * erase
+    merged = (task_vectors * erased).sum(dim=0)
+    return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
+
+
+# ------------------------------------------------------------------------- nearswap
+
+
+def nearswap(inputs: MergeInputs, t: float) -> torch.Tensor:
+    """Take the other model's value where it is within `t` of the base's, blend in proportion beyond."""
+    base = inputs.base
+    other = inputs.tensors[inputs.non_base[0]]
+    weight = (t / torch.abs(base - other).clamp(min=1e-6)).clamp(min=0, max=1)
+    return weight * other + (1 - weight) * base
+
+
+# --------------------------------------------------------------------- arcee fusion
+
+QUANTILE_SAMPLE = 1_000_000  # larger tensors' quantiles are estimated from this many draws
+
+
+def _fusion_importance(tensor: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|change| times the KL divergence of the rows' softmax: large changes where the rows moved most."""
+    eps = 1e-8
+    p = torch.softmax(tensor, dim=-1) + eps
+    q = torch.softmax(base, dim=-1) + eps
+    return (tensor - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+
+
+def _approximate_quantiles(
+    values: torch.Tensor, quantiles: torch.Tensor, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    """Quantiles by sorting, from a sample (with replacement) when the tensor is large."""
+    flat = values.reshape(-1)
+    if flat.numel() > QUANTILE_SAMPLE:
+        flat = flat[torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator, device=flat.device)]
+    ordered = torch.sort(flat).values
+    return ordered[(quantiles.to(ordered.device) * (ordered.numel() - 1)).long()]
+
+
+def arcee_fusion(inputs: MergeInputs) -> torch.Tensor:
+    """Keep the other model's changes only where their importance is an upper outlier (Tukey's fence)."""
+    base = inputs.base
+    index = inputs.non_base[0]
+    other = inputs.tensors[index]
+    importance = _fusion_importance(other, base)
+    generator = inputs.generators[index] if inputs.generators else None
+    q1, median, q3 = _approximate_quantiles(importance, torch.tensor([0.25, 0.5, 0.75]), generator)
+    mask = (importance >= median + 1.5 * (q3 - q1)).float()
+    return base + (other - base) * mask
+
+
+# ------------------------------------------------------------------------------ ram
+
+
+@dataclass(frozen=True)
+class RamMasks:
+    """Which models change each entry by more than epsilon: their task vectors and the overlap counts."""
+
+    task_vectors: torch.Tensor  # [models, entries], zero where a model's change is within epsilon
+    changed: torch.Tensor  # [models, entries] bool
+    counts: torch.Tensor  # [1, entries]: how many models change the entry
+    overlap: torch.Tensor  # [1, entries]: changed by more than one model
+    unique: torch.Tensor  # [1, entries]: changed by exactly one model
+
+
+def ram_masks(inputs: MergeInputs, epsilon: float) -> RamMasks:
+    """What RAM and RAM+ share: each model's task vector, flattened, and who changed each entry."""
+    base = inputs.base
+    others = inputs.non_base
+    flat = torch.stack([inputs.tensors[index] - base for index in others]).view(len(others), -1)
+    changed = flat.abs() > epsilon
+    counts = changed.sum(dim=0, keepdim=True)
+    return RamMasks(flat * changed, changed, counts, counts > 1, counts == 1)
+
+
+def ram(inputs: MergeInputs, epsilon: float = 1e-5) -> torch.Tensor:
+    """Entries one model changed take its change whole; entries several changed take their mean change."""
+    base = inputs.base
+    if not inputs.non_base:
+        return base
+    masks = ram_masks(inputs, epsilon)
+    vectors = masks.task_vectors
+    merged = ((vectors * masks.unique) + (vectors * masks.overlap / masks.counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
+def ramplus_tl(inputs: MergeInputs, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5) -> torch.Tensor:
+    """RAM, with each model's unique changes amplified by how much of its change the others share."""
+    base = inputs.base
+    if not inputs.non_base:
+        return base
+    masks = ram_masks(inputs, epsilon)
+    shared = (masks.changed & masks.overlap).sum(dim=1)
+    unique = (masks.changed & masks.unique).sum(dim=1)
+    scale = 1 + r * (shared / unique.clamp(min=epsilon)).clamp(min=0, max=alpha)
+    vectors = masks.task_vectors
+    merged = (
+        (vectors * masks.unique * scale.unsqueeze(-1)) + (vectors * masks.overlap / masks.counts.clamp(min=1))
+    ).sum(dim=0, keepdim=True)
+    return base + merged.reshape_as(base)
+
+
 # -------------------------------------------------------------------------- registry
 
 
@@ -391,6 +622,8 @@ def _task_arithmetic_method(
 
 _GAMMA = (ParamSpec("gamma", float, Scope.NON_BASE, 0.01, low=0.0, high=1.0),)
 _EPSILON = (ParamSpec("epsilon", float, Scope.NON_BASE, 0.15, low=0.0, high=1.0),)
+# RAM's threshold below which a change counts as none: a numerical constant, so only bounded below.
+_RAM_EPSILON = ParamSpec("epsilon", float, Scope.SHARED, 1e-5, low=0.0)
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
@@ -423,7 +656,8 @@ METHODS: dict[str, MethodSpec] = {
                 ParamSpec("nuslerp_flatten", bool, Scope.SHARED, True),
             ),
             base=BasePolicy.OPTIONAL,
-            non_base_count=2,
+            min_non_base=2,
+            max_non_base=2,
         ),
         _task_arithmetic_method(
             "task_arithmetic", "Task Arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089"
@@ -478,6 +712,83 @@ METHODS: dict[str, MethodSpec] = {
             base=BasePolicy.REQUIRED,
             min_inputs=3,
             reference="https://arxiv.org/abs/2403.19522",
+        ),
+        MethodSpec(
+            "multislerp",
+            "Multi-SLERP",
+            multislerp,
+            (
+                ParamSpec("weight", float, Scope.NON_BASE),
+                ParamSpec("normalize_weights", bool, Scope.SHARED, True),
+                ParamSpec("eps", float, Scope.SHARED, 1e-8, low=0.0),
+            ),
+            base=BasePolicy.OPTIONAL,
+            min_non_base=1,
+            reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        ),
+        MethodSpec(
+            "karcher",
+            "Karcher Mean",
+            karcher,
+            (
+                ParamSpec("max_iter", int, Scope.SHARED, 10, low=0),
+                ParamSpec("tol", float, Scope.SHARED, 1e-5, low=0.0),
+            ),
+            reference="https://arxiv.org/abs/2603.04972",
+        ),
+        MethodSpec(
+            "sce",
+            "SCE",
+            sce,
+            (
+                ParamSpec("int8_mask", bool, Scope.SHARED, False),
+                ParamSpec("select_topk", float, Scope.SHARED, 1.0, low=0.0, high=1.0),
+            ),
+            base=BasePolicy.REQUIRED,
+            reference="https://arxiv.org/abs/2408.07990",
+        ),
+        MethodSpec(
+            "nearswap",
+            "NearSwap",
+            nearswap,
+            (ParamSpec("t", float, Scope.SHARED, low=0.0, high=1.0),),
+            base=BasePolicy.REQUIRED,
+            min_inputs=2,
+            max_inputs=2,
+            reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        ),
+        MethodSpec(
+            "arcee_fusion",
+            "Arcee Fusion",
+            arcee_fusion,
+            (),
+            base=BasePolicy.REQUIRED,
+            min_inputs=2,
+            max_inputs=2,
+            randomized=True,  # quantiles of tensors over QUANTILE_SAMPLE entries come from random draws
+            least_result_dtype=torch.float32,
+            reference="https://arcee.ai",
+        ),
+        MethodSpec(
+            "ram",
+            "Reinforced Agent Merging",
+            ram,
+            (_RAM_EPSILON,),
+            base=BasePolicy.REQUIRED,
+            reference="https://arxiv.org/abs/2601.13572",
+        ),
+        MethodSpec(
+            "ramplus_tl",
+            "Reinforced Agent Merging Plus (Tensor-Local)",
+            ramplus_tl,
+            (
+                ParamSpec("r", float, Scope.SHARED, 0.1, low=0.0, high=1.0),
+                ParamSpec("alpha", float, Scope.SHARED, 0.2, low=0.0, high=1.0),
+                _RAM_EPSILON,
+            ),
+            base=BasePolicy.REQUIRED,
+            least_result_dtype=torch.float32,
+            reference="https://arxiv.org/abs/2601.13572",
         ),
         MethodSpec(
             "passthrough",

@@ -177,6 +177,15 @@ def _parameter_scopes(recipe: Recipe):
             yield f"slices[{slice_index}].sources[{source_index}] ({source.model}).parameters", source.parameters
 
 
+def _expected_count(count: int, minimum: int, maximum: Optional[int]) -> Optional[str]:
+    """What a method's contract says about `count` models when it is outside [minimum, maximum], else None."""
+    if minimum <= count and (maximum is None or count <= maximum):
+        return None
+    if maximum == minimum:
+        return f"exactly {minimum}"
+    return f"at least {minimum}" + (f" and at most {maximum}" if maximum is not None else "")
+
+
 # --------------------------------------------------------------------- planning
 
 
@@ -239,19 +248,13 @@ class Planner:
         if method.base == BasePolicy.IGNORED:
             base_index = None
         count = len(models)
-        if count < method.min_inputs or (method.max_inputs is not None and count > method.max_inputs):
-            expected = (
-                f"exactly {method.min_inputs}"
-                if method.max_inputs == method.min_inputs
-                else f"at least {method.min_inputs}" + (f" and at most {method.max_inputs}" if method.max_inputs else "")
-            )
+        expected = _expected_count(count, method.min_inputs, method.max_inputs)
+        if expected:
             raise MergetuneError(f"{where}: {method.name} takes {expected} input model(s), got {count}")
-        if method.non_base_count is not None:
-            non_base = count - (base_index is not None)
-            if non_base != method.non_base_count:
-                raise MergetuneError(
-                    f"{where}: {method.name} takes exactly {method.non_base_count} models besides the base, got {non_base}"
-                )
+        non_base = count - (base_index is not None)
+        expected = _expected_count(non_base, method.min_non_base or 0, method.max_non_base)
+        if expected:
+            raise MergetuneError(f"{where}: {method.name} takes {expected} model(s) besides the base, got {non_base}")
         for source in out_slice.sources:
             available = self.layouts[source.model].num_layers
             if source.layer_range[1] > available:
@@ -340,7 +343,7 @@ class Planner:
         else:
             _check_floating(resolved, dtypes)
             compute = DTYPES[self.recipe.dtype] if self.recipe.dtype else functools.reduce(torch.promote_types, dtypes)
-            out_dtype = DTYPES[self.recipe.out_dtype] if self.recipe.out_dtype else compute
+            out_dtype = DTYPES[self.recipe.out_dtype] if self.recipe.out_dtype else self.method.result_dtype(compute)
         shared, per_input = self._parameters(output, inputs, resolved, base_index, out_slice, t)
         problem = self.method.check(shared, per_input) if self.method.check else None
         if problem:

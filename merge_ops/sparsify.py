@@ -4,7 +4,8 @@
 (DARE), `magnitude_outliers` drops the smallest and the largest (Model
 Breadcrumbs), `della_magprune` keeps each entry with a probability that grows with
 its rank in its row (DELLA). With `rescale`, the pruned tensor is scaled back to
-the L1 norm of the original, as mergekit does.
+the L1 norm of the original, as mergekit does. `top_variance` selects across all
+task vectors at once: the entries on which the models disagree most (SCE).
 """
 
 from __future__ import annotations
@@ -121,3 +122,20 @@ def della_magprune(
     position = ((ranks - low) / (high - low)).clamp(0, 1)
     probabilities = (density - epsilon) + position * 2 * epsilon
     return _masked(rows.to(work), _keep(probabilities, rows, generator), rescale).to(tensor.dtype).reshape(shape)
+
+
+def top_variance(task_vectors: torch.Tensor, density: float, dtype: torch.dtype) -> torch.Tensor:
+    """SCE's selection: a mask of the `density` fraction of entries whose values vary most across models.
+
+    The fraction is of the entries that vary at all; the mask covers one task vector's shape.
+    """
+    if density <= 0:
+        return torch.zeros_like(task_vectors[0], dtype=dtype)
+    if density >= 1:
+        return torch.ones_like(task_vectors[0], dtype=dtype)
+    variance = torch.var(task_vectors, dim=0, unbiased=False)
+    keep = int(torch.count_nonzero(variance) * density)  # a tensor product, rounded as mergekit rounds it
+    mask = torch.zeros_like(variance, dtype=dtype)
+    if keep:
+        mask.view(-1)[torch.topk(variance.abs().view(-1), k=keep, largest=True).indices] = 1
+    return mask

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from mergetune.errors import MergetuneError
-from mergetune.merge_ops.plan import TensorInput
+from mergetune.merge_ops.plan import MergePlan, TensorInput
+from mergetune.merge_ops.recipe import Recipe
+from mergetune.merge_ops.sources import TensorSource
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +97,26 @@ class VocabAlignment:
             out[has] = tensor[self.rows[model][has]]
             aligned.append(out)
         return aligned
+
+
+def vocab_alignment(recipe: Recipe, sources: Mapping[str, TensorSource]) -> Optional[VocabAlignment]:
+    """The alignment `tokenizer_source` asks for, or None when tokenizers are kept as they are."""
+    choice = recipe.tokenizer_source
+    if choice is None:
+        return None
+    donor = recipe.base_model if choice == "base" else choice
+    if donor is None:
+        raise MergetuneError("tokenizer_source: 'base' needs a base_model")
+    if donor not in sources:
+        raise MergetuneError(f"tokenizer_source: {donor} is not one of the recipe's models")
+    vocabs = {name: tokenizer_vocab(source.directory, name) for name, source in sources.items()}
+    sizes = {name: int(source.config.get("vocab_size", len(vocabs[name]))) for name, source in sources.items()}
+    return VocabAlignment.build(vocabs[donor], vocabs, sizes, recipe.base_model)
+
+
+def tokenizer_donor(recipe: Recipe, plan: MergePlan) -> str:
+    """The model whose tokenizer the output carries (and later stages align their vocabularies to)."""
+    choice = recipe.tokenizer_source
+    if choice and choice != "base":
+        return choice
+    return recipe.base_model or plan.donor

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mergetune.errors import MergetuneError
+from mergetune.eval.cli import check_output_file
 from mergetune.search.study_file import Study, load_study
 
 study_app = typer.Typer(help="Run Optuna studies over merge recipes.", no_args_is_help=True)
@@ -31,6 +36,53 @@ def _load(path: Path, storage: Optional[str], device: Optional[str] = None) -> S
     if overrides:
         study = study.model_copy(update={"spec": study.spec.model_copy(update=overrides)})
     return study
+
+
+def _check_count(option: str, value: Optional[float]) -> None:
+    """A count or a duration from the command line: a finite number, at least 1 (typer's `min` would print a
+    usage panel, not the one-line message every other input error gets)."""
+    if value is not None and not (math.isfinite(value) and value >= 1):
+        raise MergetuneError(f"{option}: must be a finite number of at least 1, got {value:g}")
+
+
+def _check_output_dir(path: Path, what: str) -> None:
+    """Before any work: `path` can be a directory (it is one, or the nearest part of it that exists is one)."""
+    absolute = path.absolute()
+    existing = next(part for part in (absolute, *absolute.parents) if part.exists())
+    if not existing.is_dir():
+        raise MergetuneError(f"{what} {path}: {existing} is a file, not a directory")
+
+
+def _write_file(path: Path, text: str, option: str) -> None:
+    """Write `text` to `path` whole or not at all: a temporary file beside it, renamed into place."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except OSError as error:  # a full disk, a lost mount
+        Path(temporary).unlink(missing_ok=True)
+        raise MergetuneError(f"{option} {path}: cannot write it: {error.strerror or error}; nothing was written") from None
+
+
+def _check_evaluation(study: Study) -> None:
+    """What the evaluator would refuse about the study's data and task directories, before any model loads,
+    naming the study file's fields (the evaluator itself knows only command-line names)."""
+    from mergetune.eval.tasks import Origins, check_task_sources
+    from mergetune.search.documents import final_only_tasks
+
+    evaluation = study.spec.evaluation
+
+    def local(reference: str) -> Path:
+        return study.directory / Path(reference).expanduser()
+
+    check_task_sources(
+        evaluation.suite,
+        [*evaluation.tasks, *final_only_tasks(study.spec)],
+        local(evaluation.data_dir) if evaluation.data_dir else None,
+        [local(path) for path in evaluation.include_paths],
+        Origins.study_file(study.path),
+    )
 
 
 def print_leaderboard(board, top: Optional[int] = None, console: Optional[Console] = None) -> None:
@@ -83,6 +135,7 @@ def run_with_progress(
     """`run_study` as the terminal shows it: messages on stdout, progress bars on stderr (none with `quiet`)."""
     from mergetune.search.study import run_study
 
+    _check_evaluation(study)
     if quiet:  # the datasets library draws one bar per split it loads
         from datasets.utils.logging import disable_progress_bar
 
@@ -92,21 +145,19 @@ def run_with_progress(
 
 def study_run(
     study_file: Path = typer.Argument(..., help="Study YAML (see studies/)."),
-    n_trials: Optional[int] = typer.Option(
-        None, min=1, help="Completed trials per method (overrides the file's budget)."
-    ),
-    timeout: Optional[float] = typer.Option(
-        None, min=1, help="Seconds per method (overrides the file's budget)."
-    ),
+    n_trials: Optional[int] = typer.Option(None, help="Completed trials per method (overrides the file's budget)."),
+    timeout: Optional[float] = typer.Option(None, help="Seconds per method (overrides the file's budget)."),
     storage: Optional[str] = storage_option(),
     device: Optional[str] = typer.Option(None, help="This worker's device, e.g. cuda:1 (overrides the file's)."),
-    max_failures: Optional[int] = typer.Option(None, min=1, help="Stop after this many failed trials in a row (default 5)."),
+    max_failures: Optional[int] = typer.Option(None, help="Stop after this many failed trials in a row (default 5)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Run (or continue) a study: trials until the budget is reached, then the finalists' held-out scores.
 
     Start it on several GPUs or hosts with the same --storage to share the work.
     """
+    for option, value in (("--n-trials", n_trials), ("--timeout", timeout), ("--max-failures", max_failures)):
+        _check_count(option, value)
     board = run_with_progress(_load(study_file, storage, device), n_trials, timeout, quiet, max_failures)
     print_leaderboard(board, top=20)
 
@@ -123,16 +174,20 @@ def leaderboard_command(
     from mergetune.search.leaderboard import build_leaderboard, to_csv, to_json, to_markdown
     from mergetune.search.storage import open_storage
 
+    _check_count("--top", top)
+    for option, path in (("--json", json_out), ("--csv", csv_out)):
+        if path:
+            check_output_file(path, option)
     study = _load(study_file, storage)
-    board = build_leaderboard(study, open_storage(study))
+    board = build_leaderboard(study, open_storage(study, create=False))
     if markdown:
         typer.echo(to_markdown(board, top))
     else:
         print_leaderboard(board, top)
     if json_out:
-        json_out.write_text(json.dumps(to_json(board), indent=2) + "\n")
+        _write_file(json_out, json.dumps(to_json(board), indent=2) + "\n", "--json")
     if csv_out:
-        csv_out.write_text(to_csv(board))
+        _write_file(csv_out, to_csv(board), "--csv")
 
 
 def export_command(
@@ -141,6 +196,9 @@ def export_command(
     method: Optional[str] = typer.Option(None, help="Best trial of this method (default: best overall)."),
     trial: Optional[int] = typer.Option(None, help="This trial number instead of the best."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists."),
+    device: Optional[str] = typer.Option(
+        None, help="Where to merge (default: the device type the trial was built on, when this machine has it)."
+    ),
     storage: Optional[str] = storage_option(),
 ) -> None:
     """Write a trial's mergekit recipe, the merged model and a model card with its scores."""
@@ -148,8 +206,11 @@ def export_command(
     from mergetune.search.export import export_trial
     from mergetune.search.storage import open_storage
 
+    _check_output_dir(out_dir, "output directory")
     study = _load(study_file, storage)
-    result = export_trial(study, out_dir, method, trial, overwrite, storage=open_storage(study))
+    result = export_trial(study, out_dir, method, trial, overwrite, storage=open_storage(study, create=False), device=device)
+    if result.note:
+        typer.secho(f"warning: {result.note}", fg=typer.colors.YELLOW, err=True)
     typer.echo(
         f"exported {result.row.method} trial {result.row.trial} to {out_dir} "
         f"(recipe: {out_dir / RECIPE_FILE}; reproduce with `mergekit-yaml {out_dir / RECIPE_FILE} OUT`)"
@@ -165,6 +226,7 @@ def report_command(
     from mergetune.search.report import write_report
     from mergetune.search.storage import dashboard_target, open_storage
 
+    _check_output_dir(out_dir, "report directory")
     study = _load(study_file, storage)
-    index = write_report(study, out_dir, open_storage(study))
+    index = write_report(study, out_dir, open_storage(study, create=False))
     typer.echo(f"wrote {index}  (interactive: optuna-dashboard {dashboard_target(study)})")

@@ -27,6 +27,32 @@ if TYPE_CHECKING:
 class ExportResult:
     row: Row
     output: Path
+    note: Optional[str] = None  # what differs from the scored candidate, when it could not be re-merged alike
+
+
+def export_device(
+    built_on: Optional[str], requested: Optional[str], cuda_available: bool, randomized: bool
+) -> tuple[str, Optional[str]]:
+    """Where to re-merge a trial — where it was built, unless told otherwise — and what differs when not there.
+
+    Seeded random masks (DARE, DELLA, ...) come from the device's generator, so the
+    same recipe and seed give other masks on another device type; deterministic
+    methods agree up to floating-point rounding, which needs no warning.
+    """
+    if requested is not None:
+        device = requested
+    elif built_on == "cuda" and not cuda_available:
+        device = "cpu"
+    else:
+        device = built_on or "cpu"
+    kind = device.split(":")[0]
+    if built_on is None or kind == built_on or not randomized:
+        return device, None
+    return device, (
+        f"the scored candidate was built on {built_on}, this export on {kind}: the recipe's seeded random masks "
+        f"differ between the two, so this model differs from the one scored. Export on a {built_on} machine "
+        "for the scored model"
+    )
 
 
 def pick_row(board: Leaderboard, method: Optional[str], trial: Optional[int]) -> Row:
@@ -92,21 +118,28 @@ def export_trial(
     overwrite: bool = False,
     progress: Optional["Progress"] = None,
     storage: Optional[BaseStorage] = None,
+    device: Optional[str] = None,
 ) -> ExportResult:
+    """Re-merge a trial on the device type it was built on (or `device`), saying what differs if that cannot be."""
+    import torch
+
     from mergetune.merge_ops.disk import merge_recipe_file
+    from mergetune.merge_ops.plan import validate_recipe
 
     board = build_leaderboard(study, storage)
     row = pick_row(board, method, trial)
     recipe_file = parse_recipes(row.recipe, source=f"{study.spec.name} trial {row.trial}")
+    randomized = any(validate_recipe(stage).randomized for stage in recipe_file.stages)
+    device, note = export_device(row.device, device, torch.cuda.is_available(), randomized)
     merge_recipe_file(
         recipe_file,
         out_dir,
         seed=row.seed,
-        device=study.spec.device,
+        device=device,
         overwrite=overwrite,
         progress=progress,
         card_extra=score_table(board, row),
         protected=protected_files(study),
     )
-    return ExportResult(row, out_dir)
+    return ExportResult(row, out_dir, note)
 

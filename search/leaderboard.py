@@ -13,11 +13,13 @@ import io
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from mergetune.errors import MergetuneError
 from mergetune.eval.evidence import PairedDifference, Record, Summary, paired_bootstrap, summarize
+from mergetune.search.storage import storage_errors
 from mergetune.search.trials import StoredTrial, final_records, load_optuna_study
 from mergetune.search.study_file import Study
 
@@ -31,6 +33,7 @@ class Row:
     final: Optional[Summary]
     recipe: str
     seed: int
+    device: Optional[str] = None  # where the scored candidate was built
     rank: int = 0
     method_rank: int = 0
 
@@ -73,8 +76,10 @@ class Leaderboard:
 def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, bootstrap_iterations: int = 2000) -> Leaderboard:
     rows: list[Row] = []
     records: dict[tuple[str, int], Record] = {}
-    for method in study.spec.methods:
-        optuna_study = load_optuna_study(study, method, storage)
+    stored = {method: load_optuna_study(study, method, storage) for method in study.spec.methods}
+    if not any(stored.values()):
+        raise MergetuneError(_no_such_study(study, storage))
+    for method, optuna_study in stored.items():
         if optuna_study is None:
             continue
         finals = final_records(optuna_study)
@@ -92,6 +97,7 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
                     final=summarize(final) if final is not None else None,
                     recipe=trial.recipe,
                     seed=trial.seed,
+                    device=trial.device,
                 )
             )
     if not rows:
@@ -126,6 +132,15 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
             )
         )
     return board
+
+
+def _no_such_study(study: Study, storage: Optional[BaseStorage]) -> str:
+    """Which studies the storage does hold, for when it holds none of this study's (a wrong --storage or name)."""
+    with storage_errors(study.storage_url):
+        stored = optuna.get_all_study_names(storage=storage or study.storage_url)
+    names = sorted({name.rsplit(".", 1)[0] for name in stored})  # Optuna's names are `study.method`
+    held = f"it holds {', '.join(names)}" if names else "it holds no study"
+    return f"study {study.spec.name} is not in {study.storage_display} ({held}); check the study's name and storage"
 
 
 def _percent(value: Optional[float]) -> str:

@@ -6,29 +6,38 @@ recipe that is built, scored, stored and exported — the curve found *is* the
 recipe. The study file's `space:` section has one entry per registered method,
 built from each method's `space` model.
 
-To make another mergekit method searchable, register an instance here: a
-`WeightedMethod` when its knobs are per-model weights (and densities), or a new
-`SearchableMethod` subclass for anything else.
+`slerp`, `dare_ties`, `ties`, `task_arithmetic` and `linear` have hand-written
+spaces and the published baselines; every other mergekit method is searched from
+its own parameter declarations in `merge_ops.methods` (`DeclaredMethod`: each
+numeric parameter with a known range, per model when its scope says so, per
+filter and as a curve across layers when the study file asks; the declarations
+load with torch, so the study file is checked against them where the models load).
+To give a method a hand-made space, register an instance of a `SearchableMethod`
+subclass under its name before the declared ones.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import optuna
 from pydantic import Field, field_validator, model_validator
 
+from mergetune.errors import MergetuneError
 from mergetune.registry import Registry
 from mergetune.validation import Strict
 
 if TYPE_CHECKING:
+    from mergetune.merge_ops.methods import MethodSpec, ParamSpec
     from mergetune.search.study_file import StudySpec
 
 Params = dict[str, float]
 Resolve = Callable[[str], str]
 
 DIGITS = 4  # recipe values are rounded so the exported YAML is exactly what was built
+REST = "rest"  # the values for every tensor no filter matched
+NOT_SEARCHABLE = ("passthrough",)  # stacks layers as given: nothing to blend, nothing to search
 
 
 class Range(Strict):
@@ -43,6 +52,10 @@ class Range(Strict):
 
     def clamp(self, value: float) -> float:
         return min(max(value, self.low), self.high)
+
+
+# Search ranges where a declaration has none, or one whose end is useless to search (a density of 0 keeps nothing).
+DEFAULT_RANGES = {"weight": Range(low=0.1, high=1.0), "density": Range(low=0.1, high=1.0)}
 
 
 def resample(points: list[float], count: int) -> list[float]:
@@ -77,6 +90,9 @@ class SearchableMethod(ABC):
         """This method's `space.<name>` section of the study file."""
         return getattr(spec.space, self.name)
 
+    def check(self, spec: "StudySpec") -> None:
+        """Refuse, before any model loads, what only the run side can check (nothing, unless overridden)."""
+
     @abstractmethod
     def suggest(self, trial: optuna.Trial, spec: "StudySpec") -> Params:
         """Ask Optuna for one candidate's parameters (the space depends only on the study file)."""
@@ -103,13 +119,12 @@ class SlerpMethod(SearchableMethod):
     name = "slerp"
     space = SlerpSpace
     model_count = 2
-    REST = "rest"
     # The hand-written curves published with the merges this project exists for.
     HAND_CURVES = {"self_attn": [0, 0.5, 0.3, 0.7, 1], "mlp": [1, 0.5, 0.7, 0.3, 0]}
     HAND_DEFAULT = 0.5
 
     def _keys(self, space: SlerpSpace) -> dict[str, list[str]]:
-        return {name: [f"t.{name}.{p}" for p in range(space.control_points)] for name in [*space.filters, self.REST]}
+        return {name: [f"t.{name}.{p}" for p in range(space.control_points)] for name in [*space.filters, REST]}
 
     def suggest(self, trial: optuna.Trial, spec: "StudySpec") -> Params:
         keys = self._keys(self.settings(spec))
@@ -141,8 +156,8 @@ class SlerpMethod(SearchableMethod):
 class WeightedSpace(Strict):
     """Weight (and density, for sparsifying methods) per model; optionally a curve across layers."""
 
-    weight: Range = Range(low=0.1, high=1.0)
-    density: Range = Range(low=0.1, high=1.0)
+    weight: Range = DEFAULT_RANGES["weight"]
+    density: Range = DEFAULT_RANGES["density"]
     curve_points: Optional[int] = Field(None, ge=2, le=64)
 
     @field_validator("density")
@@ -219,6 +234,173 @@ class WeightedMethod(SearchableMethod):
         return recipe
 
 
+# Every method mergekit 0.1.5 registers (`tests/test_layout.py` checks this against `merge_ops.methods.METHODS`).
+MERGEKIT_METHODS = (
+    "linear", "slerp", "nuslerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "model_stock", "multislerp", "karcher", "sce", "nearswap",
+    "arcee_fusion", "ram", "ramplus_tl", "passthrough",
+)
+
+
+class DeclaredSpace(Strict):
+    """`space.<method>` for a method searched from its declarations."""
+
+    parameters: dict[str, Range] = Field(
+        default_factory=dict, description="ranges to search, narrowing the declared ones or adding parameters"
+    )
+    fixed: dict[str, Union[bool, int, float]] = Field(default_factory=dict, description="values set, not searched")
+    filters: list[str] = Field(default_factory=list, description="one value per filter (e.g. self_attn, mlp) plus the rest")
+    curve_points: Optional[int] = Field(None, ge=2, le=64, description="each value a curve across layers")
+    baseline: dict[str, float] = Field(
+        default_factory=dict, description="the hand-written value of searched parameters (default: declared default, else mid-range)"
+    )
+
+
+class DeclaredMethod(SearchableMethod):
+    """A mergekit method searched over the parameters its declaration gives a range."""
+
+    space = DeclaredSpace
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    # --- the declaration, loaded on the run side only -------------------------------------------------
+
+    def declaration(self) -> "MethodSpec":
+        from mergetune.merge_ops.methods import METHODS
+
+        return METHODS[self.name]
+
+    def _searched(self, spec: "StudySpec") -> list[tuple["ParamSpec", Range]]:
+        settings: DeclaredSpace = self.settings(spec)
+        searched = []
+        for param in self.declaration().params:
+            if param.name in settings.fixed or param.value_type is not float:
+                continue
+            bounds = settings.parameters.get(param.name) or DEFAULT_RANGES.get(param.name)
+            if bounds is None and param.low is not None and param.high is not None and param.value_type is float:
+                bounds = Range(low=param.low, high=param.high)
+            if bounds is not None:
+                searched.append((param, bounds))
+        return searched
+
+    def check(self, spec: "StudySpec") -> None:
+        """Refuse what the declaration contradicts, before any model loads."""
+        from mergetune.merge_ops.methods import BasePolicy
+
+        declaration, settings = self.declaration(), self.settings(spec)
+        where = f"space.{self.name}"
+        names = {param.name for param in declaration.params}
+        for field in ("parameters", "fixed", "baseline"):
+            unknown = sorted(set(getattr(settings, field)) - names)
+            if unknown:
+                raise MergetuneError(
+                    f"{where}.{field}: {self.name} has no parameter {', '.join(unknown)} (it has: {', '.join(sorted(names)) or 'none'})"
+                )
+        for name, bounds in settings.parameters.items():
+            param = declaration.param(name)
+            if param.out_of_range(bounds.low) or param.out_of_range(bounds.high):
+                raise MergetuneError(
+                    f"{where}.parameters.{name}: [{bounds.low}, {bounds.high}] is outside {self.name}'s declared "
+                    f"range {param.range_text()}"
+                )
+        searched = {param.name for param, _ in self._searched(spec)}
+        missing = [p.name for p in declaration.params if p.required and p.name not in searched | set(settings.fixed)]
+        if missing:
+            raise MergetuneError(f"{where}: give {', '.join(missing)} a range in `parameters` or a value in `fixed`")
+        if declaration.base == BasePolicy.REQUIRED and not spec.base_model:
+            raise MergetuneError(f"{self.name} needs a base_model (the models' common ancestor)")
+        if not searched:
+            raise MergetuneError(
+                f"{where}: {self.name} declares no numeric parameter with a range, so every candidate would be the "
+                f"same; give one a range in {where}.parameters, or score it once outside a search"
+            )
+
+    # --- parameters ↔ recipe ------------------------------------------------------------------------
+
+    def _owners(self, param: "ParamSpec", spec: "StudySpec") -> list[Optional[int]]:
+        """None for a shared parameter, else the index (in `_models`) of each model it is given for."""
+        from mergetune.merge_ops.methods import Scope
+
+        if param.scope == Scope.SHARED:
+            return [None]
+        models = self._models(spec)
+        return [i for i, model in enumerate(models) if param.scope == Scope.INPUT or model != spec.base_model]
+
+    def _keys(self, param: "ParamSpec", owner: Optional[int], settings: DeclaredSpace) -> dict[str, list[str]]:
+        """Optuna names of one parameter's values for one owner: filter label → curve points."""
+        prefix = param.name if owner is None else f"{param.name}.{owner}"
+        labels = [*settings.filters, REST] if settings.filters else [None]
+        points = range(settings.curve_points) if settings.curve_points else [None]
+        return {
+            label: [".".join(str(part) for part in (prefix, label, point) if part is not None) for point in points]
+            for label in labels
+        }
+
+    def _models(self, spec: "StudySpec") -> list[str]:
+        from mergetune.merge_ops.methods import BasePolicy
+
+        others = [model for model in spec.models if model != spec.base_model]
+        uses_base = spec.base_model and self.declaration().base != BasePolicy.IGNORED
+        return [spec.base_model, *others] if uses_base else others
+
+    def _each_key(self, spec: "StudySpec"):
+        settings = self.settings(spec)
+        for param, bounds in self._searched(spec):
+            for owner in self._owners(param, spec):
+                for keys in self._keys(param, owner, settings).values():
+                    for key in keys:
+                        yield param, bounds, key
+
+    def suggest(self, trial: optuna.Trial, spec: "StudySpec") -> Params:
+        return {key: trial.suggest_float(key, bounds.low, bounds.high) for _, bounds, key in self._each_key(spec)}
+
+    def baseline(self, spec: "StudySpec") -> Params:
+        settings = self.settings(spec)
+
+        def hand(param: "ParamSpec", bounds: Range) -> float:
+            if param.name in settings.baseline:
+                return bounds.clamp(settings.baseline[param.name])
+            if not param.required and isinstance(param.default, (int, float)):
+                return bounds.clamp(float(param.default))
+            return (bounds.low + bounds.high) / 2
+
+        return {key: hand(param, bounds) for param, bounds, key in self._each_key(spec)}
+
+    def recipe(self, params: Params, spec: "StudySpec", resolve: Resolve) -> dict[str, Any]:
+        settings = self.settings(spec)
+        models = self._models(spec)
+        shared: dict[str, Any] = {}
+        per_model: list[dict[str, Any]] = [{} for _ in models]
+        for param in self.declaration().params:
+            owners = self._owners(param, spec)
+            for owner in owners:
+                target = shared if owner is None else per_model[owner]
+                if param.name in settings.fixed:
+                    target[param.name] = settings.fixed[param.name]
+                elif param.name in {p.name for p, _ in self._searched(spec)}:
+                    keys = self._keys(param, owner, settings)
+                    values = {label: _value([params[key] for key in curve]) for label, curve in keys.items()}
+                    target[param.name] = (
+                        values[None] if None in values
+                        else [{"filter": label, "value": v} for label, v in values.items() if label != REST]
+                        + [{"value": values[REST]}]
+                    )
+        recipe: dict[str, Any] = {
+            "merge_method": self.name,
+            "models": [
+                {"model": resolve(model), **({"parameters": given} if given else {})}
+                for model, given in zip(models, per_model)
+            ],
+            "dtype": spec.dtype,
+        }
+        if spec.base_model in models:
+            recipe["base_model"] = resolve(spec.base_model)
+        if shared:
+            recipe["parameters"] = shared
+        return recipe
+
+
 SEARCHABLE: Registry[SearchableMethod] = Registry("searchable method")
 SEARCHABLE.register("slerp", SlerpMethod())
 # normalize/int8_mask as in the published OpenHermes × neural-chat DARE TIES recipe.
@@ -228,3 +410,6 @@ SEARCHABLE.register(
 SEARCHABLE.register("ties", WeightedMethod("ties", sparsifying=True, needs_base=True))
 SEARCHABLE.register("task_arithmetic", WeightedMethod("task_arithmetic", sparsifying=False, needs_base=True))
 SEARCHABLE.register("linear", WeightedMethod("linear", sparsifying=False, needs_base=False))
+for _name in MERGEKIT_METHODS:  # every other mergekit method, searched from its declaration
+    if _name not in SEARCHABLE and _name not in NOT_SEARCHABLE:
+        SEARCHABLE.register(_name, DeclaredMethod(_name))

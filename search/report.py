@@ -5,6 +5,9 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +19,7 @@ import optuna  # noqa: E402
 import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from mergetune.errors import MergetuneError  # noqa: E402
 from mergetune.merge_ops.parameters import coercer, evaluate_setting  # noqa: E402
 from mergetune.merge_ops.recipe import recipe_from_dict  # noqa: E402
 from mergetune.search.leaderboard import Leaderboard, build_leaderboard, comparison_lines, table_rows  # noqa: E402
@@ -28,11 +32,22 @@ DEFAULT_LAYERS = 32
 
 
 def layer_count(study: Study) -> int:
-    """The first model's layer count (from its local config), for drawing curves across layers."""
+    """The first model's layer count (from its local config), for drawing curves across layers.
+
+    Only the drawing depends on it, so a config that can't be read is a warning, not a failed report.
+    """
     config = Path(study.resolve(study.spec.models[0])) / "config.json"
-    if config.exists():
-        return int(json.loads(config.read_text()).get("num_hidden_layers", DEFAULT_LAYERS))
-    return DEFAULT_LAYERS
+    if not config.exists():
+        return DEFAULT_LAYERS
+    try:
+        layers = json.loads(config.read_text(encoding="utf-8")).get("num_hidden_layers", DEFAULT_LAYERS)
+    except (OSError, ValueError, AttributeError) as error:  # unreadable, not JSON, not an object
+        log.warning("cannot read %s (%s); drawing curves over %d layers", config, error, DEFAULT_LAYERS)
+        return DEFAULT_LAYERS
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        log.warning("%s: num_hidden_layers is %r; drawing curves over %d layers", config, layers, DEFAULT_LAYERS)
+        return DEFAULT_LAYERS
+    return layers
 
 
 def plot_history(optuna_study: optuna.Study, method: str, path: Path) -> Path:
@@ -119,8 +134,28 @@ def _html_table(board: Leaderboard) -> str:
 
 
 def write_report(study: Study, out_dir: Path, storage=None) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Draw the report in a hidden folder beside `out_dir`, then move it into place: a failure (a full disk,
+    a study without trials) leaves no half-drawn report."""
     board = build_leaderboard(study, storage)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp's folder is private; the report is not
+    try:
+        _draw(study, board, staging, storage)
+        if out_dir.exists():
+            for file in staging.iterdir():
+                os.replace(file, out_dir / file.name)
+        else:
+            staging.rename(out_dir)
+    except OSError as error:
+        raise MergetuneError(f"cannot write the report to {out_dir}: {error.strerror or error}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir / "index.html"
+
+
+def _draw(study: Study, board: Leaderboard, out_dir: Path, storage) -> None:
+    """The figures and index.html of the report, into `out_dir`."""
     layers = layer_count(study)
     sections = []
     for method in study.spec.methods:
@@ -147,6 +182,4 @@ def write_report(study: Study, out_dir: Path, storage=None) -> Path:
         "<p>Interactive view: <code>optuna-dashboard " + html.escape(dashboard_target(study)) + "</code></p>"
         "</body></html>"
     )
-    index = out_dir / "index.html"
-    index.write_text(page, encoding="utf-8")
-    return index
+    (out_dir / "index.html").write_text(page, encoding="utf-8")

@@ -163,7 +163,8 @@ class StudyRunner:
         build_start = time.perf_counter()
         self.workspace.builder.build(recipe_from_dict(recipe_dict), seed=seed)
         build_seconds = time.perf_counter() - build_start
-        trials.set_candidate(trial, method, yaml.safe_dump(recipe_dict, sort_keys=False), seed)
+        recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False)
+        trials.set_candidate(trial, method, recipe_yaml, seed, self.workspace.builder.device_type)
         eval_start = time.perf_counter()
         record: Optional[Record] = None
         docs_scored = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import re
 import threading
@@ -23,6 +24,7 @@ from typing import Iterator, Optional
 from urllib.parse import unquote
 
 import optuna
+import sqlalchemy.engine
 import sqlalchemy.exc
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
@@ -77,10 +79,16 @@ def dialect(url: str) -> str:
     return url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
 
 
-def open_storage(study: Study) -> BaseStorage:
-    """The study's storage, connected and checked: one clear MergetuneError if it can't be used."""
-    path = journal_path(study)
+def open_storage(study: Study, create: bool = True) -> BaseStorage:
+    """The study's storage, connected and checked: one clear MergetuneError if it can't be used.
+
+    `create=False` (the read-side commands) refuses a storage file that does not exist yet
+    instead of creating an empty one: a mistyped path must not leave a new file behind.
+    """
+    path = local_file(study)
     if path is not None:
+        _check_local_file(study, path, create)
+    if journal_path(study) is not None:
         return _open_journal(path)
     url = study.storage_url
     if dialect(url) not in SQL_DIALECTS:
@@ -94,6 +102,7 @@ def open_storage(study: Study) -> BaseStorage:
     engine_kwargs = {}
     if dialect(url) in ("postgresql", "mysql", "mariadb"):
         engine_kwargs["connect_args"] = {"connect_timeout": options.connect_timeout}
+    _parse_url(engine_url, url)
     with storage_errors(url), warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
@@ -119,11 +128,38 @@ def open_storage(study: Study) -> BaseStorage:
             ) from None
 
 
-def _open_journal(path: Path) -> JournalStorage:
+def _parse_url(engine_url: str, url: str) -> None:
+    """Parse a database URL before connecting, so a malformed one (a port that isn't a number) is one message."""
+    try:
+        sqlalchemy.engine.make_url(engine_url)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as error:
+        raise MergetuneError(f"study storage {redact_url(url)}: not a valid database URL ({redact(str(error), url)})") from None
+
+
+def _check_local_file(study: Study, path: Path, create: bool) -> None:
+    """A storage file on this machine: its folder exists and, when it is to be written, is writable."""
+    where = f"study storage {study.storage_display}"
     if not path.parent.is_dir():
-        raise MergetuneError(f"journal storage {path}: directory {path.parent} does not exist")
+        raise MergetuneError(f"{where}: directory {path.parent} does not exist")
     if path.is_dir():
-        raise MergetuneError(f"journal storage {path}: is a directory, expected a file")
+        raise MergetuneError(f"{where}: {path} is a directory, expected a file")
+    if not path.exists():
+        if not create:
+            raise MergetuneError(f"{where}: {path} does not exist; no trials were stored there (check --storage or the study file's storage)")
+        if not os.access(path.parent, os.W_OK):
+            raise MergetuneError(
+                f"{where}: cannot create {path}: directory {path.parent} is not writable; "
+                "set the study file's storage (or --storage) to a writable place"
+            )
+    elif create and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        # SQLite writes a journal file beside the database, so its folder must be writable too.
+        raise MergetuneError(
+            f"{where}: {path} or its directory is not writable; "
+            "set the study file's storage (or --storage) to a writable place"
+        )
+
+
+def _open_journal(path: Path) -> JournalStorage:
     try:
         return JournalStorage(JournalFileBackend(str(path)))
     except OSError as error:

@@ -14,16 +14,18 @@ from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, Field, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from mergetune.errors import MergetuneError
-from mergetune.eval.backends import live_backend_names
+from mergetune.eval.backends import search_backend_names
 from mergetune.registry import Registry
 from mergetune.search.methods import SEARCHABLE
 from mergetune.search.samplers import PRUNERS, SAMPLERS
 from mergetune.validation import Strict, read_text, validate
 
 # Where and how long a study runs, not what its trials mean: free to differ between workers and runs.
-RUN_SETTINGS = frozenset({"storage", "storage_options", "budget", "device", "backend"})
+RUN_SETTINGS = frozenset({"storage", "storage_options", "budget", "device", "backend", "engine"})
+MAX_STUDY_FILE_BYTES = 1_000_000
 LEGACY_PRUNING = ("successive_halving", "none")  # the pruners `pruning: true/false` meant
 
 # `space:` has one section per searchable method, each that method's own settings model.
@@ -70,6 +72,11 @@ class Evaluation(Strict):
         "reduction_factor times as many documents",
     )
     final: Final = Final()
+    shared_prefix: bool = Field(
+        True,
+        description="hf backend: compute a prefix shared by several requests (a document's answer choices) once; "
+        "the scores are lm-eval's either way, false only to compare",
+    )
 
     def rungs(self) -> list[int]:
         """Documents per task at which a candidate may be pruned: first_limit × reduction_factor^k, each at
@@ -108,9 +115,18 @@ class StorageOptions(Strict):
         return self
 
 
+class Engine(Strict):
+    """Settings of an engine backend (`backend: vllm`); unset ones take the backend's defaults."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans; every rank builds the same candidate")
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1, description="fraction of each GPU the engine may take")
+    max_model_len: Optional[int] = Field(None, ge=16, description="longest request the engine scores (default: the model's)")
+    enforce_eager: Optional[bool] = Field(None, description="no CUDA graphs: slower, less memory, faster start")
+
+
 class Budget(Strict):
     n_trials: Optional[int] = Field(30, ge=1, description="completed (or pruned) trials per method")
-    timeout: Optional[float] = Field(None, gt=0, description="seconds per method")
+    timeout: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="seconds per method")
 
 
 class StudySpec(Strict):
@@ -122,6 +138,7 @@ class StudySpec(Strict):
     space: Space = Space()
     evaluation: Evaluation
     backend: str = "hf"
+    engine: Engine = Engine()
     device: str = "cpu"
     budget: Budget = Budget()
     sampler: str = "tpe"
@@ -153,8 +170,8 @@ class StudySpec(Strict):
     @field_validator("backend")
     @classmethod
     def _live_backend(cls, value: str) -> str:
-        if value not in live_backend_names():
-            known = ", ".join(live_backend_names())
+        if value not in search_backend_names():
+            known = ", ".join(search_backend_names())
             raise ValueError(f"backend {value!r} cannot score candidates built in memory; use one of {known}")
         return value
 
@@ -181,11 +198,15 @@ class StudySpec(Strict):
         """Identifies what the trials mean (not where they are stored or how long to run)."""
         return _hash(self.definition())
 
-    def has_definition(self, stored_hash: str) -> bool:
-        """Whether a stored study's definition hash is this file's — also as stored before pruners had names
-        (`pruning: true/false`), so a study begun with an older mergetune continues."""
-        legacy = {**self.definition(), "pruning": self.pruning != "none"} if self.pruning in LEGACY_PRUNING else None
-        return stored_hash == self.definition_hash() or (legacy is not None and stored_hash == _hash(legacy))
+    def has_definition(self, stored_hash: str, stored: dict) -> bool:
+        """Whether a stored study was made from this file, also when an older mergetune stored it: fields
+        added since then count as equal while they keep their defaults, and `pruning: true/false` means
+        the pruner it meant then. So upgrading mergetune never strands a study."""
+        return stored_hash == self.definition_hash() or self.comparable_definition(stored) == upgraded(stored)
+
+    def comparable_definition(self, stored: dict) -> dict:
+        """This file's definition without the fields `stored` lacks that still hold their defaults."""
+        return _without_new_defaults(self.definition(), stored, type(self))
 
     def definition(self) -> dict:
         """The fields that define the trials; stored with the study (never the storage URL and its password)."""
@@ -223,6 +244,33 @@ def _hash(definition: dict) -> str:
     return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def upgraded(stored: dict) -> dict:
+    """A stored definition in today's terms: `pruning: true/false` named the pruners it meant."""
+    pruning = stored.get("pruning")
+    return {**stored, "pruning": LEGACY_PRUNING[not pruning]} if isinstance(pruning, bool) else stored
+
+
+def _json_default(field: FieldInfo) -> object:
+    default = field.get_default(call_default_factory=True)
+    return default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+
+
+def _without_new_defaults(current: dict, stored: dict, model: type[BaseModel]) -> dict:
+    kept = {}
+    for key, value in current.items():
+        field = model.model_fields.get(key)
+        nested = field.annotation if field is not None else None
+        if key not in stored:
+            if field is not None and not field.is_required() and _json_default(field) == value:
+                continue
+            kept[key] = value
+        elif isinstance(value, dict) and isinstance(stored[key], dict) and isinstance(nested, type) and issubclass(nested, BaseModel):
+            kept[key] = _without_new_defaults(value, stored[key], nested)
+        else:
+            kept[key] = value
+    return kept
+
+
 def redact_url(text: str) -> str:
     """postgresql://user:secret@host/db → postgresql://user:***@host/db, anywhere in `text`.
 
@@ -235,6 +283,10 @@ def redact_url(text: str) -> str:
 
 def load_study(path: str | Path) -> Study:
     path = Path(path)
+    if path.is_file() and path.stat().st_size > MAX_STUDY_FILE_BYTES:  # a wrong file (a checkpoint, a log)
+        raise MergetuneError(
+            f"{path} is {path.stat().st_size:,} bytes; a study file is a few KB of YAML (at most {MAX_STUDY_FILE_BYTES:,})"
+        )
     try:
         data = yaml.safe_load(read_text(path, "study file"))
     except yaml.YAMLError as error:

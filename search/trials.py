@@ -22,6 +22,8 @@ key                     written by, when                             read by
                         mergekit YAML that was built
 ``seed``                runner, with ``recipe``: the seed of DARE/   leaderboard, export, finalists
                         DELLA masks
+``device``              runner, with ``recipe``: the device type     export (re-merges there: random masks
+                        the candidate was built on (cpu, cuda)       depend on the device's generator)
 ``record``              runner, when scoring stops (complete or      leaderboard (search score), benchmarks
                         pruned): per-document evidence as JSON
                         (`mergetune.eval.evidence`)
@@ -70,6 +72,7 @@ WORKER = "worker"
 METHOD = "method"
 RECIPE = "recipe"
 SEED = "seed"
+DEVICE = "device"
 RECORD = "record"
 DOCS_SCORED = "docs_scored"
 TIMINGS = "timings"
@@ -131,10 +134,11 @@ def set_worker(trial: optuna.Trial, worker: dict[str, Any]) -> None:
     trial.set_user_attr(WORKER, worker)
 
 
-def set_candidate(trial: optuna.Trial, method: str, recipe_yaml: str, seed: int) -> None:
+def set_candidate(trial: optuna.Trial, method: str, recipe_yaml: str, seed: int, device: str) -> None:
     trial.set_user_attr(METHOD, method)
     trial.set_user_attr(RECIPE, recipe_yaml)
     trial.set_user_attr(SEED, seed)
+    trial.set_user_attr(DEVICE, device)
 
 
 def set_evidence(trial: optuna.Trial, record: Record, docs_scored: int, timings: dict[str, float]) -> None:
@@ -197,6 +201,7 @@ class StoredTrial:
     baseline: Optional[str]
     recipe: Optional[str]
     seed: Optional[int]
+    device: Optional[str]  # None for trials stored before devices were recorded
     record: Optional[Record]
     docs_scored: int
     fail_reason: Optional[str]
@@ -213,6 +218,7 @@ class StoredTrial:
             baseline=attrs.get(BASELINE),
             recipe=attrs.get(RECIPE),
             seed=None if seed is None else int(seed),
+            device=attrs.get(DEVICE),
             record=None if record is None else json.loads(record),
             docs_scored=attrs.get(DOCS_SCORED, 0),
             fail_reason=attrs.get(FAIL_REASON),

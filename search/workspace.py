@@ -1,26 +1,48 @@
-"""What a study's worker loads once: resident source models, the live model, the evaluator, the documents.
+"""What a study's worker loads once: the source models, the model it scores, the evaluator, the documents.
 
-Everything here is reused by every trial the process runs; a trial only rewrites
-the live model's weights in place and scores them.
+Everything here is reused by every trial the process runs. With a live backend
+(`hf`) the sources are resident here and a trial rewrites a transformers model's
+weights in place; with an engine backend (`vllm`) no model is kept here: the
+engine's workers hold the sources and a trial sends them the recipe.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import math
+import shutil
+import tempfile
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Protocol
+
+import psutil
+import torch
 
 from mergetune.eval import EvalConfig, Evaluator
+from mergetune.eval.backends import engine_backend_names
+from mergetune.merge_ops.disk import write_side_files
 from mergetune.merge_ops.execute import check_device
 from mergetune.merge_ops.inmemory import InMemoryBuilder
-from mergetune.merge_ops.plan import DTYPES
-from mergetune.merge_ops.recipe import recipe_from_dict
-from mergetune.merge_ops.sources import open_source
+from mergetune.merge_ops.plan import DTYPES, MergePlan
+from mergetune.merge_ops.recipe import Recipe, recipe_from_dict
+from mergetune.merge_ops.sources import TensorSource, open_source
+from mergetune.merge_ops.stages import plan_stage
 from mergetune.search.documents import Documents, choose_documents, final_only_tasks
+from mergetune.search.memory import plan_engine, plan_live
 from mergetune.search.methods import SEARCHABLE
 from mergetune.search.study_file import Study
 
 log = logging.getLogger(__name__)
+
+
+class CandidateBuilder(Protocol):
+    """Makes the scored model a candidate: the live model's weights, or the engine's."""
+
+    device_type: str  # where candidates are built ("cpu", "cuda"): seeded random masks depend on it
+
+    def build(self, recipe: Recipe, seed: Optional[int] = None) -> Any: ...
 
 
 @dataclass
@@ -28,7 +50,7 @@ class Workspace:
     """What a study loads once per process."""
 
     study: Study
-    builder: InMemoryBuilder
+    builder: CandidateBuilder
     evaluator: Evaluator
     documents: Documents
 
@@ -36,28 +58,83 @@ class Workspace:
     def open(cls, study: Study, say: Callable[[str], None] = log.info) -> "Workspace":
         spec = study.spec
         check_device(spec.device)
+        for method in spec.methods:
+            SEARCHABLE.get(method).check(spec)
         listed = [*spec.models, *([spec.base_model] if spec.base_model else [])]
         references = list(dict.fromkeys(study.resolve(m) for m in listed))
-        say(f"loading {len(references)} model(s) onto {spec.device}")
         sources = {reference: open_source(reference) for reference in references}
-        # The live model takes its shape from the first method's hand-written recipe.
+        # The scored model takes its shape from the first method's hand-written recipe.
         first = SEARCHABLE.get(spec.methods[0])
         first_recipe = recipe_from_dict(first.recipe(first.baseline(spec), spec, study.resolve))
-        builder = InMemoryBuilder.for_recipe(first_recipe, sources, device=spec.device, dtype=DTYPES[spec.dtype])
-        from transformers import AutoTokenizer
+        config = eval_config(study)
+        merged = plan_stage(first_recipe, sources)  # shapes only: nothing is loaded yet
+        sources_bytes = sum(checkpoint_bytes(source) for source in sources.values())
+        free, total = device_memory(spec.device)
+        if spec.backend in engine_backend_names():
+            options = spec.engine.model_dump(exclude_none=True)
+            if spec.device.startswith("cuda"):
+                memory = plan_engine(
+                    spec.device, free, total, sources_bytes, plan_bytes(merged), spec.engine.tensor_parallel_size,
+                    spec.engine.gpu_memory_utilization,
+                )
+                options["gpu_memory_utilization"] = memory.engine_share
+                log.info("memory plan: %s; engine share %g", memory.table(), memory.engine_share)
+            say(f"starting the {spec.backend} engine; its workers load {len(references)} model(s)")
+            skeleton = write_skeleton(first_recipe, merged, sources)
+            evaluator = Evaluator.for_candidates(skeleton, references, spec.dtype, config, backend=spec.backend, **options)
+            builder: CandidateBuilder = evaluator.backend
+        else:
+            memory = plan_live(spec.device, free, total, sources_bytes, plan_bytes(merged))
+            log.info("memory plan: %s", memory.table())
+            say(f"loading {len(references)} model(s) onto {spec.device}")
+            live = InMemoryBuilder.for_recipe(first_recipe, sources, device=spec.device, dtype=DTYPES[spec.dtype])
+            from transformers import AutoTokenizer
 
-        checkpoint_dir = sources[references[0]].directory
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
-        evaluation = spec.evaluation
-        config = EvalConfig(
-            suite=evaluation.suite,
-            tasks=(*evaluation.tasks, *final_only_tasks(spec)),
-            include_paths=tuple(study.resolve(path) for path in evaluation.include_paths),
-            data_dir=study.resolve(evaluation.data_dir) if evaluation.data_dir else None,
-            num_fewshot=evaluation.num_fewshot,
-        )
-        say("preparing the evaluation tasks")
-        evaluator = Evaluator.from_model(
-            builder.model, tokenizer, config, backend=spec.backend, checkpoint_dir=checkpoint_dir
-        )
+            checkpoint_dir = sources[references[0]].directory
+            tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+            say("preparing the evaluation tasks")
+            evaluator = Evaluator.from_model(
+                live.model, tokenizer, config, backend=spec.backend, checkpoint_dir=checkpoint_dir,
+                shared_prefix=spec.evaluation.shared_prefix,
+            )
+            builder = live
         return cls(study, builder, evaluator, choose_documents(evaluator, spec))
+
+
+def eval_config(study: Study) -> EvalConfig:
+    """What the study scores, paths resolved against the study file."""
+    spec, evaluation = study.spec, study.spec.evaluation
+    return EvalConfig(
+        suite=evaluation.suite,
+        tasks=(*evaluation.tasks, *final_only_tasks(spec)),
+        include_paths=tuple(study.resolve(path) for path in evaluation.include_paths),
+        data_dir=study.resolve(evaluation.data_dir) if evaluation.data_dir else None,
+        num_fewshot=evaluation.num_fewshot,
+    )
+
+
+def checkpoint_bytes(source: TensorSource) -> int:
+    """What a source takes once resident: every tensor in its stored dtype."""
+    return sum(math.prod(source.shape(name)) * source.dtype(name).itemsize for name in source.names())
+
+
+def plan_bytes(plan: MergePlan) -> int:
+    """What the merged model takes: every output tensor in its dtype."""
+    return sum(math.prod(op.shape) * op.dtype.itemsize for op in plan.ops)
+
+
+def device_memory(device: str) -> tuple[int, int]:
+    """(free, total) bytes of `device`: the GPU's, or the machine's memory for the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))
+    memory = psutil.virtual_memory()
+    return memory.available, memory.total
+
+
+def write_skeleton(recipe: Recipe, plan: MergePlan, sources: Mapping[str, TensorSource]) -> Path:
+    """A directory with the merged model's config and tokenizer and no weights, for an engine to start from
+    (removed when the process exits)."""
+    directory = Path(tempfile.mkdtemp(prefix="mergetune-engine-"))
+    atexit.register(shutil.rmtree, directory, True)
+    write_side_files(directory, recipe, plan, sources, recipe.to_yaml(), seed=None, chat_template=None)
+    return directory

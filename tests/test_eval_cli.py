@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from eval_fixtures import TOY_TASK
+import mergetune.eval.tasks as tasks
 from mergetune.cli import app
 
 pytest_plugins = ["eval_fixtures"]  # session fixtures shared by every test_eval_* module
@@ -75,3 +77,20 @@ def test_user_errors_are_one_line_and_exit_2(eval_models, toy_task_dir, args, me
 def test_missing_model_directory_is_named(tmp_path, toy_task_dir):
     result = run(tmp_path / "nowhere", "--tasks", TOY_TASK, "--include-path", toy_task_dir)
     assert result.exit_code == 2 and f"model directory {tmp_path / 'nowhere'} does not exist" in result.output
+
+
+def test_a_checkpoint_without_weights_is_refused_before_the_task_index(eval_models, toy_task_dir, tmp_path, monkeypatch):
+    weightless = shutil.copytree(eval_models["base"], tmp_path / "weightless", ignore=shutil.ignore_patterns("*.safetensors*"))
+    monkeypatch.setattr(tasks, "task_manager", lambda *args: pytest.fail("the task index was built first"))
+    result = run(weightless, "--tasks", TOY_TASK, "--include-path", toy_task_dir)
+    assert result.exit_code == 2 and f"model directory {weightless} has no weights" in result.output
+
+
+def test_a_data_dir_missing_a_split_file_names_the_task_the_file_and_the_option(eval_models, tmp_path):
+    folder = tmp_path / "data" / "arc_easy"
+    folder.mkdir(parents=True)
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("{}\n")
+    result = run(eval_models["base"], "--tasks", "arc_easy", "--data-dir", tmp_path / "data")
+    assert result.exit_code == 2
+    assert f"--data-dir {tmp_path / 'data'}: task 'arc_easy' needs its 'validation' split, {folder / 'validation.jsonl'}" in result.output

@@ -77,3 +77,13 @@ def test_unreachable_server_is_a_clear_error(eval_models, toy_task_dir):
 )
 def test_completions_url_accepts_a_root_a_v1_base_or_the_full_url(given, expected):
     assert completions_url(given) == expected
+
+
+def test_the_server_truncates_at_the_models_window_as_the_hf_backend_does(completions_server, hf_reference, eval_models):
+    url, _ = completions_server
+    served = Evaluator.from_dir(
+        eval_models["base"], hf_reference.config, backend="server", base_url=url
+    )
+    # The model's own window (512 here, not a fixed 2048); lm-eval's API models keep one position for a
+    # generated token, as the server needs it.
+    assert served.backend.lm.max_length == hf_reference.backend.lm.max_length - 1 == 511

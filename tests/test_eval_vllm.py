@@ -35,6 +35,7 @@ from mergetune.eval import EvalConfig, Evaluator
 from mergetune.eval.backends.vllm import WORKER_EXTENSION
 from mergetune.merge_ops.disk import merge_recipe_file
 from mergetune.merge_ops.inmemory import InMemoryBuilder
+from mergetune.merge_ops.plan import plan_merge
 from mergetune.merge_ops.recipe import parse_recipes
 from mergetune.merge_ops.sources import open_source
 from mergetune.search.workspace import write_skeleton
@@ -275,7 +276,7 @@ def engine_evaluator(eval_models, toy_task_dir, **options):
     first = parse_recipes(SLERP.format(**models)).stages[0]
     sources = {str(path): open_source(str(path)) for path in models.values()}
     config = EvalConfig(tasks=(TOY_TASK,), include_paths=(toy_task_dir,))
-    skeleton = write_skeleton(first, sources)
+    skeleton = write_skeleton(first, plan_merge(first, sources), sources)
     return Evaluator.for_candidates(skeleton, list(sources), "float32", config, backend="vllm", **options)
 
 

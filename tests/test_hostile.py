@@ -190,9 +190,74 @@ class Inputs:
         (self.tmp / "junk.log").write_text("these are\nnot journal records\n")
         return str(self.tmp / "junk.log")
 
+    def evaluation(self, **changes) -> str:
+        """A study whose `evaluation:` section has `changes`."""
+        path = Path(self.study())
+        spec = yaml.safe_load(path.read_text())
+        spec["evaluation"].update(changes)
+        path.write_text(yaml.safe_dump(spec))
+        return str(path)
+
+    def weightless_model(self) -> str:
+        """model_a's config and tokenizer without its weights."""
+        copy = shutil.copytree(self.family["model_a"], self.tmp / "weightless", ignore=shutil.ignore_patterns("*.safetensors*"))
+        return str(copy)
+
+    def data_dir_missing_a_split(self) -> str:
+        """Local data for arc_easy with its train and test files but no validation file."""
+        folder = self.tmp / "data" / "arc_easy"
+        folder.mkdir(parents=True)
+        for split in ("train", "test"):
+            (folder / f"{split}.jsonl").write_text("{}\n")
+        return str(self.tmp / "data")
+
+    def data_dir_with_a_garbage_line(self) -> str:
+        folder = self.tmp / "data" / "arc_easy"
+        folder.mkdir(parents=True)
+        row = {"id": "1", "question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}
+        for split in ("train", "validation", "test"):
+            (folder / f"{split}.jsonl").write_text(json.dumps(row) + "\nnot json\n")
+        return str(self.tmp / "data")
+
+    def task_dir_with_a_broken_yaml(self) -> str:
+        folder = shutil.copytree(self.tasks, self.tmp / "tasks")
+        (folder / "broken.yaml").write_text("task: demo_broken\n  doc_to_text: [\n")
+        return str(folder)
+
+    def read_only_folder(self) -> Path:
+        """A folder this user cannot write to (root writes anyway: then the tool's access check is told so)."""
+        folder = self.tmp / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        self.request.addfinalizer(lambda: folder.chmod(0o755))
+        if os.geteuid() == 0:
+            real_access = os.access
+
+            def access(path, mode, **options) -> bool:
+                return not (Path(path) == folder and mode & os.W_OK) and real_access(path, mode, **options)
+
+            self.monkeypatch.setattr(os, "access", access)
+        return folder
+
+    def sparse_file(self, name: str, size: int) -> str:
+        (self.tmp / name).write_bytes(b"")
+        os.truncate(self.tmp / name, size)
+        return str(self.tmp / name)
+
+    def alias_bomb(self) -> str:
+        """A study file whose YAML aliases expand to 9**9 strings (a "billion laughs")."""
+        lines = ['l0: &l0 "lol"'] + [f"l{n}: &l{n} [{', '.join([f'*l{n - 1}'] * 9)}]" for n in range(1, 10)]
+        (self.tmp / "bomb.yaml").write_text("\n".join(lines + ["name: *l9", "models: *l9"]) + "\n")
+        return str(self.tmp / "bomb.yaml")
+
 
 def run(*args: str) -> list[str]:
     return list(args)
+
+
+def stored_study(i: "Inputs") -> str:
+    """A study with stored trials (the module's `failing_study`)."""
+    return str(i.request.getfixturevalue("failing_study"))
 
 
 def edit_header(change: Callable[[dict], None]) -> Callable[[Path], None]:
@@ -469,6 +534,106 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         lambda i: run("export", str(i.request.getfixturevalue("failing_study")), str(i.tmp / "out"), "--trial", "99"),
         "no completed trial 99",
     ),
+    # The search and scoring commands (issue #11's second half).
+    (
+        "storage URL with a port that isn't a number",
+        lambda i: run("study", "run", i.study(), "--storage", f"postgresql://mergetune:{PASSWORD}@127.0.0.1:notaport/db"),
+        "study storage postgresql://mergetune:***@127.0.0.1:notaport/db: not a valid database URL",
+    ),
+    (
+        "eval of a directory with config and tokenizer but no weights",
+        lambda i: run("eval", i.weightless_model(), "--tasks", "demo_arithmetic", "--include-path", str(i.tasks)),
+        "model directory {tmp}/weightless has no weights (*.safetensors or pytorch_model*.bin files)",
+    ),
+    ("--n-trials -2", lambda i: run("study", "run", i.study(), "--n-trials", "-2"), "--n-trials: must be a finite number of at least 1, got -2"),
+    ("--n-trials 0", lambda i: run("study", "run", i.study(), "--n-trials", "0"), "--n-trials: must be a finite number of at least 1, got 0"),
+    ("--timeout 0", lambda i: run("study", "run", i.study(), "--timeout", "0"), "--timeout: must be a finite number of at least 1, got 0"),
+    ("--timeout inf", lambda i: run("study", "run", i.study(), "--timeout", "inf"), "--timeout: must be a finite number of at least 1, got inf"),
+    ("--max-failures 0", lambda i: run("study", "run", i.study(), "--max-failures", "0"), "--max-failures: must be a finite number of at least 1"),
+    ("study: infinite timeout", lambda i: run("study", "run", i.study(budget={"timeout": float("inf")})), "budget.timeout: Input should be a finite number"),
+    (
+        "study: data_dir missing a split file",
+        lambda i: run("study", "run", i.evaluation(data_dir=i.data_dir_missing_a_split(), tasks=["arc_easy"])),
+        "{tmp}/study.yaml: evaluation.data_dir {tmp}/data: task 'arc_easy' needs its 'validation' split, "
+        "{tmp}/data/arc_easy/validation.jsonl, which does not exist",
+    ),
+    (
+        "eval: --data-dir missing a split file",
+        lambda i: run("eval", str(i.family["model_a"]), "--tasks", "arc_easy", "--data-dir", i.data_dir_missing_a_split()),
+        "--data-dir {tmp}/data: task 'arc_easy' needs its 'validation' split, {tmp}/data/arc_easy/validation.jsonl",
+    ),
+    (
+        "study: data_dir that is a file",
+        lambda i: run("study", "run", i.evaluation(data_dir=i.file_at("notes.txt"))),
+        "{tmp}/study.yaml: evaluation.data_dir {tmp}/notes.txt does not exist or is not a directory",
+    ),
+    (
+        "study: include path missing",
+        lambda i: run("study", "run", i.evaluation(include_paths=["no-tasks-here"])),
+        "task directory {tmp}/no-tasks-here ({tmp}/study.yaml: evaluation.include_paths) does not exist",
+    ),
+    (
+        "task YAML with a syntax error in an include path",
+        lambda i: run("eval", str(i.family["model_a"]), "--tasks", "demo_broken", "--include-path", i.task_dir_with_a_broken_yaml()),
+        "unknown task 'demo_broken': not an lm-eval task, group or tag, nor in the include paths; lm-eval skipped task "
+        "files it could not read: {tmp}/tasks/broken.yaml: ScannerError: mapping values are not allowed",
+    ),
+    (
+        "data_dir JSONL with a line that isn't JSON",
+        lambda i: run("eval", str(i.family["model_a"]), "--tasks", "arc_easy", "--data-dir", i.data_dir_with_a_garbage_line()),
+        "{tmp}/data/arc_easy/train.jsonl line 2: not a JSON object in this dataset's schema",
+    ),
+    ("eval --limit 0", lambda i: run("eval", str(i.family["model_a"]), "--tasks", "demo_arithmetic", "--limit", "0"), "--limit: must be at least 1, got 0"),
+    (
+        "eval --json in a missing folder",
+        lambda i: run("eval", str(i.family["model_a"]), "--tasks", "demo_arithmetic", "--json", str(i.tmp / "out" / "scores.json")),
+        "--json {tmp}/out/scores.json: directory {tmp}/out does not exist",
+    ),
+    ("study file that is a directory", lambda i: run("study", "run", str(i.tmp)), "cannot read study file {tmp}: [Errno 21] Is a directory"),
+    (
+        "study file that is binary (a checkpoint shard)",
+        lambda i: run("study", "run", str(sorted(i.family["model_a"].glob("*.safetensors"))[0])),
+        "cannot read study file {family}/model_a/model-00001-of-",
+    ),
+    ("study file that is huge", lambda i: run("study", "run", i.sparse_file("huge.yaml", 2**31)), "{tmp}/huge.yaml is 2,147,483,648 bytes; a study file is a few KB"),
+    ("study file with a YAML alias bomb", lambda i: run("study", "run", i.alias_bomb()), "{tmp}/bomb.yaml: name: Input should be a valid string"),
+    (
+        "study storage in a read-only folder",
+        lambda i: run("study", "run", i.study(storage=f"sqlite:///{i.read_only_folder()}/study.db")),
+        "cannot create {tmp}/read-only/study.db: directory {tmp}/read-only is not writable",
+    ),
+    ("storage file that isn't a database", lambda i: run("leaderboard", i.study(), "--storage", f"sqlite:///{i.file_at('notes.db')}"), "file is not a database"),
+    (
+        "leaderboard of a storage file that doesn't exist (a typo): not created",
+        lambda i: run("leaderboard", i.study(), "--storage", f"sqlite:///{i.tmp}/out"),
+        "study storage sqlite:///{tmp}/out: {tmp}/out does not exist; no trials were stored there",
+    ),
+    (
+        "leaderboard of a storage holding no study of that name",
+        lambda i: run("leaderboard", i.study(name="other"), "--storage", f"sqlite:///{Path(stored_study(i)).parent}/tiny.db"),
+        "study other is not in sqlite:///",
+    ),
+    (
+        "leaderboard --json in a missing folder",
+        lambda i: run("leaderboard", stored_study(i), "--json", str(i.tmp / "out" / "board.json")),
+        "--json {tmp}/out/board.json: directory {tmp}/out does not exist",
+    ),
+    (
+        "leaderboard --csv in a folder that is a file",
+        lambda i: run("leaderboard", stored_study(i), "--csv", i.file_at("notes.txt") + "/board.csv"),
+        "--csv {tmp}/notes.txt/board.csv: directory {tmp}/notes.txt is a file, not a directory",
+    ),
+    ("leaderboard --top 0", lambda i: run("leaderboard", stored_study(i), "--top", "0"), "--top: must be a finite number of at least 1, got 0"),
+    (
+        "report directory that is a file",
+        lambda i: run("report", stored_study(i), i.file_at("notes.txt")),
+        "report directory {tmp}/notes.txt: {tmp}/notes.txt is a file, not a directory",
+    ),
+    (
+        "export to a path whose parent is a file",
+        lambda i: run("export", stored_study(i), i.file_at("notes.txt") + "/out"),
+        "output directory {tmp}/notes.txt/out: {tmp}/notes.txt is a file, not a directory",
+    ),
 ]
 
 
@@ -479,7 +644,7 @@ def test_hostile_input_gives_one_clear_message(case, make, message, family_f32, 
     before = checksums(tmp_path, *family_f32.values())
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
-    assert message.format(tmp=tmp_path) in result.output
+    assert message.format(tmp=tmp_path, family=family_f32["model_a"].parent) in result.output
     assert result.output.count("error: ") == 1 and "Traceback" not in result.output
     assert PASSWORD not in result.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*.partial-*"))

@@ -61,6 +61,7 @@ def test_every_registered_sampler_builds_with_a_seed(name):
 
 
 def test_every_registered_searchable_method_proposes_what_its_recipe_uses(tmp_path):
+    from mergetune.merge_ops.plan import validate_recipe
     from mergetune.merge_ops.recipe import recipe_from_dict
     from mergetune.search.study_file import StudySpec
 
@@ -74,6 +75,14 @@ def test_every_registered_searchable_method_proposes_what_its_recipe_uses(tmp_pa
         assert set(params) == set(method.baseline(spec)), name  # the baseline is a point of the same space
         recipe = recipe_from_dict(method.recipe(params, spec, str))
         assert recipe.merge_method == name
+        validate_recipe(recipe)  # every parameter the method requires, each in its declared range
+
+
+def test_every_mergekit_method_is_listed_for_the_search():
+    from mergetune.merge_ops.methods import METHODS
+    from mergetune.search.methods import MERGEKIT_METHODS
+
+    assert set(MERGEKIT_METHODS) == set(METHODS), "search.methods.MERGEKIT_METHODS must list merge_ops.methods.METHODS"
 
 
 def test_pruners_say_where_a_candidate_may_stop():

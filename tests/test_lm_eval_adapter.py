@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import shutil
 
 import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.openai_completions import LocalCompletionsAPI
+from lm_eval.tasks import TaskManager
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -166,3 +168,15 @@ def test_a_token_scoring_lm_is_scored_through_lm_evals_public_loglikelihood():
     instances = [Instance(request_type="loglikelihood", doc={}, arguments=("ab ", "cd"), idx=0)]
     assert lm.loglikelihood(instances, disable_tqdm=True) == [(-3.0, True)]  # " cd": the trailing space moved over
     assert adapter.loglikelihood_tokens(lm, [(("ab ", "cd"), *adapter.encode_request(lm, "ab ", "cd"))]) == [(-3.0, True)]
+
+
+def test_skipped_task_files_names_the_files_lm_evals_index_drops(toy_task_dir, tmp_path):
+    """What the private index skips (a YAML syntax error, a YAML that is not a mapping) is what the adapter names."""
+    folder = shutil.copytree(toy_task_dir, tmp_path / "tasks")
+    (folder / "broken.yaml").write_text("task: toy_broken\n  doc_to_text: [\n")
+    (folder / "listed.yaml").write_text("- not\n- a mapping\n")
+    skipped = adapter.skipped_task_files(folder)
+    assert set(skipped) == {folder / "broken.yaml", folder / "listed.yaml"}
+    assert skipped[folder / "broken.yaml"].startswith("ScannerError: mapping values are not allowed")
+    index = TaskManager(include_path=str(folder)).all_tasks
+    assert "toy_capitals" in index and "toy_broken" not in index  # the index really drops it

@@ -152,31 +152,6 @@ def test_dare_keeps_about_density_of_each_task_vector_and_rescales(family_f32, t
     assert kept.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-3)
 
 
-@pytest.mark.parametrize("method", ["slerp", "dare_ties"])
-def test_in_memory_build_equals_the_disk_merge(method, family_bf16_tied, tmp_path):
-    paths = family_bf16_tied
-    if method == "slerp":
-        text = yaml.safe_dump(
-            {
-                "merge_method": "slerp",
-                "base_model": str(paths["base"]),
-                "models": [{"model": str(paths["base"])}, {"model": str(paths["model_a"])}],
-                "parameters": {"t": [{"filter": "self_attn", "value": CURVE}, {"value": 0.3}]},
-                "dtype": "bfloat16",
-            }
-        )
-    else:
-        text = dare_recipe(paths, 0.6)
-    recipe = parse_recipes(text).final
-    disk = merged(text, tmp_path / "disk", seed=11)
-    sources = {name: open_source(name) for name in recipe.referenced_models()}
-    builder = InMemoryBuilder.for_recipe(recipe, sources, dtype=torch.bfloat16)
-    builder.build(recipe, seed=11)
-    state = builder.model.state_dict()
-    for name, tensor in disk.items():
-        assert torch.equal(state[name], tensor), name
-
-
 def test_in_memory_rebuilds_overwrite_parameters_in_place(family_f32):
     """Candidate after candidate, the same parameter storage holds the latest merge."""
     paths = family_f32

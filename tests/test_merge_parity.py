@@ -179,6 +179,73 @@ RECIPES = {
             {"sources": [{"model": "model_a", "layer_range": [1, 4]}]},
         ],
     },
+    "multislerp": {
+        "merge_method": "multislerp",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.5}},
+            {"model": "model_b", "parameters": {"weight": 0.3}},
+            {"model": "model_c", "parameters": {"weight": [0.2, 0.6]}},
+        ],
+    },
+    "multislerp_task_vectors_unnormalized": {
+        "merge_method": "multislerp",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 1.0}},
+            {"model": "model_b", "parameters": {"weight": 2.0}},
+        ],
+        "parameters": {"normalize_weights": False},
+    },
+    "karcher": {
+        "merge_method": "karcher",
+        "models": [{"model": "model_a"}, {"model": "model_b"}, {"model": "model_c"}],
+    },
+    "karcher_with_base_few_iterations": {
+        # karcher ignores the base's role: an unlisted base_model is one more input.
+        "merge_method": "karcher",
+        "base_model": "base",
+        "models": [{"model": "model_a"}, {"model": "model_b"}],
+        "parameters": {"max_iter": 2, "tol": 1e-6},
+    },
+    "sce": {
+        "merge_method": "sce",
+        "base_model": "base",
+        "models": [{"model": "model_a"}, {"model": "model_b"}, {"model": "model_c"}],
+    },
+    "sce_select_topk_int8_mask": {
+        "merge_method": "sce",
+        "base_model": "base",
+        "models": [{"model": "model_a"}, {"model": "model_b"}],
+        "parameters": {"select_topk": [0.3, 0.8], "int8_mask": True},
+    },
+    "nearswap": {
+        "merge_method": "nearswap",
+        "base_model": "base",
+        "models": [{"model": "base"}, {"model": "model_a"}],
+        "parameters": {"t": [{"filter": "mlp", "value": [0.001, 0.05]}, {"value": 0.01}]},
+    },
+    "arcee_fusion": {
+        "merge_method": "arcee_fusion",
+        "base_model": "base",
+        "models": [{"model": "base"}, {"model": "model_b"}],
+    },
+    "ram": {
+        "merge_method": "ram",
+        "base_model": "base",
+        "models": [{"model": "model_a"}, {"model": "model_b"}, {"model": "model_c"}],
+        "parameters": {"epsilon": 0.02},  # about a third of each task vector counts as unchanged
+    },
+    "ram_default_epsilon": {
+        "merge_method": "ram",
+        "base_model": "base",
+        "models": [{"model": "model_a"}, {"model": "model_b"}],
+    },
+    "ramplus_tl": {
+        "merge_method": "ramplus_tl",
+        "base_model": "base",
+        "models": [{"model": "model_a"}, {"model": "model_b"}, {"model": "model_c"}],
+        "parameters": {"epsilon": 0.02, "r": 0.5, "alpha": 0.3},
+    },
     "slerp_out_dtype": {
         "merge_method": "slerp",
         "base_model": "base",

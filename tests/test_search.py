@@ -265,7 +265,7 @@ def test_a_different_study_definition_under_the_same_name_is_refused(finished_st
         ({"methods": ["slerp"], "models": ["a", "b", "c"]}, "slerp merges exactly 2 models"),
         ({"base_model": None}, "dare_ties need a base_model"),
         ({"sampler": "annealing"}, "unknown sampler 'annealing'; known: tpe, cmaes, gp, random"),
-        ({"methods": ["slerp", "karcher"]}, "unknown searchable method 'karcher'; known: slerp, dare_ties"),
+        ({"methods": ["slerp", "frankenmerge"]}, "unknown searchable method 'frankenmerge'; known: slerp, dare_ties"),
         ({"pruning": "hyperband"}, "unknown pruner 'hyperband'; known: successive_halving, none"),
         ({"backend": "server"}, "backend 'server' cannot score candidates built in memory"),
         ({"budget": {"n_trials": 0}}, "budget.n_trials: Input should be greater than or equal to 1"),
@@ -291,14 +291,72 @@ def test_shipped_study_files_are_valid(path):
     assert study.spec.methods and study.spec.evaluation.limit > 0
 
 
-def test_a_study_stored_by_the_release_before_named_pruners_continues():
+def test_a_study_stored_by_an_older_mergetune_continues_and_a_different_one_is_still_refused():
     from mergetune.demo.study import DEMO_STUDY
     from mergetune.search.study_file import StudySpec
 
     spec = StudySpec.model_validate({**DEMO_STUDY, "models": ["a", "b"], "base_model": "c"})
-    # Hashes the previous release (pruning: true/false) stored for this very spec.
-    assert spec.has_definition("2250dfc94337abd2")
-    assert StudySpec.model_validate({**DEMO_STUDY, "models": ["a", "b"], "base_model": "c", "pruning": "none"}).has_definition(
-        "c2f38d0d6f6937fe"
+    older = spec.definition()
+    older["pruning"] = True  # before pruners had names
+    del older["sampler"]  # a field added since, at its default
+    assert spec.has_definition("hash-of-the-older-release", older)
+    assert not spec.model_copy(update={"pruning": "none"}).has_definition("hash-of-the-older-release", older)
+    assert not spec.model_copy(update={"sampler": "random"}).has_definition("hash-of-the-older-release", older)
+    changed = {**older, "evaluation": {**older["evaluation"], "limit": 30}}
+    assert not spec.has_definition("hash-of-the-older-release", changed)
+
+
+@pytest.mark.parametrize(
+    "built_on, requested, cuda, randomized, device, warns",
+    [
+        ("cuda", None, True, True, "cuda", False),  # re-merged where it was scored
+        ("cuda", None, False, True, "cpu", True),  # no CUDA here: other masks, said so
+        ("cuda", None, False, False, "cpu", False),  # deterministic recipes agree up to rounding
+        ("cpu", "cuda:1", True, True, "cuda:1", True),  # asked for another device type
+        (None, None, False, True, "cpu", False),  # stored before devices were recorded
+    ],
+)
+def test_export_re_merges_on_the_device_type_the_trial_was_built_on(built_on, requested, cuda, randomized, device, warns):
+    from mergetune.search.export import export_device
+
+    chosen, note = export_device(built_on, requested, cuda, randomized)
+    assert chosen == device and (note is not None) == warns
+    if warns:
+        assert f"built on {built_on}" in note and "masks differ" in note
+
+
+def test_every_trial_records_the_device_type_it_was_built_on(finished_study):
+    assert {t.user_attrs["device"] for t in trials(finished_study, "slerp") if t.state == TrialState.COMPLETE} == {"cpu"}
+
+
+def test_any_mergekit_method_is_searched_from_its_declaration(family_f32, task_dir, tmp_path):
+    """della and multislerp have no hand-written space: their declared parameters are the space."""
+    path = write_study(
+        tmp_path, family_f32, task_dir, methods=["della", "multislerp"], base_model=str(family_f32["base"]),
+        budget={"n_trials": 3}, space={"della": {"filters": ["mlp"], "fixed": {"epsilon": 0.05}}},
     )
-    assert not spec.has_definition("c2f38d0d6f6937fe")  # pruning differs: a different study
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    board = build_leaderboard(load_study(path))
+    assert {row.method for row in board.rows} == {"della", "multislerp"}
+    della = [yaml.safe_load(t.user_attrs["recipe"]) for t in trials(path, "della") if t.state == TrialState.COMPLETE]
+    assert len({yaml.safe_dump(recipe) for recipe in della}) == len(della)  # each trial a different candidate
+    merged = della[-1]["models"][1]["parameters"]
+    assert [entry.get("filter") for entry in merged["density"]] == ["mlp", None] and merged["epsilon"] == 0.05
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"della": {"parameters": {"lambda_": {"low": 0, "high": 1}}}}, "space.della.parameters: della has no parameter lambda_"),
+        ({"della": {"parameters": {"density": {"low": 0.5, "high": 1.5}}}}, "density: [0.5, 1.5] is outside della's declared range (0.0, 1.0]"),
+        ({"karcher": {}}, "karcher declares no numeric parameter with a range"),
+    ],
+)
+def test_a_declared_space_the_declaration_contradicts_is_refused_before_models_load(
+    space, message, family_f32, task_dir, tmp_path
+):
+    methods = [next(iter(space))]
+    path = write_study(tmp_path, family_f32, task_dir, methods=methods, base_model=str(family_f32["base"]), space=space)
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 2 and message in result.output, result.output

@@ -3,11 +3,19 @@
 The search writes each candidate's weights into the model's parameters in
 place; HFLM holds the model object itself and keeps nothing derived from its
 weights between calls, so every call scores the current weights.
+
+With `shared_prefix` (the default), requests whose inputs share a prefix (a
+document's answer choices, documents with the same shots) are scored through the
+model's key/value cache, the prefix computed once (`mergetune.eval.prefix`,
+`hf_prefix`); the rest go through HFLM as before. The switch is a backend option,
+not part of `EvalConfig`: it changes how the scores are computed, not which
+(they are lm-eval's either way), and only this backend has it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from time import perf_counter
@@ -19,11 +27,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from mergetune.errors import MergetuneError
 from mergetune.eval.backends.base import Backend
+from mergetune.eval.backends.hf_prefix import PrefixScorer, sliding_window, unsupported_reason
 from mergetune.eval.lm_eval_adapter import ModelCall, detect_batch_size, wrap_model_call
+from mergetune.eval.prefix import PrefixPlan, model_input, plan_prefixes, within_window
 from mergetune.eval.quiet import quieted
 from mergetune.eval.requests import TokenRequest
 
 log = logging.getLogger(__name__)
+
+#: Request lists whose prefix plans are kept (a search scores a few document sets, one per pruning rung).
+PLANS_KEPT = 8
 
 
 class HFBackend(Backend):
@@ -31,11 +44,13 @@ class HFBackend(Backend):
 
     On a GPU the largest batch that fits is probed once (lm-eval's probe) for the
     longest request seen so far; on a CPU there is nothing to probe and
-    `max_batch_size` is used.
+    `max_batch_size` is used. Shared-prefix batches take at most the batch size
+    (or `max_batch_size`) rows, fewer when `memory_budget` bytes (default: half of
+    the memory free on the device) would not hold them.
     """
 
     name = "hf"
-    command_options = ("device", "batch_size")
+    command_options = ("device", "batch_size", "shared_prefix")
 
     def __init__(
         self,
@@ -44,6 +59,8 @@ class HFBackend(Backend):
         *,
         batch_size: int | str = "auto",
         max_batch_size: int = 64,
+        shared_prefix: bool = True,
+        memory_budget: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size != "auto" and not (isinstance(batch_size, int) and batch_size > 0):
@@ -56,6 +73,19 @@ class HFBackend(Backend):
         self._auto = batch_size == "auto"
         self._max_batch_size = max_batch_size
         self._probed: dict[int, int] = {}  # longest request length -> batch size
+        self._forward_tokens = 0
+        max_rows = max_batch_size if self._auto else int(batch_size)
+        self._scorer = self._prefix_scorer(max_rows, memory_budget) if shared_prefix else None
+        self._window = sliding_window(model)
+        self._plans: OrderedDict[tuple[TokenRequest, ...], PrefixPlan] = OrderedDict()
+
+    def _prefix_scorer(self, max_rows: int, memory_budget: int | None) -> PrefixScorer | None:
+        """A scorer of shared prefixes, or None (with a warning) for a model the cache path cannot score exactly."""
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            log.warning("shared prefixes off (%s): every request goes through lm-eval's path", reason)
+            return None
+        return PrefixScorer(self.model, max_rows=max_rows, memory_budget=memory_budget)
 
     @classmethod
     def check_live(cls, checkpoint_dir: str | Path | None) -> None:
@@ -82,18 +112,53 @@ class HFBackend(Backend):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         return cls(model, tokenizer, **options)
 
+    @property
+    def forward_seconds(self) -> float:
+        return self._forward_seconds + (self._scorer.forward_seconds if self._scorer else 0.0)
+
+    @property
+    def forward_tokens(self) -> int:
+        """Token positions run through the model (padding included) since this backend was made."""
+        return self._forward_tokens + (self._scorer.forward_tokens if self._scorer else 0)
+
     def _timed(self, model_call: ModelCall) -> ModelCall:
         """`model_call`, adding the wall time of each call (finished on the GPU) to `forward_seconds`."""
 
-        def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
+        def timed(inputs: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             start = perf_counter()
-            logits = model_call(*args, **kwargs)
+            logits = model_call(inputs, *args, **kwargs)
             if logits.is_cuda:
                 torch.cuda.synchronize(logits.device)
             self._forward_seconds += perf_counter() - start
+            self._forward_tokens += inputs.numel()
             return logits
 
         return timed
+
+    def loglikelihood(self, requests: Sequence[TokenRequest]) -> list[tuple[float, bool]]:
+        """Shared prefixes through the cache, the other requests through lm-eval's path."""
+        if self._scorer is None:
+            return super().loglikelihood(requests)
+        plan = self._plan(requests)
+        scores = self._scorer.score(plan.groups, [r.continuation for r in requests])
+        if plan.alone:
+            scores.update(zip(plan.alone, super().loglikelihood([requests[i] for i in plan.alone])))
+        return [scores[i] for i in range(len(requests))]
+
+    def _plan(self, requests: Sequence[TokenRequest]) -> PrefixPlan:
+        """The prefix plan of these requests, made once: their tokens never change."""
+        key = tuple(requests)
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            return self._plans[key]
+        inputs = [model_input(r.context, r.continuation, self.lm.max_length) for r in requests]
+        plan = within_window(plan_prefixes(inputs, [len(r.continuation) for r in requests]), self._window)
+        shared = len(requests) - len(plan.alone)
+        log.debug("%d of %d requests share a prefix, in %d groups", shared, len(requests), len(plan.groups))
+        self._plans[key] = plan
+        if len(self._plans) > PLANS_KEPT:
+            self._plans.popitem(last=False)
+        return plan
 
     def _call_options(self, requests: Sequence[TokenRequest]) -> dict[str, Any]:
         if not self._auto or not requests:
@@ -116,4 +181,5 @@ class HFBackend(Backend):
             "model": self.model.name_or_path,
             "device": str(self.lm.device),
             "dtype": str(self.model.dtype).removeprefix("torch."),
+            "shared_prefix": self._scorer is not None,
         }

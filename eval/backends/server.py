@@ -14,6 +14,8 @@ from time import perf_counter
 from typing import Any
 
 from lm_eval.models.openai_completions import LocalCompletionsAPI
+from lm_eval.models.utils import resolve_max_length
+from transformers import AutoConfig, AutoTokenizer
 
 from mergetune.errors import MergetuneError
 from mergetune.eval.backends.base import Backend
@@ -72,9 +74,18 @@ class ServerBackend(Backend):
             raise MergetuneError("the server backend needs the server's URL (--base-url)")
 
     @classmethod
-    def for_directory(cls, model_dir: str | Path, *, base_url: str, **options: Any) -> ServerBackend:
-        """The model served at `base_url`; `model_dir` holds its tokenizer."""
-        return cls(base_url=base_url, tokenizer=model_dir, **options)
+    def for_directory(
+        cls, model_dir: str | Path, *, base_url: str, max_length: int | None = None, **options: Any
+    ) -> ServerBackend:
+        """The model served at `base_url`; `model_dir` holds its config and tokenizer.
+
+        `max_length` defaults to the model's window, resolved as lm-eval's `hf` model
+        resolves it, so long prompts are truncated here exactly as the `hf` backend
+        truncates them.
+        """
+        if max_length is None:
+            max_length = resolve_max_length(AutoConfig.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
+        return cls(base_url=base_url, tokenizer=model_dir, max_length=max_length, **options)
 
     def loglikelihood(self, requests: Sequence[TokenRequest]) -> list[tuple[float, bool]]:
         start = perf_counter()

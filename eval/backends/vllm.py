@@ -108,6 +108,7 @@ class VLLMBackend(Backend):
 
     name = "vllm"
     command_options = ("tensor_parallel_size",)
+    device_type = "cuda"  # where its workers build candidates
 
     def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase) -> None:
         super().__init__()

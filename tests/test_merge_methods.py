@@ -1,0 +1,152 @@
+"""Every registered method builds the same model in memory as on disk; the newer methods' own rules.
+
+The recipes are the parity recipes (tests/test_merge_parity.py), so each one is
+also known to give mergekit 0.1.5's tensors. Random methods run below density 1
+here, with a seed: the in-memory build must make the same draws as the disk merge.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from mergetune.demo.tiny import load_state
+from mergetune.errors import MergetuneError
+from mergetune.merge_ops.disk import merge_recipe_file
+from mergetune.merge_ops.inmemory import InMemoryBuilder, live_model
+from mergetune.merge_ops.methods import METHODS, MergeInputs, _approximate_quantiles, arcee_fusion, ram
+from mergetune.merge_ops.plan import plan_merge
+from mergetune.merge_ops.recipe import parse_recipes, recipe_from_dict
+from mergetune.merge_ops.sources import open_source
+from test_merge_engine import fake_model
+from test_merge_parity import RECIPES, family_other_vocab, with_paths  # noqa: F401 (a fixture)
+
+SEED = 11
+
+
+def method_recipe(method: str) -> dict:
+    """The first parity recipe of `method`; a random one at density 0.6, so its seeded draws are compared too."""
+    recipe = copy.deepcopy(next(RECIPES[name] for name in sorted(RECIPES) if RECIPES[name]["merge_method"] == method))
+    if METHODS[method].randomized and METHODS[method].param("density"):
+        for model in recipe["models"]:
+            model.setdefault("parameters", {})["density"] = 0.6
+    return recipe
+
+
+def disk_and_memory(recipe: dict, out) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The disk merge's tensors and the live model's, built in memory from the same recipe and seed."""
+    text = yaml.safe_dump(recipe)
+    recipe_file = parse_recipes(text)
+    merge_recipe_file(recipe_file, out, seed=SEED)
+    disk = load_state(out)
+    final = recipe_file.final
+    sources = {name: open_source(name) for name in final.referenced_models()}
+    dtype = next(iter(disk.values())).dtype
+    builder = InMemoryBuilder.for_recipe(final, sources, dtype=dtype)
+    builder.build(recipe_file, seed=SEED)
+    return disk, builder.model.state_dict()
+
+
+def assert_identical(disk: dict[str, torch.Tensor], memory: dict[str, torch.Tensor]) -> None:
+    for name, tensor in disk.items():
+        assert torch.equal(memory[name], tensor), name
+
+
+@pytest.mark.parametrize("family", ["family_f32", "family_bf16_tied"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_builds_in_memory_bit_for_bit_as_on_disk(method, family, request, tmp_path):
+    recipe = with_paths(method_recipe(method), request.getfixturevalue(family))
+    if family == "family_bf16_tied":
+        recipe.setdefault("dtype", "bfloat16")
+    assert_identical(*disk_and_memory(recipe, tmp_path / "disk"))
+
+
+def test_tokenizer_source_aligns_vocabularies_in_memory_as_on_disk(family_other_vocab, tmp_path):
+    """The in-memory build re-indexes embedding rows by token too, into a live model of the output vocabulary."""
+    recipe = with_paths(
+        {
+            "merge_method": "multislerp",
+            "base_model": "base",
+            "models": [
+                {"model": "model_a", "parameters": {"weight": 0.5}},
+                {"model": "model_x", "parameters": {"weight": 0.5}},
+            ],
+        },
+        family_other_vocab,
+    )
+    recipe["tokenizer_source"] = str(family_other_vocab["model_x"])
+    disk, memory = disk_and_memory(recipe, tmp_path / "disk")
+    base_rows = load_state(family_other_vocab["base"])["model.embed_tokens.weight"].shape[0]
+    assert disk["model.embed_tokens.weight"].shape[0] > base_rows
+    assert_identical(disk, memory)
+
+
+def test_a_later_stage_aligns_to_an_earlier_stage_tokenizer_in_memory_as_on_disk(family_other_vocab, tmp_path):
+    """An in-memory stage output carries its tokenizer as the disk stage directory does."""
+    paths = {**family_other_vocab, "mixed": "mixed"}
+    stage = {
+        "name": "mixed",  # model_a's rows re-indexed onto model_x's larger vocabulary
+        "merge_method": "linear",
+        "base_model": "model_x",
+        "tokenizer_source": "base",
+        "models": [{"model": "model_x", "parameters": {"weight": 0.7}}, {"model": "model_a", "parameters": {"weight": 0.3}}],
+    }
+    final = {
+        "merge_method": "nearswap",  # and back onto base's vocabulary, read from the stage's tokenizer
+        "base_model": "base",
+        "tokenizer_source": "base",
+        "models": [{"model": "base"}, {"model": "mixed"}],
+        "parameters": {"t": 0.01},
+    }
+    recipe_file = parse_recipes(yaml.safe_dump_all([with_paths(stage, paths), with_paths(final, paths)]))
+    merge_recipe_file(recipe_file, tmp_path / "disk", seed=SEED)
+    disk = load_state(tmp_path / "disk")
+    sources = {name: open_source(name) for name in (str(paths["base"]), str(paths["model_a"]), str(paths["model_x"]))}
+    builder = InMemoryBuilder(sources, live_model(json.loads((tmp_path / "disk" / "config.json").read_text())))
+    builder.build(recipe_file, seed=SEED)
+    assert_identical(disk, builder.model.state_dict())
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def test_arcee_fusion_samples_large_tensors_reproducibly_by_seed():
+    """Quantiles of tensors over a million entries come from seeded draws: the same seed, the same merge."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(1001, 1000, generator=generator)
+    other = base + 0.01 * torch.randn(1001, 1000, generator=generator)
+
+    def fused(seed: int) -> torch.Tensor:
+        generators = [None, torch.Generator().manual_seed(seed)]
+        return arcee_fusion(MergeInputs([base, other], base_index=0, generators=generators))
+
+    assert torch.equal(fused(1), fused(1))
+    quartiles = torch.tensor([0.25, 0.5, 0.75])
+    draws = [_approximate_quantiles(other, quartiles, torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    assert not torch.equal(*draws)
+
+
+def test_ram_takes_a_lone_change_whole_and_averages_shared_ones():
+    base = torch.zeros(4)
+    first = torch.tensor([1.0, 2.0, 0.0, 0.0])
+    second = torch.tensor([3.0, 0.0, 0.0, 1e-6])  # within epsilon: no change
+    merged = ram(MergeInputs([base, first, second], base_index=0), epsilon=1e-5)
+    assert merged.tolist() == [2.0, 2.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "method, models, base, message",
+    [
+        ("multislerp", ["a"], "a", r"multislerp takes at least 1 model\(s\) besides the base, got 0"),
+        ("nearswap", ["a", "b", "c"], "a", r"nearswap takes exactly 2 input model\(s\), got 3"),
+        ("arcee_fusion", ["a", "b"], None, "arcee_fusion needs a base_model"),
+    ],
+)
+def test_input_contracts_are_mergekits(method, models, base, message):
+    recipe = recipe_from_dict({"merge_method": method, "base_model": base, "models": [{"model": name} for name in models]})
+    with pytest.raises(MergetuneError, match=message):
+        plan_merge(recipe, {name: fake_model(name, 2) for name in models})
