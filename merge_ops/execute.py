@@ -37,7 +37,8 @@ def fetch_inputs(op: TensorOp, fetch: Fetch, device: str = "cpu") -> list[torch.
 
 def tensor_generator(seed: int, output: str, position: int, device: str) -> torch.Generator:
     """A generator seeded from (seed, output tensor, input position): the same randomness whatever order the
-    tensors are built in and wherever the models are stored, so a seeded recipe reproduces on any machine."""
+    tensors are built in and wherever the models are stored, so a seeded recipe reproduces on any machine with the
+    same device type: CPU and CUDA generators draw different streams from the same seed."""
     key = zlib.crc32(f"{seed}\x00{output}\x00{position}".encode())
     return torch.Generator(device=device).manual_seed(key)
 
