@@ -69,12 +69,12 @@ class Workspace:
         config = eval_config(study)
         merged = plan_stage(first_recipe, sources)  # shapes only: nothing is loaded yet
         sources_bytes = sum(checkpoint_bytes(source) for source in sources.values())
-        free, total = device_memory(spec.device)
         if spec.backend in engine_backend_names():
             options = spec.engine.model_dump(exclude_none=True)
-            if spec.device.startswith("cuda"):
+            if torch.cuda.is_available():  # the engine's first GPU, whatever this worker's `device` says
+                free, total = device_memory("cuda:0")
                 memory = plan_engine(
-                    spec.device, free, total, sources_bytes, plan_bytes(merged), spec.engine.tensor_parallel_size,
+                    "cuda:0", free, total, sources_bytes, plan_bytes(merged), spec.engine.tensor_parallel_size,
                     spec.engine.gpu_memory_utilization,
                 )
                 options["gpu_memory_utilization"] = memory.engine_share
@@ -84,6 +84,7 @@ class Workspace:
             evaluator = Evaluator.for_candidates(skeleton, references, spec.dtype, config, backend=spec.backend, **options)
             builder: CandidateBuilder = evaluator.backend
         else:
+            free, total = device_memory(spec.device)
             memory = plan_live(spec.device, free, total, sources_bytes, plan_bytes(merged))
             log.info("memory plan: %s", memory.table())
             say(f"loading {len(references)} model(s) onto {spec.device}")
