@@ -228,7 +228,7 @@ def main() -> None:
         naive = mergekit["seconds"] + memory["reload_seconds"]
         steady = sum(memory["builds"][1:]) / max(1, len(memory["builds"]) - 1)
         builds = ", ".join(f"{seconds:.2f}" for seconds in memory["builds"])
-        print(f"| {label} | {mergekit['seconds']:.1f} + {memory['reload_seconds']:.1f} | {builds} | {naive / steady:.0f}x |")
+        print(f"| {label} | {mergekit['seconds']:.1f} + {memory['reload_seconds']:.1f} | {builds} | {naive / steady:.1f}x |")
     print(f"\nOne-time setup of the in-memory builder (sources resident + live model): "
           + ", ".join(f"{label}: {memory['setup_seconds']:.1f}s" for label, _, memory in memory_rows))
 

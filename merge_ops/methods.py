@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -261,17 +262,78 @@ def _majority_mask(deltas: torch.Tensor, int8_mask: bool) -> torch.Tensor:
     return sign == majority
 
 
+# Entries per pass when the pruned task vectors are combined: every model's slice and the pass's
+# float32 temporaries stay in cache instead of streaming tensor-sized temporaries through memory
+# (measured on 2 cores: 2x faster than 2^14, no faster beyond).
+COMBINE_CHUNK = 1 << 17
+
+
+def _combine(
+    deltas: torch.Tensor,
+    weights: torch.Tensor,
+    base: torch.Tensor,
+    out: torch.Tensor,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> None:
+    """out = base + lam * (weighted, sign-elected, normalized sum of `deltas`), for one slice of entries.
+
+    Every step is elementwise or a sum across models, so slice by slice gives the whole tensor's
+    values. Half-precision sums accumulate in float32 and round once, as torch's own sums do; the
+    sign election is arithmetic in that precision too (bool masks convert slowly on the CPU).
+    """
+    deltas.mul_(weights)
+    wide = deltas.to(torch.promote_types(deltas.dtype, torch.float32))
+    if consensus:
+        majority = torch.copysign(torch.ones((), dtype=wide.dtype), wide.sum(dim=0))
+        agree = (wide * majority).sign_().clamp_(min=0)  # 1 where a model's sign is the majority's, else 0
+        mixed = (wide * agree).sum(dim=0).to(deltas.dtype)
+        if normalize:
+            divisor = (weights * agree).sum(dim=0).to(deltas.dtype)
+            divisor[divisor == 0] = 1
+            mixed /= divisor
+    else:
+        mixed = wide.sum(dim=0).to(deltas.dtype)
+        if normalize:
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+            mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    torch.add(base, mixed, out=out)
+
+
+def _each_row(work: Callable[[int], None], rows: int, parallel: bool) -> None:
+    """Run `work` for every row, on up to torch's thread count of threads when `parallel`.
+
+    Each model's seeded draws are serial in its own generator (about a third of a DARE
+    merge's CPU time): one thread per model keeps every core busy; the streams, and so
+    the tensors, are the same as drawn one after the other.
+    """
+    workers = min(rows, torch.get_num_threads()) if parallel else 1
+    if workers == 1:
+        for row in range(rows):
+            work(row)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        for done in [pool.submit(work, row) for row in range(rows)]:
+            done.result()
+
+
 def task_arithmetic_family(
     sparsifier: Optional[Sparsifier], consensus: bool
 ) -> MergeFunction:
     """Build one of task_arithmetic / ties / dare_* / breadcrumbs* / della*.
 
     They differ only in how each task vector is pruned and whether signs are elected.
+    Each task vector is pruned whole (magnitude ranks and DARE's rescaling are
+    tensor-wide); they are then combined slice by slice (`COMBINE_CHUNK`).
     """
 
     def merge(
         inputs: MergeInputs,
-        int8_mask: bool,
+        int8_mask: bool,  # mergekit's saving on its tensor-sized sign mask; a slice's mask is small, the same values
         normalize: bool,
         rescale: bool,
         **shared: Any,
@@ -281,38 +343,36 @@ def task_arithmetic_family(
         others = inputs.non_base
         if not others:
             return base
-        deltas = base.new_empty((len(others), *base.shape))
-        for row, index in enumerate(others):
-            delta = inputs.tensors[index] - base
+        flat_base = base.reshape(-1)
+        deltas = base.new_empty((len(others), flat_base.numel()))
+
+        def prune(row: int) -> None:
+            index = others[row]
+            torch.sub(inputs.tensors[index].reshape(-1), flat_base, out=deltas[row])
             if sparsifier is not None:
                 generator = inputs.generators[index] if inputs.generators else None
                 extra = {key: inputs.per_input[key][index] for key in ("gamma", "epsilon") if key in inputs.per_input}
-                delta = sparsifier(
-                    delta,
+                pruned = sparsifier(
+                    deltas[row].view(base.shape),
                     density=inputs.per_input["density"][index],
                     rescale=rescale,
                     generator=generator,
                     **extra,
                 )
-            deltas[row] = delta
+                deltas[row] = pruned.reshape(-1)
+
+        _each_row(prune, len(others), parallel=inputs.generators is not None and base.device.type == "cpu")
         weights = torch.tensor(
             [inputs.per_input["weight"][index] for index in others], dtype=deltas.dtype, device=deltas.device
-        ).reshape(-1, *([1] * base.dim()))
-        deltas.mul_(weights)
-        if consensus:
-            mask = _majority_mask(deltas, int8_mask)
-            mixed = (deltas * mask).sum(dim=0)
-            divisor = (weights * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-        else:
-            mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
-        if normalize:
-            mixed /= divisor
-        if lam != 1:
-            mixed *= lam
-        return (base + mixed).to(base.dtype)
+        ).reshape(-1, 1)
+        merged = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+        flat_merged = merged.view(-1)
+        for start in range(0, flat_base.numel(), COMBINE_CHUNK):
+            end = start + COMBINE_CHUNK
+            _combine(
+                deltas[:, start:end], weights, flat_base[start:end], flat_merged[start:end], consensus, normalize, lam
+            )
+        return merged
 
     return merge
 

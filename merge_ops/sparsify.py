@@ -16,6 +16,9 @@ import torch
 
 
 class Sparsifier(Protocol):
+    """Prunes a task vector: in place where its dtype allows (the caller's own scratch copy, so no
+    tensor-sized copy is made), and returns the pruned tensor."""
+
     def __call__(
         self,
         tensor: torch.Tensor,
@@ -27,15 +30,19 @@ class Sparsifier(Protocol):
     ) -> torch.Tensor: ...
 
 
-def _masked(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
-    masked = tensor * mask
-    if not rescale:
-        return masked
-    before = tensor.abs().sum()
-    after = masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
+def _rescaled_(tensor: torch.Tensor, before: Optional[torch.Tensor], eps: float = 1e-7) -> torch.Tensor:
+    """The masked tensor scaled back, in place, to the L1 norm `before` masking, as mergekit does
+    (not when either norm is about 0); `before` None: no rescaling."""
+    if before is None or before < eps:
+        return tensor
+    after = tensor.abs().sum()
+    return tensor if after < eps else tensor.mul_(before / after)
+
+
+def _mask_(tensor: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """`tensor` times the mask, in place: no tensor-sized product or rescaled copy."""
+    before = tensor.abs().sum() if rescale else None
+    return _rescaled_(tensor.mul_(keep), before)
 
 
 def _sort_key(tensor: torch.Tensor) -> torch.Tensor:
@@ -51,10 +58,40 @@ def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def _keep(probabilities: torch.Tensor | float, like: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """A Bernoulli keep-mask: uniform draws below the keep probability (2-3x faster than torch.bernoulli on CPU)."""
-    draws = torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
-    return draws < probabilities
+# Uniform draws per pass on the CPU: the float32 draws and the keep-mask stay in L1/L2 cache, and
+# each pass's kernels run on the calling thread (at most torch's grain size, 32768), so the task
+# vectors of several models can be pruned on parallel threads.
+DRAW_CHUNK = 1 << 15
+
+
+def _keep_(tensor: torch.Tensor, probabilities: torch.Tensor | float, generator: Optional[torch.Generator]) -> None:
+    """Zero, in place, each entry of a contiguous tensor whose uniform draw is not below its keep probability.
+
+    Comparing uniform draws is 2-3x faster than torch.bernoulli on the CPU. There each element takes
+    the next number of the generator's stream, so drawing chunk by chunk into one small buffer gives
+    the mask of a single whole-tensor draw without its float32 temporary (4 bytes per element).
+    CUDA's stream depends on how the draws are split, so there it is one draw.
+    """
+    flat = tensor.view(-1)
+    bounds = probabilities.reshape(-1) if isinstance(probabilities, torch.Tensor) else probabilities
+    count = flat.numel()
+    chunk = DRAW_CHUNK if tensor.device.type == "cpu" else max(1, count)
+    draws = torch.empty(min(chunk, count), dtype=torch.float32, device=tensor.device)
+    keep = torch.empty(draws.shape, dtype=torch.bool, device=tensor.device)
+    for start in range(0, count, chunk):
+        size = min(chunk, count - start)
+        torch.rand(size, generator=generator, out=draws[:size])
+        bound = bounds[start : start + size] if isinstance(bounds, torch.Tensor) else bounds
+        flat[start : start + size].mul_(torch.lt(draws[:size], bound, out=keep[:size]))
+
+
+def _random_mask_(
+    tensor: torch.Tensor, probabilities: torch.Tensor | float, rescale: bool, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    """DARE's and DELLA's pruning, in place: keep each entry with its probability, then rescale."""
+    before = tensor.abs().sum() if rescale else None
+    _keep_(tensor, probabilities, generator)
+    return _rescaled_(tensor, before)
 
 
 def magnitude(
@@ -67,7 +104,7 @@ def magnitude(
     keep = max(1, int(density * tensor.numel()))
     mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
     mask[torch.argsort(_sort_key(tensor), descending=True)[:keep]] = 1
-    return _masked(tensor, mask.reshape_as(tensor), rescale)
+    return _mask_(tensor, mask.reshape_as(tensor), rescale)
 
 
 def magnitude_outliers(
@@ -87,7 +124,7 @@ def magnitude_outliers(
     order = torch.sort(_sort_key(tensor), descending=False).indices
     mask = torch.zeros(count, dtype=tensor.dtype, device=tensor.device)
     mask[order[bottom : bottom + keep]] = 1
-    return _masked(tensor, mask.reshape_as(tensor), rescale)
+    return _mask_(tensor, mask.reshape_as(tensor), rescale)
 
 
 def bernoulli(
@@ -95,8 +132,7 @@ def bernoulli(
 ) -> torch.Tensor:
     if density >= 1:
         return tensor
-    work = _work_dtype(tensor)
-    return _masked(tensor.to(work), _keep(density, tensor, generator), rescale).to(tensor.dtype)
+    return _random_mask_(tensor.to(_work_dtype(tensor)), density, rescale, generator).to(tensor.dtype)
 
 
 def della_magprune(
@@ -121,7 +157,8 @@ def della_magprune(
     high = ranks.max(dim=1, keepdim=True).values
     position = ((ranks - low) / (high - low)).clamp(0, 1)
     probabilities = (density - epsilon) + position * 2 * epsilon
-    return _masked(rows.to(work), _keep(probabilities, rows, generator), rescale).to(tensor.dtype).reshape(shape)
+    kept = _random_mask_(rows.to(work), probabilities, rescale, generator)
+    return kept.to(tensor.dtype).reshape(shape)
 
 
 def top_variance(task_vectors: torch.Tensor, density: float, dtype: torch.dtype) -> torch.Tensor:

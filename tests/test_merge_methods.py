@@ -17,7 +17,7 @@ import yaml
 from mergetune.demo.tiny import load_state
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.disk import merge_recipe_file
-from mergetune.merge_ops.inmemory import InMemoryBuilder, live_model
+from mergetune.merge_ops.inmemory import InMemoryBuilder, all_finite, live_model
 from mergetune.merge_ops.methods import METHODS, MergeInputs, _approximate_quantiles, arcee_fusion, ram
 from mergetune.merge_ops.plan import plan_merge
 from mergetune.merge_ops.recipe import parse_recipes, recipe_from_dict
@@ -150,3 +150,69 @@ def test_input_contracts_are_mergekits(method, models, base, message):
     recipe = recipe_from_dict({"merge_method": method, "base_model": base, "models": [{"model": name} for name in models]})
     with pytest.raises(MergetuneError, match=message):
         plan_merge(recipe, {name: fake_model(name, 2) for name in models})
+
+
+# ------------------------------------------------------------------- fused arithmetic
+
+
+def whole_tensor_dare(inputs: MergeInputs, consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
+    """DARE (TIES) as mergekit writes it, one whole-tensor step after another: the oracle for the fused,
+    sliced and threaded version (one uniform draw per entry from each model's generator)."""
+    base = inputs.base
+    deltas = []
+    for index in inputs.non_base:
+        delta = inputs.tensors[index] - base
+        keep = torch.rand(delta.shape, generator=inputs.generators[index]) < inputs.per_input["density"][index]
+        masked = delta * keep
+        before, after = delta.abs().sum(), masked.abs().sum()
+        deltas.append(masked * (before / after))
+    deltas = torch.stack(deltas)
+    weights = torch.tensor([inputs.per_input["weight"][i] for i in inputs.non_base], dtype=base.dtype)
+    weights = weights.reshape(-1, *([1] * base.dim()))
+    deltas = deltas * weights
+    if consensus:
+        mask = deltas.sign() == (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        mixed, divisor = (deltas * mask).sum(dim=0), (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed, divisor = deltas.sum(dim=0), weights.sum(dim=0)
+    if normalize:
+        mixed = mixed / divisor
+    return base + mixed * lam if lam != 1 else base + mixed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "method, consensus, normalize, lam",
+    [("dare_ties", True, False, 1.0), ("dare_ties", True, True, 0.8), ("dare_linear", False, False, 1.0)],
+)
+def test_fused_dare_gives_the_whole_tensor_arithmetic_bit_for_bit(method, consensus, normalize, lam, dtype):
+    """Over several draw and combine slices, three models, signs that cancel and negative zeros:
+    the same bits as the whole-tensor formulation, so seeded merges reproduce across versions."""
+    generator = torch.Generator().manual_seed(0)
+    base = (0.02 * torch.randn(301, 1000, generator=generator)).to(dtype)
+    base.view(-1)[:64] = -0.0
+    models = [(base.float() + 0.003 * torch.randn(base.shape, generator=generator)).to(dtype) for _ in range(3)]
+    models[1].view(-1)[:100] = base.view(-1)[:100]
+
+    def inputs() -> MergeInputs:
+        generators = [None] + [torch.Generator().manual_seed(seed) for seed in (5, 6, 7)]
+        per_input = {"weight": [None, 0.5, 0.3, -0.2], "density": [None, 0.4, 0.7, 0.5]}
+        return MergeInputs([base, *models], base_index=0, per_input=per_input, generators=generators)
+
+    shared = {"int8_mask": True, "normalize": normalize, "rescale": True, "lambda": lam}
+    fused = METHODS[method].merge(inputs(), **shared)
+    expected = whole_tensor_dare(inputs(), consensus, normalize, lam)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32  # equal bits: negative zeros too
+    assert fused.dtype == expected.dtype
+    assert torch.equal(fused.view(bits), expected.view(bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_finite_check_finds_nan_and_inf(dtype):
+    assert bool(all_finite(torch.zeros(3, 5, dtype=dtype)))
+    assert bool(all_finite(torch.zeros(0, dtype=dtype)))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        tensor = torch.zeros(3, 5, dtype=dtype)
+        tensor[2, 4] = bad
+        assert not bool(all_finite(tensor))
