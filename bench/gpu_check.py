@@ -33,7 +33,8 @@ from mergetune.merge_ops.inmemory import InMemoryBuilder
 from mergetune.merge_ops.recipe import parse_recipes
 from mergetune.merge_ops.sources import open_source
 from mergetune.search.memory import plan_live
-from mergetune.search.workspace import checkpoint_bytes, device_memory, plan_bytes
+from mergetune.devices import device_memory
+from mergetune.search.workspace import checkpoint_bytes, plan_bytes
 
 MISTRAL = TinySpec(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
                    num_key_value_heads=8, max_position_embeddings=4096)

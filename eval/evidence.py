@@ -49,7 +49,7 @@ def combine(first: Record, second: Record) -> Record:
     return {"tasks": tasks}
 
 
-def mean_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:
     """The mean of per-document values and its standard error (None for a single document)."""
     n = len(values)
     mean = sum(values) / n
@@ -100,7 +100,7 @@ def summarize(record: Record) -> Summary:
     tasks = {}
     for name, task in sorted(record["tasks"].items()):
         values = _values(task)
-        mean, stderr = mean_stderr(values)
+        mean, stderr = mean_and_stderr(values)
         tasks[name] = TaskSummary(mean, stderr, len(values), task["metric"], task["proxy"])
     mean_value, mean_error = average([t.value for t in tasks.values()], [t.stderr for t in tasks.values()])
     return Summary(tasks, mean_value, mean_error)

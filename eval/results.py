@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mergetune.errors import MergetuneError
-from mergetune.eval.evidence import mean_stderr, paired_differences
+from mergetune.eval.evidence import mean_and_stderr, paired_differences
 
 FORMAT_VERSION = 1
 
@@ -135,5 +135,5 @@ def paired_difference(a: TaskScore, b: TaskScore, metric: str | None = None) -> 
     diffs = paired_differences(a.rows(metric), b.rows(metric))
     if not diffs:
         raise MergetuneError(f"{a.name} and {b.name} share no scored documents")
-    mean, stderr = mean_stderr(diffs)
+    mean, stderr = mean_and_stderr(diffs)
     return mean, stderr, len(diffs)

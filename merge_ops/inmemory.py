@@ -23,7 +23,7 @@ from mergetune.merge_ops.recipe import Recipe, RecipeFile
 from mergetune.merge_ops.sources import MemorySource, TensorSource
 from mergetune.merge_ops.stages import final_stage, plan_stage
 from mergetune.merge_ops.vocab import tokenizer_donor
-from mergetune.merge_ops.writer import not_finite
+from mergetune.merge_ops.writer import all_finite, not_finite
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,6 @@ def live_model(config: dict, device: str = "cpu", dtype: Optional[torch.dtype] =
                 )
     model.tie_weights()
     return model.to(device).eval()
-
-
-def all_finite(tensor: torch.Tensor) -> torch.Tensor:
-    """Whether a tensor has no NaN or inf, as a 0-dim bool tensor (no device sync).
-
-    min and max propagate NaN, so two reductions answer without isfinite's tensor-sized
-    mask: 40x faster on bfloat16 on the CPU, where it was most of a SLERP candidate's build.
-    """
-    if tensor.numel() == 0 or not tensor.is_floating_point():
-        return torch.ones((), dtype=torch.bool, device=tensor.device)
-    return torch.isfinite(torch.stack(torch.aminmax(tensor))).all()
 
 
 class InMemoryBuilder:

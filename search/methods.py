@@ -78,6 +78,13 @@ def _value(values: list[float]) -> Any:
     return rounded[0] if len(rounded) == 1 else rounded
 
 
+def _per_filter(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """mergekit's conditional parameter list from one value per filter, in order, the rest (`REST`) last."""
+    return [{"filter": label, "value": value} for label, value in values.items() if label != REST] + [
+        {"value": values[REST]}
+    ]
+
+
 class SearchableMethod(ABC):
     """One merge method as a search: its space, its baseline, its recipe."""
 
@@ -139,11 +146,8 @@ class SlerpMethod(SearchableMethod):
 
     def recipe(self, params: Params, spec: "StudySpec", resolve: Resolve) -> dict[str, Any]:
         first, second = (resolve(model) for model in spec.models)
-        curves = [
-            {"filter": name, "value": _value([params[key] for key in keys])}
-            for name, keys in self._keys(self.settings(spec)).items()
-        ]
-        curves[-1].pop("filter")  # the rest: every tensor no filter matched
+        keys = self._keys(self.settings(spec))
+        curves = _per_filter({name: _value([params[key] for key in curve]) for name, curve in keys.items()})
         return {
             "merge_method": self.name,
             "base_model": first,
@@ -278,7 +282,7 @@ class DeclaredMethod(SearchableMethod):
             if param.name in settings.fixed or param.value_type is not float:
                 continue
             bounds = settings.parameters.get(param.name) or DEFAULT_RANGES.get(param.name)
-            if bounds is None and param.low is not None and param.high is not None and param.value_type is float:
+            if bounds is None and param.low is not None and param.high is not None:
                 bounds = Range(low=param.low, high=param.high)
             if bounds is not None:
                 searched.append((param, bounds))
@@ -370,22 +374,18 @@ class DeclaredMethod(SearchableMethod):
     def recipe(self, params: Params, spec: "StudySpec", resolve: Resolve) -> dict[str, Any]:
         settings = self.settings(spec)
         models = self._models(spec)
+        searched = {param.name for param, _ in self._searched(spec)}
         shared: dict[str, Any] = {}
         per_model: list[dict[str, Any]] = [{} for _ in models]
         for param in self.declaration().params:
-            owners = self._owners(param, spec)
-            for owner in owners:
+            for owner in self._owners(param, spec):
                 target = shared if owner is None else per_model[owner]
                 if param.name in settings.fixed:
                     target[param.name] = settings.fixed[param.name]
-                elif param.name in {p.name for p, _ in self._searched(spec)}:
+                elif param.name in searched:
                     keys = self._keys(param, owner, settings)
                     values = {label: _value([params[key] for key in curve]) for label, curve in keys.items()}
-                    target[param.name] = (
-                        values[None] if None in values
-                        else [{"filter": label, "value": v} for label, v in values.items() if label != REST]
-                        + [{"value": values[REST]}]
-                    )
+                    target[param.name] = values[None] if None in values else _per_filter(values)
         recipe: dict[str, Any] = {
             "merge_method": self.name,
             "models": [

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Protocol
 
-import psutil
 import torch
 
+from mergetune.devices import device_memory
 from mergetune.eval import EvalConfig, Evaluator
 from mergetune.eval.backends import engine_backend_names
 from mergetune.merge_ops.disk import write_side_files
@@ -122,14 +122,6 @@ def checkpoint_bytes(source: TensorSource) -> int:
 def plan_bytes(plan: MergePlan) -> int:
     """What the merged model takes: every output tensor in its dtype."""
     return sum(math.prod(op.shape) * op.dtype.itemsize for op in plan.ops)
-
-
-def device_memory(device: str) -> tuple[int, int]:
-    """(free, total) bytes of `device`: the GPU's, or the machine's memory for the CPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))
-    memory = psutil.virtual_memory()
-    return memory.available, memory.total
 
 
 def write_skeleton(recipe: Recipe, plan: MergePlan, sources: Mapping[str, TensorSource]) -> Path:

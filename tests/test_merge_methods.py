@@ -17,7 +17,8 @@ import yaml
 from mergetune.demo.tiny import load_state
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.disk import merge_recipe_file
-from mergetune.merge_ops.inmemory import InMemoryBuilder, all_finite, live_model
+from mergetune.merge_ops.inmemory import InMemoryBuilder, live_model
+from mergetune.merge_ops.writer import all_finite
 from mergetune.merge_ops.methods import METHODS, MergeInputs, _approximate_quantiles, arcee_fusion, ram
 from mergetune.merge_ops.plan import plan_merge
 from mergetune.merge_ops.recipe import parse_recipes, recipe_from_dict

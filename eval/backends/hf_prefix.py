@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import resource
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 
-import psutil
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from mergetune.devices import device_memory
 from mergetune.errors import MergetuneError
 from mergetune.eval.prefix import PrefixGroup
 
@@ -63,17 +62,6 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 def sliding_window(model: torch.nn.Module) -> int | None:
     """The model's attention window: rows at least this long cannot use the plain cache."""
     return getattr(model.config, "sliding_window", None) or None
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free now on `device` (on a CPU, also under the process's address-space limit)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    free = psutil.virtual_memory().available
-    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if limit != resource.RLIM_INFINITY:
-        free = min(free, limit - psutil.Process().memory_info().vms)
-    return max(free, 0)
 
 
 @dataclass(frozen=True)
@@ -143,7 +131,7 @@ class PrefixScorer:
     def _budget(self) -> int:
         if self.memory_budget is not None:
             return self.memory_budget
-        return int(available_memory(self.device) * MEMORY_SHARE)
+        return int(device_memory(self.device)[0] * MEMORY_SHARE)
 
     def score(self, groups: Sequence[PrefixGroup], continuations: Sequence[tuple[int, ...]]) -> Scores:
         """(logprob sum, greedy) for every request of `groups`; `continuations`: every request's tokens, by index."""
