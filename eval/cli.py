@@ -115,7 +115,6 @@ def eval_command(
 
     from mergetune.eval import EvalConfig, Evaluator
     from mergetune.eval.backends import backend_names, get_backend_class
-    from mergetune.eval.tasks import Origins, check_task_sources
 
     datasets.disable_progress_bars()
     transformers_logging.disable_progress_bar()
@@ -154,7 +153,7 @@ def eval_command(
         limit=limit,
         seed=seed,
     )
-    check_task_sources(config.suite, config.tasks, data_dir, include_path, Origins())
+    # from_dir loads the tasks (checking the data and task directories) before the model.
     evaluator = Evaluator.from_dir(model_dir, config, backend=backend, **options)
     try:
         result = evaluator.score(doc_ids=_doc_ids_to_score(evaluator, doc_ids) if doc_ids else None)

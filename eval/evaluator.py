@@ -27,7 +27,7 @@ from mergetune.eval.metrics import entry_metrics
 from mergetune.eval.requests import PreparedTask, prepare_task
 from mergetune.eval.results import DocResult, EvalResult, TaskScore
 from mergetune.eval.subsets import sample_doc_ids
-from mergetune.eval.tasks import LoadedTask, include_paths, load_task, suite_tasks, task_manager
+from mergetune.eval.tasks import LoadedTask, Origins, include_paths, load_task, suite_tasks, task_manager
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class EvalConfig:
     limit, seed: default subset size per task (None: all documents) and its seed.
     fewshot_seed: lm-eval's few-shot sampling seed (its default, 1234).
     bootstrap_iters: as lm-eval's; mean-type metrics use a closed form regardless.
+    origins: where data_dir and include_paths were set, for messages (command-line options by default).
     """
 
     suite: str | None = None
@@ -54,12 +55,13 @@ class EvalConfig:
     seed: int = 0
     fewshot_seed: int = 1234
     bootstrap_iters: int = 100_000
+    origins: Origins = Origins()
 
 
 def load_tasks(config: EvalConfig) -> dict[str, LoadedTask]:
     """The configured suite's entries, with lm-eval's task objects and datasets loaded."""
-    paths = include_paths(config.data_dir, config.include_paths)
-    entries = suite_tasks(config.suite, config.tasks, config.data_dir)
+    paths = include_paths(config.data_dir, config.include_paths, config.origins)
+    entries = suite_tasks(config.suite, config.tasks, config.data_dir, config.origins)
     manager = task_manager(paths)
     tasks: dict[str, LoadedTask] = {}
     owner: dict[str, str] = {}

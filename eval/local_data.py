@@ -183,12 +183,12 @@ def check_data_dir(data_dir: str | Path, origin: str = "--data-dir") -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def local_task_dir(data_dir: Path) -> Path:
+def local_task_dir(data_dir: Path, origin: str = "--data-dir") -> Path:
     """Write (once per process, removed at exit) an lm-eval include_path that serves `data_dir`'s tasks.
 
     Raises MergetuneError (`check_data_dir`'s) when the directory serves no task.
     """
-    data_dir = check_data_dir(data_dir)
+    data_dir = check_data_dir(data_dir, origin)
     configs = local_task_configs(data_dir)
     out = Path(tempfile.mkdtemp(prefix="mergetune-local-tasks-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)

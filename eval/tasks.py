@@ -132,17 +132,19 @@ def _user_paths(user_paths: Sequence[str | Path], origins: Origins) -> list[str]
     return paths
 
 
-def include_paths(data_dir: Path | None, user_paths: Sequence[str | Path]) -> tuple[str, ...]:
+def include_paths(
+    data_dir: Path | None, user_paths: Sequence[str | Path], origins: Origins = Origins()
+) -> tuple[str, ...]:
     """lm-eval include paths: the local-data configs first, so a user's own YAMLs win."""
-    local = [str(local_task_dir(Path(data_dir)))] if data_dir is not None else []
-    return (*local, *_user_paths(user_paths, Origins()))
+    local = [str(local_task_dir(Path(data_dir), origins.data_dir))] if data_dir is not None else []
+    return (*local, *_user_paths(user_paths, origins))
 
 
 def check_task_sources(
     suite: str | None, tasks: Sequence[str], data_dir: Path | None, user_paths: Sequence[str | Path], origins: Origins
 ) -> None:
-    """What `load_tasks` would refuse about the data and task directories, said before anything slow (the
-    task index, a model) and naming where each was set: `load_tasks` itself knows only option names."""
+    """What `load_tasks` would refuse about the data and task directories, said before anything slow: for
+    callers that load models before the evaluator (a study); `load_tasks` names the same `origins`."""
     if data_dir is not None:
         check_data_dir(data_dir, origins.data_dir)
     _user_paths(user_paths, origins)

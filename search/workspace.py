@@ -22,6 +22,7 @@ import torch
 from mergetune.devices import device_memory
 from mergetune.eval import EvalConfig, Evaluator
 from mergetune.eval.backends import engine_backend_names
+from mergetune.eval.tasks import Origins
 from mergetune.merge_ops.disk import write_side_files
 from mergetune.merge_ops.execute import check_device
 from mergetune.merge_ops.inmemory import InMemoryBuilder
@@ -111,6 +112,7 @@ def eval_config(study: Study) -> EvalConfig:
         include_paths=tuple(study.resolve(path) for path in evaluation.include_paths),
         data_dir=study.resolve(evaluation.data_dir) if evaluation.data_dir else None,
         num_fewshot=evaluation.num_fewshot,
+        origins=Origins.study_file(study.path),
     )
 
 
