@@ -1,4 +1,4 @@
-"""Search benchmark on the demo models: pruning vs none, TPE vs CMA-ES vs random, at equal trial budgets.
+"""Search benchmark on the demo models: pruners (none, successive halving, the estimator), TPE vs CMA-ES vs random.
 
 One process loads the demo's models and evaluator once; each configuration runs
 its own fresh study (in-memory Optuna storage) on the same documents, then scores
@@ -6,7 +6,7 @@ its finalists on the same held-out documents. Reported per configuration: the
 best held-out (final) score, the documents scored in total, and the documents
 scored until the trial that turned out best had been scored.
 
-    python bench/bench_search.py --trials 24 --methods slerp dare_ties --seeds 0 1 2 3 4
+    python bench/bench_search.py --trials 24 --methods slerp dare_ties --seeds 0 1 2 3 4 --samplers tpe random
 """
 
 from __future__ import annotations
@@ -25,16 +25,17 @@ import torch
 from optuna.trial import TrialState
 
 from mergetune.demo.study import prepare_demo
-from mergetune.eval.evidence import summarize
+from mergetune.eval.evidence import paired_bootstrap, summarize
 from mergetune.search.documents import choose_documents
 from mergetune.search.runner import StudyRunner
 from mergetune.search.setup import open_optuna_study
-from mergetune.search.trials import StoredTrial, final_records
+from mergetune.search.study_file import load_study
+from mergetune.search.leaderboard import rank_correlation, races_of
+from mergetune.search.trials import COUNTED, StoredTrial, final_records
 from mergetune.search.workspace import Workspace
 
 
-def run_config(base: Workspace, method: str, sampler: str, pruning: bool, trials: int, seed: int) -> dict:
-    pruner = "successive_halving" if pruning else "none"
+def run_config(base: Workspace, method: str, sampler: str, pruner: str, trials: int, seed: int) -> dict:
     spec = base.study.spec.model_copy(update={"sampler": sampler, "pruning": pruner, "seed": seed})
     study = base.study.model_copy(update={"spec": spec})
     workspace = Workspace(study, base.builder, base.evaluator, choose_documents(base.evaluator, spec))
@@ -45,12 +46,17 @@ def run_config(base: Workspace, method: str, sampler: str, pruning: bool, trials
     runner.finalize(method)
     seconds = time.perf_counter() - start
     optuna_study = open_optuna_study(study, method, storage)
-    finals = {number: summarize(record).average for number, record in final_records(optuna_study).items()}
+    final_evidence = final_records(optuna_study)
+    finals = {number: summarize(record).average for number, record in final_evidence.items()}
     best_trial = max(finals, key=finals.get)
     ordered = sorted(optuna_study.get_trials(deepcopy=False), key=lambda t: t.number)
-    scored = list(itertools.accumulate(StoredTrial.of(t).docs_scored for t in ordered))
+    stored = [StoredTrial.of(t) for t in ordered]
+    scored = list(itertools.accumulate(t.docs_scored for t in stored))
+    races = races_of(method, [t for t in stored if t.state in COUNTED])
     return {
+        "estimated": races.estimated if races else [],  # (first estimate, measured) of raced trials scored in full
         "best_final": finals[best_trial],
+        "best_record": final_evidence[best_trial],
         "best_trial": best_trial,
         "incumbent_finals": incumbent_finals(runner, ordered),
         "docs_until": scored,  # documents scored up to and including each trial
@@ -84,16 +90,19 @@ def docs_to_reach(result: dict, target: float) -> Optional[int]:
     return None
 
 
-#: (sampler, pruning, trials as a multiple of --trials): no pruning is the reference, as mergekit-evolve runs.
-#: TPE with pruning at twice the trials spends about the documents TPE without pruning does.
+#: (sampler, pruner, trials as a multiple of --trials): no pruning is the reference, as mergekit-evolve runs.
+#: With a pruner at twice the trials a study spends about the documents the run without pruning does, or fewer.
 CONFIGS = [
-    ("tpe", False, 1),
-    ("tpe", True, 1),
-    ("tpe", True, 2),
-    ("cmaes", False, 1),
-    ("cmaes", True, 1),
-    ("random", False, 1),
-    ("random", True, 1),
+    ("tpe", "none", 1),
+    ("tpe", "successive_halving", 1),
+    ("tpe", "successive_halving", 2),
+    ("tpe", "estimator", 1),
+    ("tpe", "estimator", 2),
+    ("cmaes", "none", 1),
+    ("cmaes", "successive_halving", 1),
+    ("random", "none", 1),
+    ("random", "successive_halving", 1),
+    ("random", "estimator", 1),
 ]
 
 
@@ -102,65 +111,96 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--methods", nargs="+", default=["slerp", "dare_ties"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--samplers", nargs="+", default=["tpe", "cmaes", "random"], help="run only these samplers' rows")
+    parser.add_argument(
+        "--pruners", nargs="+", default=["none", "successive_halving", "estimator"], help="run only these pruners' rows"
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mergetune-bench-search"))
+    parser.add_argument("--study", type=Path, help="a study file to benchmark instead of the demo's")
+    parser.add_argument("--confidence", type=float, help="the estimator's evaluation.estimator.confidence")
     args = parser.parse_args()
 
-    study = prepare_demo(args.work_dir)
+    study = load_study(args.study) if args.study else prepare_demo(args.work_dir)
+    if args.confidence is not None:
+        evaluation = study.spec.evaluation
+        settings = evaluation.estimator.model_copy(update={"confidence": args.confidence})
+        spec = study.spec.model_copy(update={"evaluation": evaluation.model_copy(update={"estimator": settings})})
+        study = study.model_copy(update={"spec": spec})
     workspace = Workspace.open(study)
     evaluation = study.spec.evaluation
+    configs = [config for config in CONFIGS if config[0] in args.samplers and config[1] in args.pruners]
     rows = []
     for method in args.methods:
-        for sampler, pruning, multiple in CONFIGS:
+        for sampler, pruner, multiple in configs:
             for seed in args.seeds:
-                result = run_config(workspace, method, sampler, pruning, args.trials * multiple, seed)
-                rows.append((method, sampler, pruning, args.trials * multiple, seed, result))
-                print(method, sampler, pruning, args.trials * multiple, seed, result, flush=True)
+                result = run_config(workspace, method, sampler, pruner, args.trials * multiple, seed)
+                rows.append((method, sampler, pruner, args.trials * multiple, seed, result))
+                brief = {key: value for key, value in result.items() if key not in ("best_record", "docs_until")}
+                print(method, sampler, pruner, args.trials * multiple, seed, brief, flush=True)
 
     print(f"\n### Search — {date.today().isoformat()}\n")
     print(
         f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
-        f"Demo models; search tasks {', '.join(evaluation.tasks)} ({evaluation.limit} documents per task, pruning "
-        f"rungs {evaluation.rungs()}, reduction factor {evaluation.reduction_factor}); finalists scored on "
+        f"{'Study ' + str(args.study) if args.study else 'Demo models'}; search tasks {', '.join(evaluation.tasks)} ({evaluation.limit} documents per task, pruning "
+        f"rungs {evaluation.rungs()}, reduction factor {evaluation.reduction_factor}; estimator "
+        f"{evaluation.estimator.model_dump()}); finalists scored on "
         f"{', '.join(evaluation.final.tasks)} ({evaluation.final.limit} documents per task).\n"
     )
     print(
         f"Command: `python bench/bench_search.py --trials {args.trials} --methods {' '.join(args.methods)} "
-        f"--seeds {' '.join(map(str, args.seeds))}`\n"
+        f"--seeds {' '.join(map(str, args.seeds))} --samplers {' '.join(args.samplers)} --pruners {' '.join(args.pruners)}"
+        + (f" --study {args.study}" if args.study else "")
+        + (f" --confidence {args.confidence}" if args.confidence is not None else "")
+        + "`\n"
     )
-    print("| method | sampler | pruning | trials | seed | best held-out avg | trial | docs until best | docs total | pruned | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for method, sampler, pruning, trials, seed, r in rows:
+    print(
+        "| method | sampler | pruning | trials | seed | best held-out avg | vs no pruning (95% CI) | trial "
+        "| docs until best | docs total | pruned | wall s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    reference = {(m, sa, se): r for m, sa, pr, t, se, r in rows if pr == "none" and t == args.trials}
+    for method, sampler, pruner, trials, seed, r in rows:
+        difference = paired_bootstrap(reference[(method, sampler, seed)]["best_record"], r["best_record"])
+        r["difference"] = difference
         print(
-            f"| {method} | {sampler} | {'yes' if pruning else 'no'} | {trials} | {seed} | {100 * r['best_final']:.2f} | "
+            f"| {method} | {sampler} | {pruner} | {trials} | {seed} | {100 * r['best_final']:.2f} | "
+            f"{100 * difference.mean:+.2f} ({100 * difference.low:+.2f} … {100 * difference.high:+.2f}) | "
             f"{r['best_trial']} | {r['docs_to_best']} | {r['docs_total']} | {r['pruned']} | {r['seconds']:.0f} |"
         )
     print(
-        "\nPer configuration, over seeds: the mean best held-out score of the finalists; the mean documents "
-        "scored, as a fraction of the same sampler's run without pruning; and, following the incumbent (the best "
-        "trial so far by search score), on how many seeds its held-out score reached the one the run without "
-        "pruning ends with, and the median documents that took, as a fraction of those the run without pruning "
-        "took to get there:\n"
+        "\nPer configuration, over seeds: the mean best held-out score of the finalists; on how many seeds the "
+        "paired 95% CI of its difference to the same sampler's run without pruning (same seed, same held-out "
+        "documents) includes 0 or lies above it; the mean documents scored, as a fraction of that run's; and, "
+        "following the incumbent (the best trial so far by search score), on how many seeds its held-out score "
+        "reached the one the run without pruning ends with, and the median documents that took, as a fraction of "
+        "those the run without pruning took to get there; for the estimator, its first estimate of each raced "
+        "trial scored in full against the measured search score (mean absolute error in points, rank correlation):\n"
     )
     print(
-        "| method | sampler | pruning | trials | mean best held-out avg | mean docs total | docs vs no pruning "
-        "| reached the no-pruning result | median docs to reach it vs no pruning |"
+        "| method | sampler | pruning | trials | mean best held-out avg | not worse (CI) | mean docs total "
+        "| docs vs no pruning | reached the no-pruning result | median docs to reach it vs no pruning "
+        "| estimate MAE | rank corr. |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     groups: dict[tuple, list[dict]] = {}
-    for method, sampler, pruning, trials, _, r in rows:
-        groups.setdefault((method, sampler, pruning, trials), []).append(r)
-    for (method, sampler, pruning, trials), results in groups.items():
-        reference = groups[(method, sampler, False, args.trials)]
+    for method, sampler, pruner, trials, _, r in rows:
+        groups.setdefault((method, sampler, pruner, trials), []).append(r)
+    for (method, sampler, pruner, trials), results in groups.items():
+        references = groups[(method, sampler, "none", args.trials)]
         docs = statistics.mean(r["docs_total"] for r in results)
-        ratio = docs / statistics.mean(r["docs_total"] for r in reference)
-        targets = [ref["incumbent_finals"][-1] for ref in reference]
-        reached = [(docs_to_reach(r, t), docs_to_reach(ref, t)) for r, ref, t in zip(results, reference, targets)]
+        ratio = docs / statistics.mean(r["docs_total"] for r in references)
+        targets = [ref["incumbent_finals"][-1] for ref in references]
+        reached = [(docs_to_reach(r, t), docs_to_reach(ref, t)) for r, ref, t in zip(results, references, targets)]
         fractions = [docs / reference_docs for docs, reference_docs in reached if docs is not None]
         median = f"{statistics.median(fractions):.2f}" if fractions else "—"
+        not_worse = sum(r["difference"].high >= 0 for r in results)
+        pairs = [pair for r in results for pair in r["estimated"]]
+        error = f"{100 * statistics.mean(abs(e - m) for e, m in pairs):.2f}" if pairs else "—"
+        ranks = f"{rank_correlation([e for e, _ in pairs], [m for _, m in pairs]):.2f}" if len(pairs) > 1 else "—"
         print(
-            f"| {method} | {sampler} | {'yes' if pruning else 'no'} | {trials} | "
-            f"{100 * statistics.mean(r['best_final'] for r in results):.2f} | {docs:.0f} | {ratio:.2f} | "
-            f"{len(fractions)}/{len(results)} | {median} |"
+            f"| {method} | {sampler} | {pruner} | {trials} | "
+            f"{100 * statistics.mean(r['best_final'] for r in results):.2f} | {not_worse}/{len(results)} | {docs:.0f} | "
+            f"{ratio:.2f} | {len(fractions)}/{len(results)} | {median} | {error} | {ranks} |"
         )
 
 

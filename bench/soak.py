@@ -37,14 +37,13 @@ from optuna.trial import TrialState
 
 from mergetune.demo.postgres import scratch_postgres_database
 from mergetune.search.storage import journal_path, open_storage
-from mergetune.search.trials import optuna_study_name
+from mergetune.search.trials import COUNTED, optuna_study_name
 from mergetune.search.workers import DIED
 from mergetune.search.study_file import load_study, redact_url
 from mergetune.demo.study import tiny_study
 from mergetune.demo.skills import write_task_dir
 from mergetune.demo.tiny import build_family
 
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 WORKER = [sys.executable, "-c", "from mergetune.cli import app; app()"]
 
 

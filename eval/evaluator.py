@@ -94,7 +94,8 @@ class Evaluator:
         self.config = config
         self.tasks = load_tasks(config) if tasks is None else tasks
         self._sizes = {leaf: len(task.eval_docs) for t in self.tasks.values() for leaf, task in t.leaves.items()}
-        self._prepared: dict[tuple[str, tuple[int, ...]], PreparedTask] = {}
+        self._prepared: dict[tuple, PreparedTask] = {}  # (task, ids, the declared set they come from)
+        self._sets: dict[str, PreparedTask] = {}  # lm-eval task → the document set declared with `prepare`
         log.info("evaluator ready: %s on %s", ", ".join(self.tasks), backend.name)
 
     @classmethod
@@ -179,10 +180,31 @@ class Evaluator:
             ids.update(sample_doc_ids({leaf: self._sizes[leaf] for leaf in entry.leaves}, limit, seed))
         return ids
 
+    def prepare(self, doc_ids: Mapping[str, Sequence[int]]) -> None:
+        """Build the requests of these documents as one set, as `lm_eval --samples` would for exactly them.
+
+        A later score of any subset reuses them: lm-eval draws few-shot examples
+        along the document set, so without this a document scored in a subset could
+        get other shots than in the full set, and a study scoring each candidate's
+        documents in its own order would compare different requests.
+        """
+        for entry in self.tasks.values():
+            for leaf, task in entry.leaves.items():
+                if leaf in doc_ids:
+                    self._sets[leaf] = self._prepare(task, doc_ids[leaf])
+
     def _prepare(self, task: Task, doc_ids: Sequence[int]) -> PreparedTask:
-        key = (task.task_name, tuple(sorted(set(doc_ids))))
+        ids = tuple(sorted(set(doc_ids)))
+        declared = self._sets.get(task.task_name)
+        if declared is None or not set(ids) <= set(declared.doc_ids):
+            declared = None
+        key = (task.task_name, ids, None if declared is None else id(declared))  # declared sets stay cached
         if key not in self._prepared:
-            self._prepared[key] = prepare_task(task, key[1], self.config.fewshot_seed, self.backend.encode)
+            if declared is not None:
+                wanted = set(ids)
+                self._prepared[key] = PreparedTask(task.task_name, tuple(d for d in declared.docs if d.doc_id in wanted))
+            else:
+                self._prepared[key] = prepare_task(task, ids, self.config.fewshot_seed, self.backend.encode)
         return self._prepared[key]
 
     def score(

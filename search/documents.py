@@ -48,7 +48,9 @@ def choose_documents(evaluator: "Evaluator", spec: StudySpec) -> Documents:
     """Search documents (seeded), nested subsets of them as pruning rungs, and held-out final documents.
 
     Final documents are those of `final.tasks` the search did not use: all of a
-    final-only task's, the rest of a search task's.
+    final-only task's, the rest of a search task's. The evaluator prepares the search
+    documents as one set, so a document's requests are the same whichever part of
+    a candidate's scoring (rung, estimator chunk) it falls in.
     """
     evaluation = spec.evaluation
     final_only = final_only_tasks(spec)
@@ -77,6 +79,7 @@ def choose_documents(evaluator: "Evaluator", spec: StudySpec) -> Documents:
         for leaf, ids in remaining.items():
             share = len(ids) if wanted == total else max(1, round(wanted * len(ids) / total)) if ids else 0
             final[leaf] = sorted(final_rng.sample(ids, min(share, len(ids))))
+    evaluator.prepare(search)
     return Documents(search=search, rungs=rungs, final=final)
 
 

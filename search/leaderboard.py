@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from mergetune.errors import MergetuneError
 from mergetune.eval.evidence import PairedDifference, Record, Summary, paired_bootstrap, summarize
 from mergetune.search.storage import storage_errors
-from mergetune.search.trials import StoredTrial, final_records, load_optuna_study
+from mergetune.search.trials import COUNTED, StoredTrial, final_records, load_optuna_study
 from mergetune.search.study_file import Study
 
 
@@ -34,6 +34,7 @@ class Row:
     recipe: str
     seed: int
     device: Optional[str] = None  # where the scored candidate was built
+    estimate: Optional[tuple[float, int]] = None  # the estimator's first estimate: (search score, from documents)
     rank: int = 0
     method_rank: int = 0
 
@@ -55,10 +56,37 @@ class Comparison:
 
 
 @dataclass
+class Races:
+    """How a method's candidates fared under `pruning: estimator`, and how well it estimated."""
+
+    method: str
+    raced: int  # candidates the estimator raced (not those scored in full while it learned)
+    stopped: int
+    docs_scored: int  # by the raced candidates
+    docs_in_full: int  # had they all been scored in full
+    estimated: list[tuple[float, float]]  # (first estimate, measured search score) of raced candidates scored in full
+
+    def line(self) -> str:
+        text = (
+            f"{self.method}: the estimator stopped {self.stopped} of {self.raced} raced candidates, which were scored on "
+            f"{100 * self.docs_scored / self.docs_in_full:.0f}% of their search documents"
+        )
+        if len(self.estimated) >= 2:
+            error = sum(abs(e - m) for e, m in self.estimated) / len(self.estimated)
+            ranks = rank_correlation([e for e, _ in self.estimated], [m for _, m in self.estimated])
+            text += (
+                f"; on the {len(self.estimated)} it let through, first estimate vs measured: mean absolute error "
+                f"{100 * error:.2f} points, rank correlation {ranks:.2f}"
+            )
+        return text
+
+
+@dataclass
 class Leaderboard:
     study: str
     rows: list[Row]
     comparisons: list[Comparison] = field(default_factory=list)
+    races: list[Races] = field(default_factory=list)
 
     def best(self, method: str) -> Optional[Row]:
         finalists = [row for row in self.rows if row.method == method and row.final is not None]
@@ -75,6 +103,7 @@ class Leaderboard:
 
 def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, bootstrap_iterations: int = 2000) -> Leaderboard:
     rows: list[Row] = []
+    races_found: list[Races] = []
     records: dict[tuple[str, int], Record] = {}
     stored = {method: load_optuna_study(study, method, storage) for method in study.spec.methods}
     if not any(stored.values()):
@@ -83,8 +112,13 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
         if optuna_study is None:
             continue
         finals = final_records(optuna_study)
-        for frozen in optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            trial = StoredTrial.of(frozen)
+        counted = [StoredTrial.of(t) for t in optuna_study.get_trials(deepcopy=False, states=COUNTED)]
+        races = races_of(method, counted)
+        if races is not None:
+            races_found.append(races)
+        for trial in counted:
+            if trial.state != TrialState.COMPLETE:
+                continue
             final = finals.get(trial.number)
             if final is not None:
                 records[(method, trial.number)] = final
@@ -98,6 +132,7 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
                     recipe=trial.recipe,
                     seed=trial.seed,
                     device=trial.device,
+                    estimate=first_estimate(trial),
                 )
             )
     if not rows:
@@ -108,7 +143,7 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
         row.rank = position
         per_method[row.method] = per_method.get(row.method, 0) + 1
         row.method_rank = per_method[row.method]
-    board = Leaderboard(study.spec.name, rows)
+    board = Leaderboard(study.spec.name, rows, races=races_found)
     for method in study.spec.methods:
         best = board.best(method)
         hand = next((r for r in rows if r.method == method and r.baseline and r.final is not None), None)
@@ -134,6 +169,58 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
     return board
 
 
+def first_estimate(trial: StoredTrial) -> Optional[tuple[float, int]]:
+    """The estimate from the fewest documents the estimator made for this trial (None if it did not race it)."""
+    if not trial.race or not trial.race["estimates"]:
+        return None
+    docs, value, _ = trial.race["estimates"][0]
+    return value, docs
+
+
+def races_of(method: str, trials: list[StoredTrial]) -> Optional[Races]:
+    """The estimator's summary over a method's completed and pruned trials (None if it raced none)."""
+    raced = [t for t in trials if t.race]
+    if not raced:
+        return None
+    full = max(t.docs_scored for t in trials if t.state == TrialState.COMPLETE)
+    estimated = [
+        (estimate[0], t.value)
+        for t in raced
+        if t.state == TrialState.COMPLETE and (estimate := first_estimate(t)) is not None
+    ]
+    return Races(
+        method=method,
+        raced=len(raced),
+        stopped=sum(t.state == TrialState.PRUNED for t in raced),
+        docs_scored=sum(t.docs_scored for t in raced),
+        docs_in_full=full * len(raced),
+        estimated=estimated,
+    )
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); 0 when either side is constant."""
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        result = [0.0] * len(values)
+        start = 0
+        while start < len(order):
+            end = start
+            while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+                end += 1
+            for position in order[start : end + 1]:
+                result[position] = (start + end) / 2
+            start = end + 1
+        return result
+
+    ra, rb = ranks(a), ranks(b)
+    mean_a, mean_b = sum(ra) / len(ra), sum(rb) / len(rb)
+    covariance = sum((x - mean_a) * (y - mean_b) for x, y in zip(ra, rb))
+    spread = (sum((x - mean_a) ** 2 for x in ra) * sum((y - mean_b) ** 2 for y in rb)) ** 0.5
+    return covariance / spread if spread else 0.0
+
+
 def _no_such_study(study: Study, storage: Optional[BaseStorage]) -> str:
     """Which studies the storage does hold, for when it holds none of this study's (a wrong --storage or name)."""
     with storage_errors(study.storage_url):
@@ -153,6 +240,9 @@ def table_rows(board: Leaderboard, top: Optional[int] = None) -> tuple[list[str]
     proxies = {name for row in board.rows for name, task in (row.final or row.search).tasks.items() if task.proxy}
     headers = ["rank", "method", "trial", "origin"] + [f"{t} (proxy)" if t in proxies else t for t in tasks]
     headers += ["final avg", "± se", "search avg", "gap"]
+    estimated = any(row.estimate for row in board.rows)
+    if estimated:
+        headers.append("estimated (docs)")
     cells = []
     for row in board.rows[:top]:
         shown = row.final or row.search
@@ -165,16 +255,18 @@ def table_rows(board: Leaderboard, top: Optional[int] = None) -> tuple[list[str]
                 _percent(row.search.average),
                 _percent(row.gap) if row.gap is not None else "",
             ]
+            + ([f"{_percent(row.estimate[0])} ({row.estimate[1]})" if row.estimate else ""] if estimated else [])
         )
     return headers, cells
 
 
 def comparison_lines(board: Leaderboard) -> list[str]:
+    """The paired comparisons, then what the estimator did (if the study used it)."""
     return [
         f"{c.label}: {100 * c.difference.mean:+.2f} points "
         f"(95% CI {100 * c.difference.low:+.2f} … {100 * c.difference.high:+.2f}, {c.difference.n_docs} paired documents)"
         for c in board.comparisons
-    ]
+    ] + [races.line() for races in board.races]
 
 
 def to_markdown(board: Leaderboard, top: Optional[int] = None) -> str:
@@ -210,6 +302,7 @@ def to_json(board: Leaderboard) -> dict[str, Any]:
                 "search": summary(row.search),
                 "final": summary(row.final),
                 "gap": row.gap,
+                "estimate": None if row.estimate is None else {"value": row.estimate[0], "docs": row.estimate[1]},
                 "recipe": row.recipe,
             }
             for row in board.rows
@@ -218,4 +311,5 @@ def to_json(board: Leaderboard) -> dict[str, Any]:
             {"label": c.label, "a_trial": c.a.trial, "b_trial": c.b.trial, **asdict(c.difference)}
             for c in board.comparisons
         ],
+        "races": [asdict(races) for races in board.races],
     }

@@ -25,7 +25,7 @@ from mergetune.merge_ops.recipe import recipe_from_dict  # noqa: E402
 from mergetune.search.leaderboard import Leaderboard, build_leaderboard, comparison_lines, table_rows  # noqa: E402
 from mergetune.search.storage import dashboard_target  # noqa: E402
 from mergetune.search.study_file import Study  # noqa: E402
-from mergetune.search.trials import is_baseline, load_optuna_study  # noqa: E402
+from mergetune.search.trials import COUNTED, StoredTrial, is_baseline, load_optuna_study  # noqa: E402
 
 log = logging.getLogger(__name__)
 DEFAULT_LAYERS = 32
@@ -60,7 +60,7 @@ def plot_history(optuna_study: optuna.Study, method: str, path: Path) -> Path:
     ]
     axis.scatter([t.number for t in complete], [100 * t.value for t in complete], s=14, label="completed")
     if pruned:
-        axis.scatter(*zip(*pruned), marker="x", s=14, label="pruned (score at its last rung)")
+        axis.scatter(*zip(*pruned), marker="x", s=14, label="pruned (its last rung's score, or estimate)")
     best, line = float("-inf"), []
     for trial in sorted(complete, key=lambda t: t.number):
         best = max(best, trial.value)
@@ -73,6 +73,45 @@ def plot_history(optuna_study: optuna.Study, method: str, path: Path) -> Path:
     axis.set_xlabel("trial")
     axis.set_ylabel("search score (avg %)")
     axis.set_title(f"{method}: optimisation history")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_estimates(optuna_study: optuna.Study, method: str, path: Path) -> Optional[Path]:
+    """The estimator's first estimate of each raced candidate against its measured search score (None if it raced none)."""
+    raced = [StoredTrial.of(t) for t in optuna_study.get_trials(deepcopy=False, states=COUNTED)]
+    raced = [t for t in raced if t.race and t.race["estimates"]]
+    if not raced:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    measured = [t for t in raced if t.state == TrialState.COMPLETE]
+    stopped = [t for t in raced if t.state == TrialState.PRUNED]
+    if measured:
+        first = [t.race["estimates"][0] for t in measured]
+        axis.errorbar(
+            [100 * value for _, value, _ in first],
+            [100 * t.value for t in measured],
+            xerr=[100 * t.race["z"] * stderr for t, (_, _, stderr) in zip(measured, first)],
+            fmt="o",
+            markersize=3,
+            linewidth=0.8,
+            label="scored in full: first estimate vs measured",
+        )
+        low = min(100 * min(v for _, v, _ in first), 100 * min(t.value for t in measured))
+        high = max(100 * max(v for _, v, _ in first), 100 * max(t.value for t in measured))
+        axis.plot([low, high], [low, high], color="gray", linewidth=0.8)
+    if stopped:
+        last = [t.race["estimates"][-1] for t in stopped]
+        axis.scatter(
+            [100 * value for _, value, _ in last], [100 * t.race["bar"] for t in stopped], marker="x", s=14,
+            label="stopped: last estimate vs the bar it missed",
+        )
+    axis.set_xlabel("estimated search score (avg %)")
+    axis.set_ylabel("measured score / bar (avg %)")
+    axis.set_title(f"{method}: the estimator")
     axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -166,9 +205,12 @@ def _draw(study: Study, board: Leaderboard, out_dir: Path, storage) -> None:
         best = board.best(method) or next((row for row in board.rows if row.method == method), None)
         if best is not None:
             images.append(plot_curves(best.recipe, method, layers, out_dir / f"{method}-curves.png"))
-        importance = plot_importances(optuna_study, method, out_dir / f"{method}-importances.png")
-        if importance:
-            images.append(importance)
+        for extra in (
+            plot_estimates(optuna_study, method, out_dir / f"{method}-estimates.png"),
+            plot_importances(optuna_study, method, out_dir / f"{method}-importances.png"),
+        ):
+            if extra:
+                images.append(extra)
         figures = "".join(f'<img src="{html.escape(image.name)}" alt="{html.escape(image.stem)}">' for image in images)
         sections.append(f"<h2>{html.escape(method)}</h2>{figures}")
     comparisons = "".join(f"<li>{html.escape(line)}</li>" for line in comparison_lines(board))

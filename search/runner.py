@@ -1,9 +1,10 @@
 """Running trials: one candidate at a time, built in the live model, scored, stored; then the finalists.
 
 Per trial: Optuna proposes parameters → the method's mergekit recipe → built in
-memory → scored rung by rung on growing, nested subsets of the search documents,
-each rung's score reported to the study's pruner (the hand-written baselines always
-run in full) → stored (`mergetune.search.trials` lists what). Every finished trial
+memory → scored stage by stage on growing, nested subsets of the search documents,
+as the study's pruner schedules them (`mergetune.search.samplers`: successive
+halving's rungs, or the estimator's most discriminating documents first), and
+stopped when the pruner says so (the hand-written baselines always run in full) → stored (`mergetune.search.trials` lists what). Every finished trial
 is in the study's storage the moment it ends, so a crash or Ctrl-C loses at most
 the trial in flight, and running again continues the same study up to the
 requested count. A trial that fails (NaN weights, an evaluator error, out of
@@ -38,6 +39,7 @@ from mergetune.merge_ops.recipe import recipe_from_dict
 from mergetune.search import trials
 from mergetune.search.documents import DocIds, Documents, added
 from mergetune.search.methods import SEARCHABLE
+from mergetune.search.samplers import PRUNERS, NoPruning, Race
 from mergetune.search.optuna_adapter import storage_of, trial_id
 from mergetune.search.setup import open_optuna_study
 from mergetune.search.storage import heartbeat, open_storage, redact, storage_errors
@@ -134,7 +136,7 @@ class StudyRunner:
                 self._finish(optuna_study, trial, TrialState.FAIL, reason=reason)
                 return TrialOutcome(trial.number, TrialState.FAIL, None, 0.0, 0, reason)
             try:
-                state, value, docs_scored = self._evaluate(trial, method)
+                state, value, docs_scored = self._evaluate(optuna_study, trial, method)
             except KeyboardInterrupt:
                 self._finish(optuna_study, trial, TrialState.FAIL, reason="interrupted")
                 raise
@@ -153,10 +155,11 @@ class StudyRunner:
         self.failures_in_a_row = 0
         return TrialOutcome(trial.number, state, value, time.perf_counter() - started, docs_scored)
 
-    def _evaluate(self, trial: optuna.Trial, method: str) -> tuple[TrialState, Optional[float], int]:
+    def _evaluate(
+        self, optuna_study: optuna.Study, trial: optuna.Trial, method: str
+    ) -> tuple[TrialState, Optional[float], int]:
         """Build the trial's candidate and score it: (PRUNED or COMPLETE, score, documents scored)."""
         started = time.perf_counter()
-        documents = self.workspace.documents
         searchable = SEARCHABLE.get(method)
         recipe_dict = searchable.recipe(searchable.suggest(trial, self.spec), self.spec, self.workspace.study.resolve)
         seed = self.spec.seed * 100_003 + trial.number
@@ -166,25 +169,37 @@ class StudyRunner:
         recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False)
         trials.set_candidate(trial, method, recipe_yaml, seed, self.workspace.builder.device_type)
         eval_start = time.perf_counter()
+        race = self._race(optuna_study, trial)
         record: Optional[Record] = None
         docs_scored = 0
         previous: DocIds = {}
-        for size, ids in [*documents.rungs, (None, documents.search)]:
+        for stage, ids in enumerate(race.stages):
             new, previous = added(ids, previous), ids
             if new:
                 more = self.score(new)
                 record = more if record is None else combine(record, more)
                 docs_scored += Documents.count(new)
-            if size is not None and not trials.is_baseline(trial):
-                trial.report(summarize(record).average, step=size)
-                if trial.should_prune():
-                    self._store(trial, record, docs_scored, build_seconds, time.perf_counter() - eval_start, started)
-                    return TrialState.PRUNED, None, docs_scored
+            if stage < len(race.stages) - 1 and race.stop(trial, stage, record):
+                self._store(trial, race, record, docs_scored, build_seconds, time.perf_counter() - eval_start, started)
+                return TrialState.PRUNED, None, docs_scored
         value = summarize(record).average
         if not math.isfinite(value):
             raise MergetuneError(f"the score is {value}")
-        self._store(trial, record, docs_scored, build_seconds, time.perf_counter() - eval_start, started)
+        self._store(trial, race, record, docs_scored, build_seconds, time.perf_counter() - eval_start, started)
         return TrialState.COMPLETE, value, docs_scored
+
+    def _race(self, optuna_study: optuna.Study, trial: optuna.Trial) -> Race:
+        """The trial's scoring schedule: the study's pruner's, or every search document at once for a baseline."""
+        documents = self.workspace.documents
+        if trials.is_baseline(trial):
+            return NoPruning().race(documents, self.spec.evaluation, list)
+
+        def basis() -> list[tuple[int, Record]]:
+            complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            stored = [trials.StoredTrial.of(t) for t in sorted(complete, key=lambda t: t.number)]
+            return [(t.number, t.record) for t in stored if t.record is not None]
+
+        return PRUNERS.get(self.spec.pruning).race(documents, self.spec.evaluation, basis)
 
     def _finish(
         self,
@@ -216,9 +231,12 @@ class StudyRunner:
                 "Finished trials are kept: fix the cause and run the study again"
             )
 
-    def _store(self, trial, record: Record, docs: int, build: float, evaluate: float, started: float) -> None:
+    def _store(self, trial, race: Race, record: Record, docs: int, build: float, evaluate: float, started: float) -> None:
         timings = {"build": build, "evaluate": evaluate, "total": time.perf_counter() - started}
         trials.set_evidence(trial, record, docs, timings)
+        notes = race.notes()
+        if notes is not None:
+            trials.set_race(trial, notes)
 
     def score_final(self, trial: FrozenTrial) -> Record:
         """The trial's candidate, rebuilt from its stored recipe and seed, scored on the final documents."""

@@ -9,15 +9,21 @@ a candidate may stop (`rungs`) and which Optuna pruner decides (`pruner`).
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Callable, Protocol
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
+import numpy as np
 import optuna
 from optuna.pruners import BasePruner, NopPruner, SuccessiveHalvingPruner
 from optuna.samplers import BaseSampler
 
+from mergetune.eval.evidence import Record, summarize
 from mergetune.registry import Registry
+from mergetune.search.estimator import Estimate, FitnessModel, Layout
 
 if TYPE_CHECKING:
+    from mergetune.search.documents import DocIds, Documents
     from mergetune.search.study_file import Evaluation
 
 
@@ -51,10 +57,25 @@ def make_sampler(name: str, seed: int) -> BaseSampler:
         return SAMPLERS.get(name)(seed=seed)
 
 
+class Race(Protocol):
+    """One candidate's scoring schedule under a pruner: what to score, and when it may stop."""
+
+    stages: list[DocIds]  # cumulative, each nested in the next; the last is every search document
+
+    def stop(self, trial: optuna.Trial, stage: int, record: Record) -> bool:
+        """After scoring `stages[stage]` (any but the last), with the candidate's `record` so far: stop it?"""
+
+    def notes(self) -> Optional[dict[str, Any]]:
+        """What the trial stores about its race (an estimator's estimates), None if nothing."""
+
+
+Basis = Callable[[], list[tuple[int, Record]]]  # the study's completed trials: (number, record), by number
+
+
 class Pruning(Protocol):
     """When a candidate may stop, and who decides."""
 
-    uses_rungs: bool  # whether evaluation.first_limit / reduction_factor mean anything to it
+    fields: tuple[str, ...]  # the `evaluation` settings it reads (given with another pruner, they are refused)
 
     def rungs(self, evaluation: "Evaluation") -> list[int]:
         """Documents per task after which the candidate's score so far is reported (may be empty)."""
@@ -62,11 +83,29 @@ class Pruning(Protocol):
     def pruner(self, evaluation: "Evaluation") -> BasePruner:
         """The Optuna pruner that reads those reports."""
 
+    def race(self, documents: "Documents", evaluation: "Evaluation", basis: Basis) -> Race:
+        """The schedule of one (non-baseline) candidate, given the trials completed so far."""
+
+
+@dataclass
+class Rungs:
+    """Scored rung by rung; the study's Optuna pruner decides from the score at each rung."""
+
+    stages: list[DocIds]
+    steps: list[int]  # documents per task of each rung, the step reported to Optuna
+
+    def stop(self, trial: optuna.Trial, stage: int, record: Record) -> bool:
+        trial.report(summarize(record).average, step=self.steps[stage])
+        return trial.should_prune()
+
+    def notes(self) -> Optional[dict[str, Any]]:
+        return None
+
 
 class SuccessiveHalving:
     """Asynchronous successive halving over nested document rungs: works the same for one worker or many."""
 
-    uses_rungs = True
+    fields = ("first_limit", "reduction_factor")
 
     def rungs(self, evaluation: "Evaluation") -> list[int]:
         return evaluation.rungs()
@@ -79,11 +118,14 @@ class SuccessiveHalving:
             min_resource=rungs[0], reduction_factor=evaluation.reduction_factor, min_early_stopping_rate=0
         )
 
+    def race(self, documents: "Documents", evaluation: "Evaluation", basis: Basis) -> Race:
+        return Rungs([ids for _, ids in documents.rungs] + [documents.search], [size for size, _ in documents.rungs])
+
 
 class NoPruning:
     """Every candidate is scored on every search document."""
 
-    uses_rungs = False
+    fields = ()
 
     def rungs(self, evaluation: "Evaluation") -> list[int]:
         return []
@@ -91,7 +133,80 @@ class NoPruning:
     def pruner(self, evaluation: "Evaluation") -> BasePruner:
         return NopPruner()
 
+    def race(self, documents: "Documents", evaluation: "Evaluation", basis: Basis) -> Race:
+        return Rungs([documents.search], [])
+
+
+@dataclass
+class Estimated:
+    """Scored in chunks, most discriminating documents first; stops when its estimate cannot reach the bar."""
+
+    stages: list[DocIds]
+    sizes: list[int]  # documents in each stage: the first `size` of the model's order
+    layout: Layout
+    model: FitnessModel
+    bar: float  # the search score to beat: the k-th best completed trial's
+    z: float
+    basis_numbers: list[int]
+    estimates: list[Estimate] = field(default_factory=list)
+
+    def stop(self, trial: optuna.Trial, stage: int, record: Record) -> bool:
+        estimate = self.model.estimate(self.layout.values(record)[self.model.order[: self.sizes[stage]]])
+        self.estimates.append(estimate)
+        trial.report(estimate.value, step=estimate.docs)  # what the sampler learns from a stopped trial
+        return estimate.upper(self.z) < self.bar
+
+    def notes(self) -> Optional[dict[str, Any]]:
+        return {
+            "basis": self.basis_numbers,
+            "bar": self.bar,
+            "z": self.z,
+            "estimates": [[e.docs, e.value, e.stderr] for e in self.estimates],
+        }
+
+
+class Estimator:
+    """Racing against the study's best, with each candidate's full score estimated from the study's own trials.
+
+    Until `min_trials` trials are complete a candidate is scored in full (the
+    estimator learns from those); afterwards see `mergetune.search.estimator`.
+    """
+
+    fields = ("estimator",)
+
+    def rungs(self, evaluation: "Evaluation") -> list[int]:
+        return []
+
+    def pruner(self, evaluation: "Evaluation") -> BasePruner:
+        return NopPruner()  # the race decides; Optuna only sees the estimates
+
+    def race(self, documents: "Documents", evaluation: "Evaluation", basis: Basis) -> Race:
+        settings = evaluation.estimator
+        completed = basis()
+        if len(completed) < settings.min_trials:
+            return Rungs([documents.search], [])
+        layout = Layout.of(completed[0][1])
+        usable = [(number, record) for number, record in completed if layout.covers(record)]
+        values = np.stack([layout.values(record) for _, record in usable])
+        model = FitnessModel(values, layout.weights, settings.top_fraction)
+        step = max(1, round(len(model.order) * settings.chunk))
+        sizes = list(range(step, len(model.order), step))
+        stages = [_doc_ids(layout, model.order[:count]) for count in sizes] + [documents.search]
+        scores = sorted(values @ layout.weights, reverse=True)
+        bar = float(scores[min(evaluation.final.finalists, len(scores)) - 1])
+        z = NormalDist().inv_cdf(settings.confidence)
+        return Estimated(stages, sizes, layout, model, bar, z, [number for number, _ in usable])
+
+
+def _doc_ids(layout: Layout, indices: np.ndarray) -> DocIds:
+    ids: DocIds = {}
+    for index in sorted(indices.tolist()):
+        _, leaf, doc_id = layout.keys[index]
+        ids.setdefault(leaf, []).append(doc_id)
+    return ids
+
 
 PRUNERS: Registry[Pruning] = Registry("pruner")
 PRUNERS.register("successive_halving", SuccessiveHalving())
+PRUNERS.register("estimator", Estimator())
 PRUNERS.register("none", NoPruning())

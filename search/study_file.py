@@ -27,6 +27,7 @@ from mergetune.validation import Strict, read_text, validate
 RUN_SETTINGS = frozenset({"storage", "storage_options", "budget", "device", "backend", "engine"})
 MAX_STUDY_FILE_BYTES = 1_000_000
 LEGACY_PRUNING = ("successive_halving", "none")  # the pruners `pruning: true/false` meant
+PRUNING_FIELDS = frozenset(field for name in PRUNERS for field in PRUNERS.get(name).fields)  # evaluation.*
 
 # `space:` has one section per searchable method, each that method's own settings model.
 Space = create_model(
@@ -53,6 +54,26 @@ class Final(Strict):
     seed: int = 1
 
 
+class EstimatorSettings(Strict):
+    """How `pruning: estimator` races a candidate (`mergetune.search.samplers.Estimator`)."""
+
+    min_trials: int = Field(
+        5, ge=3, description="completed trials (baseline included) scored in full before the estimator stops any"
+    )
+    chunk: float = Field(
+        0.05, gt=0, le=0.5, description="fraction of the search documents scored between two estimates"
+    )
+    confidence: float = Field(
+        0.95,
+        gt=0.5,
+        lt=1,
+        description="a candidate stops once its full score is estimated below the bar with this one-sided confidence",
+    )
+    top_fraction: float = Field(
+        0.5, gt=0, le=1, description="documents are ordered by how they separate this best fraction of completed trials"
+    )
+
+
 class Evaluation(Strict):
     suite: Optional[str] = None
     tasks: list[str] = Field(default_factory=list)
@@ -72,6 +93,7 @@ class Evaluation(Strict):
         "reduction_factor times as many documents",
     )
     final: Final = Final()
+    estimator: EstimatorSettings = EstimatorSettings()
     shared_prefix: bool = Field(
         True,
         description="hf backend: compute a prefix shared by several requests (a document's answer choices) once; "
@@ -184,10 +206,14 @@ class StudySpec(Strict):
         needs_base = [m for m in self.methods if SEARCHABLE.get(m).needs_base]
         if needs_base and not self.base_model:
             raise ValueError(f"{', '.join(needs_base)} need a base_model (the models' common ancestor)")
-        given = self.evaluation.model_fields_set
-        pruning_fields = {f for f in ("first_limit", "reduction_factor") if f in given and getattr(self.evaluation, f) is not None}
-        if pruning_fields and not PRUNERS.get(self.pruning).uses_rungs:
-            raise ValueError(f"evaluation.{min(pruning_fields)} only makes sense with pruning (this study has pruning: {self.pruning})")
+        given = {f for f in self.evaluation.model_fields_set if getattr(self.evaluation, f) is not None}
+        foreign = sorted(given & PRUNING_FIELDS - set(PRUNERS.get(self.pruning).fields))
+        if foreign:
+            users = [name for name in PRUNERS if foreign[0] in PRUNERS.get(name).fields]
+            raise ValueError(
+                f"evaluation.{foreign[0]} only makes sense with pruning: {' or '.join(users)} "
+                f"(this study has pruning: {self.pruning})"
+            )
         return self
 
     def rungs(self) -> list[int]:

@@ -30,6 +30,12 @@ key                     written by, when                             read by
 ``docs_scored``         runner, with ``record``                      benchmarks
 ``timings``             runner, with ``record``: build, evaluate,    benchmarks
                         total seconds
+``race``                runner, with ``record``, under a pruner      leaderboard and report (estimated vs
+                        that estimates (``pruning: estimator``):     measured), benchmarks, tests (decisions
+                        the completed trials it learned from         replayed from the stored basis)
+                        (``basis``), the score to beat (``bar``),
+                        ``z``, and each estimate as [documents,
+                        value, stderr]
 ``fail_reason``         runner (a failing or refused trial) or       people, tests
                         reaper (a dead worker's), before the FAIL
 ======================  ===========================================  ========================================
@@ -37,7 +43,8 @@ key                     written by, when                             read by
 Optuna's own fields carry the rest: ``state`` (RUNNING is owned by the worker
 named in ``worker``; only the reaper fails another worker's trial, and only one
 reaper succeeds), ``value`` (search score of a COMPLETE trial),
-``intermediate_values`` (score at each pruning rung, step = documents per task),
+``intermediate_values`` (score at each pruning rung, step = documents per task; under
+``pruning: estimator`` the estimated full score, step = documents scored),
 ``params`` (what the sampler proposed).
 
 Study user attributes (`Study.user_attrs`):
@@ -76,7 +83,9 @@ DEVICE = "device"
 RECORD = "record"
 DOCS_SCORED = "docs_scored"
 TIMINGS = "timings"
+RACE = "race"
 FAIL_REASON = "fail_reason"
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)  # a trial that counts towards the budget
 RETRIED = (BASELINE,)  # what a dead worker's trial passes on to its retry; the rest belongs to the attempt
 
 DEFINITION = "definition"
@@ -147,6 +156,10 @@ def set_evidence(trial: optuna.Trial, record: Record, docs_scored: int, timings:
     trial.set_user_attr(TIMINGS, timings)
 
 
+def set_race(trial: optuna.Trial, notes: dict[str, Any]) -> None:
+    trial.set_user_attr(RACE, notes)
+
+
 def set_fail_reason(trial: optuna.Trial, reason: str) -> None:
     trial.set_user_attr(FAIL_REASON, reason[:FAIL_REASON_CHARS])
 
@@ -205,6 +218,7 @@ class StoredTrial:
     record: Optional[Record]
     docs_scored: int
     fail_reason: Optional[str]
+    race: Optional[dict[str, Any]] = None  # the estimator's notes (`set_race`), if it raced this trial
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> "StoredTrial":
@@ -222,4 +236,5 @@ class StoredTrial:
             record=None if record is None else json.loads(record),
             docs_scored=attrs.get(DOCS_SCORED, 0),
             fail_reason=attrs.get(FAIL_REASON),
+            race=attrs.get(RACE),
         )

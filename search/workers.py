@@ -32,7 +32,7 @@ from mergetune.search import trials
 from mergetune.search.optuna_adapter import stale_trial_ids, storage_of, trial_id, was_enqueued
 from mergetune.search.storage import heartbeat_interval
 
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+COUNTED = trials.COUNTED
 AHEAD = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 DIED = "worker died mid-trial"
 

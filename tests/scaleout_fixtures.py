@@ -17,14 +17,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mergetune.demo.postgres import scratch_postgres_database
 from mergetune.search.storage import open_storage
-from mergetune.search.trials import optuna_study_name
+from mergetune.search.trials import COUNTED, optuna_study_name
 from mergetune.search.workers import DIED
 from mergetune.search.study_file import load_study
 from mergetune.demo.study import tiny_study
 from mergetune.demo.skills import write_task_dir
 
 POSTGRES_ENV = "MERGETUNE_TEST_POSTGRES_URL"
-COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # A worker process: `mergetune ARGS…`, held at a barrier until every worker has loaded its models
 # (so they really race), optionally SIGKILLed at its Nth scoring call (mid-trial) and optionally
@@ -66,7 +65,8 @@ def tiny_tasks(tmp_path_factory) -> Path:
 def write_study(directory: Path, family: dict, tasks: Path, **overrides) -> Path:
     """A SLERP study of two tiny models on two tiny tasks, with a fast heartbeat: about half a second a trial."""
     options = {"heartbeat_interval": 1, "grace_period": 3, "connect_timeout": 3}
-    spec = tiny_study("tiny", {"model_a": family["model_a"], "model_b": family["model_b"]}, tasks, storage_options=options)
+    models = {"model_a": family["model_a"], "model_b": family["model_b"]}
+    spec = tiny_study("tiny", models, tasks, storage_options=options, evaluation=overrides.pop("evaluation", {}))
     spec.update(overrides)
     path = directory / "study.yaml"
     path.write_text(yaml.safe_dump(spec))

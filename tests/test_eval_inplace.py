@@ -87,3 +87,29 @@ def test_paired_difference_of_a_model_with_itself_is_zero_and_needs_shared_docum
     b = evaluator.score(doc_ids={TOY_TASK: [i for i in range(12) if i not in a.doc_ids[TOY_TASK]][:3]}).tasks[TOY_TASK]
     with pytest.raises(MergetuneError, match="share no scored documents"):
         paired_difference(a, b)
+
+
+def test_documents_of_a_prepared_set_score_alike_in_any_subset_though_lm_eval_would_draw_other_shots(
+    eval_models, benchmarks_dir, monkeypatch
+):
+    from mergetune.eval.requests import prepare_task
+
+    config = EvalConfig(tasks=("arc_easy",), data_dir=benchmarks_dir, num_fewshot=3)
+    evaluator = Evaluator.from_dir(eval_models["base"], config, batch_size=4)
+    ids = evaluator.sample_doc_ids(limit=12, seed=5)
+    evaluator.prepare(ids)
+    whole = {doc.doc_id: doc.metrics for doc in evaluator.score(doc_ids=ids).tasks["arc_easy"].docs["arc_easy"]}
+    calls = []
+    monkeypatch.setattr(evaluator.backend, "encode", lambda *args: calls.append(args))
+    odd = {"arc_easy": ids["arc_easy"][1::2]}
+    parts = evaluator.score(doc_ids=odd).tasks["arc_easy"].docs["arc_easy"]
+    assert {doc.doc_id: doc.metrics for doc in parts} == {doc_id: whole[doc_id] for doc_id in odd["arc_easy"]}
+    assert calls == []  # the set's requests, not new ones
+
+    # Why: lm-eval draws each document's shots along the set it is given.
+    task = evaluator.tasks["arc_easy"].leaves["arc_easy"]
+    contexts = {}
+    for subset in (ids["arc_easy"], odd["arc_easy"]):
+        prepared = prepare_task(task, subset, config.fewshot_seed, lambda context, _: ([0], [0]))
+        contexts[len(subset)] = {doc.doc_id: doc.requests[0].args[0] for doc in prepared.docs}
+    assert any(contexts[12][doc_id] != contexts[6][doc_id] for doc_id in odd["arc_easy"])

@@ -36,9 +36,13 @@ from scaleout_fixtures import (  # noqa: E402
     write_study,
 )
 
+pytest.register_assert_rewrite("race_checks")
+from race_checks import assert_races_replay_and_decide_by_the_bar  # noqa: E402
+
 pytest_plugins = ["scaleout_fixtures"]
 runner = CliRunner()
 N = 9
+ESTIMATOR = {"pruning": "estimator", "evaluation": {"first_limit": None, "estimator": {"min_trials": 3, "chunk": 0.25}}}
 
 
 @contextlib.contextmanager
@@ -64,13 +68,15 @@ class SharedRun:
 def three_workers(request, tmp_path_factory, family_f32, tiny_tasks) -> Iterator[SharedRun]:
     """Three workers started together on one study of N trials, and a fourth SIGKILLed in its first trial.
 
+    Candidates are raced by the estimator, which every worker fits to the trials completed by all.
+
     Journal: all on this host, so the others see the victim's process is gone. PostgreSQL: the
     victim claims another host, so only its silent heartbeat gives it away.
     """
     directory = tmp_path_factory.mktemp(f"three-{request.param}")
     barrier = directory / "barrier"
     with shared_storage(request.param, directory) as storage:
-        study = write_study(directory, family_f32, tiny_tasks, budget={"n_trials": N})
+        study = write_study(directory, family_f32, tiny_tasks, budget={"n_trials": N}, **ESTIMATOR)
         host = "" if request.param == "journal" else "elsewhere"
         victim = start_workers(study, storage, barrier, 1, kill_at=1, host=host)
         workers = start_workers(study, storage, barrier, 3, verbose=True)
@@ -100,6 +106,20 @@ def test_a_worker_killed_mid_trial_has_its_trial_finished_by_another(three_worke
     [retry] = [t for t in trials if killed.number in t.system_attrs.get("retry_history", [])]
     assert retry.state in COUNTED and retry.params == killed.params
     assert retry.user_attrs["worker"]["pid"] in {worker.pid for worker in three_workers.workers}
+
+
+def test_workers_share_what_the_estimator_learns_through_the_storage(three_workers):
+    trials = stored_trials(three_workers.study, three_workers.storage)
+    assert_races_replay_and_decide_by_the_bar(trials)
+    by_number = {t.number: t for t in trials}
+    raced = [t for t in trials if "race" in t.user_attrs]
+    assert raced, "no candidate was raced"
+    learned_from_others = [
+        t
+        for t in raced
+        if any(by_number[n].user_attrs["worker"]["pid"] != t.user_attrs["worker"]["pid"] for n in t.user_attrs["race"]["basis"])
+    ]
+    assert learned_from_others, "no worker used a trial another worker completed"
 
 
 @pytest.mark.parametrize("three_workers", ["postgresql"], indirect=True)

@@ -22,6 +22,9 @@ from mergetune.demo.study import tiny_study
 from mergetune.search.study_file import Evaluation, load_study
 from mergetune.demo.skills import HELDOUT_TASKS, SEARCH_TASKS, write_task_dir
 
+pytest.register_assert_rewrite("race_checks")
+from race_checks import assert_races_replay_and_decide_by_the_bar  # noqa: E402
+
 runner = CliRunner()
 
 
@@ -177,6 +180,57 @@ def test_pruned_candidates_stop_at_a_rung_on_nested_documents_and_baselines_run_
             assert trial.user_attrs["docs_scored"] == 16 and set(trial.intermediate_values) <= {2, 4}
 
 
+ESTIMATOR = {"pruning": "estimator", "evaluation": {"first_limit": None, "estimator": {"min_trials": 3, "chunk": 0.25}}}
+
+
+def test_the_estimator_learns_from_completed_trials_and_stops_candidates_that_cannot_reach_the_bar(
+    family_f32, task_dir, tmp_path
+):
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 12}, **ESTIMATOR)
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    trial_list = trials(path, "slerp")
+    assert counted(trial_list) == 12
+    first = trial_list[:3]  # the baseline and two more, scored in full before the estimator has anything to learn from
+    assert all(t.state == TrialState.COMPLETE and "race" not in t.user_attrs for t in first)
+    raced = trial_list[3:]
+    assert all("race" in t.user_attrs for t in raced)
+    for trial in raced:  # one worker: it learned from every trial completed before it started
+        done = [t.number for t in trial_list if t.number < trial.number and t.state == TrialState.COMPLETE]
+        assert trial.user_attrs["race"]["basis"] == done
+    assert any(t.state == TrialState.PRUNED for t in raced), "the estimator stopped no candidate"
+    assert_races_replay_and_decide_by_the_bar(trial_list)
+    for trial in raced:  # it scores documents in its own order, a quarter at a time
+        assert trial.user_attrs["docs_scored"] in (4, 8, 12, 16)
+
+    board = runner.invoke(app, ["leaderboard", str(path), "--markdown"])
+    assert board.exit_code == 0, board.output
+    stopped = sum(t.state == TrialState.PRUNED for t in raced)
+    assert f"slerp: the estimator stopped {stopped} of {len(raced)} raced candidates" in board.output
+    assert "estimated (docs)" in board.output
+    result = runner.invoke(app, ["report", str(path), str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "slerp-estimates.png").stat().st_size > 1000
+
+
+def test_a_study_with_the_estimator_killed_mid_trial_resumes_with_the_same_decisions(family_f32, task_dir, tmp_path):
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 10}, **ESTIMATOR)
+    killed = kill_at_scoring_call(path, 9)  # three full trials (one call each), then in a race
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    before = {t.number: t for t in trials(path, "slerp") if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    after = trials(path, "slerp")
+    assert counted(after) == 10
+    for number, trial in before.items():  # nothing finished was lost or redecided
+        assert after[number].state == trial.state and after[number].user_attrs == trial.user_attrs
+    assert_races_replay_and_decide_by_the_bar(after)
+    resumed = [t for t in after if t.number > max(before) and "race" in t.user_attrs]
+    assert resumed and all(
+        {n for n in before if before[n].state == TrialState.COMPLETE} <= set(t.user_attrs["race"]["basis"]) for t in resumed
+    )
+
+
 def test_leaderboard_outputs_markdown_json_and_csv(finished_study, tmp_path):
     out_json, out_csv = tmp_path / "board.json", tmp_path / "board.csv"
     result = runner.invoke(
@@ -217,8 +271,8 @@ def test_report_draws_pictures_and_a_page(finished_study, tmp_path):
         assert name in page
 
 
-def test_a_study_killed_mid_trial_continues_to_the_requested_count(family_f32, task_dir, tmp_path):
-    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 5})
+def kill_at_scoring_call(path: Path, call: int) -> subprocess.CompletedProcess:
+    """`mergetune study run` SIGKILLed as it starts its `call`-th scoring call."""
     killer = (
         "import os, signal, sys\n"
         "import mergetune.search.runner as runner\n"
@@ -226,14 +280,19 @@ def test_a_study_killed_mid_trial_continues_to_the_requested_count(family_f32, t
         "original = runner.StudyRunner.score\n"
         "def score(self, ids):\n"
         "    calls.append(1)\n"
-        "    if len(calls) == 6: os.kill(os.getpid(), signal.SIGKILL)\n"  # inside the 3rd or 4th trial
+        f"    if len(calls) == {call}: os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return original(self, ids)\n"
         "runner.StudyRunner.score = score\n"
         "from mergetune.cli import app\n"
         f"sys.argv = ['mergetune', 'study', 'run', {str(path)!r}, '--quiet']\n"
         "app()\n"
     )
-    killed = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=600)
+
+
+def test_a_study_killed_mid_trial_continues_to_the_requested_count(family_f32, task_dir, tmp_path):
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 5})
+    killed = kill_at_scoring_call(path, 6)  # inside the 3rd or 4th trial
     assert killed.returncode == -9, killed.stderr[-2000:]
     before = trials(path, "slerp")
     finished_before = {t.number: t.value for t in before if t.state == TrialState.COMPLETE}
@@ -266,7 +325,7 @@ def test_a_different_study_definition_under_the_same_name_is_refused(finished_st
         ({"base_model": None}, "dare_ties need a base_model"),
         ({"sampler": "annealing"}, "unknown sampler 'annealing'; known: tpe, cmaes, gp, random"),
         ({"methods": ["slerp", "frankenmerge"]}, "unknown searchable method 'frankenmerge'; known: slerp, dare_ties"),
-        ({"pruning": "hyperband"}, "unknown pruner 'hyperband'; known: successive_halving, none"),
+        ({"pruning": "hyperband"}, "unknown pruner 'hyperband'; known: successive_halving, estimator, none"),
         ({"backend": "server"}, "backend 'server' cannot score candidates built in memory"),
         ({"budget": {"n_trials": 0}}, "budget.n_trials: Input should be greater than or equal to 1"),
         ({"evaulation": {}}, "evaulation: unknown field"),
@@ -274,8 +333,17 @@ def test_a_different_study_definition_under_the_same_name_is_refused(finished_st
         ({"evaluation": {"first_limit": 5}}, "first_limit (5) must be at most half of limit (8)"),
         (
             {"pruning": False, "evaluation": {"first_limit": None, "reduction_factor": 2}},
-            "evaluation.reduction_factor only makes sense with pruning (this study has pruning: none)",
+            "evaluation.reduction_factor only makes sense with pruning: successive_halving (this study has pruning: none)",
         ),
+        (
+            {"pruning": "estimator", "evaluation": {"first_limit": 2}},
+            "evaluation.first_limit only makes sense with pruning: successive_halving (this study has pruning: estimator)",
+        ),
+        (
+            {"evaluation": {"first_limit": None, "estimator": {"confidence": 0.9}}},
+            "evaluation.estimator only makes sense with pruning: estimator (this study has pruning: successive_halving)",
+        ),
+        ({"pruning": "estimator", "evaluation": {"estimator": {"chunk": 0}}}, "evaluation.estimator.chunk: Input should be greater than 0"),
     ],
 )
 def test_bad_study_files_get_one_clear_message(change, message, family_f32, task_dir, tmp_path):

@@ -1,0 +1,89 @@
+"""The fitness estimator on synthetic per-document evidence whose answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mergetune.eval.evidence import summarize
+from mergetune.search.estimator import FitnessModel, Layout, discrimination_order, predict
+
+
+def record(values: dict[str, list[float]], leaves: int = 1) -> dict:
+    """A record with one suite entry per key, its documents spread over `leaves` lm-eval tasks."""
+    tasks = {}
+    for name, column in values.items():
+        docs: dict[str, list] = {}
+        for doc_id, value in enumerate(column):
+            docs.setdefault(f"{name}_{doc_id % leaves}", []).append([doc_id, value])
+        tasks[name] = {"metric": "acc", "proxy": None, "docs": docs}
+    return {"tasks": tasks}
+
+
+def merge_study(candidates: int, seed: int) -> np.ndarray:
+    """Per-document results of merge candidates: most documents every candidate gets right (or wrong), a
+    fifth separate them by a latent ability, as item-response theory models a benchmark (2PL)."""
+    rng = np.random.default_rng(seed)
+    docs = 200
+    ability = rng.normal(0.0, 1.0, size=(candidates, 1))
+    kind = rng.choice(3, size=docs, p=[0.55, 0.25, 0.20])  # easy, hard, discriminating
+    difficulty = np.where(kind == 0, -6.0, np.where(kind == 1, 6.0, rng.normal(0.0, 0.7, size=docs)))
+    slope = np.where(kind == 2, rng.uniform(1.5, 3.0, size=docs), 1.0)
+    probability = 1 / (1 + np.exp(-slope * (ability - difficulty)))
+    return (rng.random((candidates, docs)) < probability).astype(float)
+
+
+def test_the_layout_weighs_documents_as_the_search_score_does():
+    evidence = record({"arc": [1, 0, 1, 1], "mmlu": [0, 1, 0, 0, 0, 1, 1, 1]}, leaves=3)
+    layout = Layout.of(evidence)
+    assert len(layout.keys) == 12
+    assert layout.values(evidence) @ layout.weights == pytest.approx(summarize(evidence).average)
+    partial = {"tasks": {"arc": {**evidence["tasks"]["arc"], "docs": {"arc_0": [[0, 1.0]]}}}}
+    assert not layout.covers(partial) and np.isnan(layout.values(partial)).sum() == 11
+
+
+def test_documents_that_separate_candidates_come_first_and_agreed_ones_last():
+    basis = np.array([[1, 1, 0, 0.0], [1, 0, 0, 1.0], [1, 1, 0, 1.0], [1, 0, 0, 0.0]])  # doc 0, 2: all agree
+    order = discrimination_order(basis, np.full(4, 0.25), top_fraction=1.0)
+    assert set(order[:2]) == {1, 3} and list(order[2:]) == [0, 2]
+
+
+def test_a_rest_the_basis_predicts_exactly_is_estimated_exactly():
+    # On every basis candidate the unscored half repeats the scored half: the estimate is exact, its stderr 0.
+    rng = np.random.default_rng(0)
+    half = rng.random((8, 10))
+    basis = np.hstack([half, half])
+    weights = np.full(20, 1 / 20)
+    candidate = rng.random(10)
+    estimate = predict(basis, weights, range(10), candidate)
+    assert estimate.value == pytest.approx(candidate.mean())
+    assert estimate.stderr == pytest.approx(0.0, abs=1e-12) and estimate.docs == 10
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("completed", [6, 12, 24])
+def test_on_merge_like_studies_a_quarter_of_the_documents_estimates_the_full_score_with_honest_error_bars(
+    seed, completed
+):
+    results = merge_study(candidates=completed + 60, seed=seed)
+    weights = np.full(results.shape[1], 1 / results.shape[1])
+    full = results @ weights
+    model = FitnessModel(results[:completed], weights)
+    quarter = model.order[: results.shape[1] // 4]
+    estimates = [model.estimate(row[quarter]) for row in results[completed:]]
+    errors = np.array([e.value for e in estimates]) - full[completed:]
+    rng = np.random.default_rng(seed)
+    halves = [rng.permutation(results.shape[1])[: results.shape[1] // 2] for _ in errors]
+    plain = np.array([row[half].mean() for row, half in zip(results[completed:], halves)]) - full[completed:]
+    assert np.abs(errors).mean() < np.abs(plain).mean(), "a random half of the documents does better"
+    covered = np.mean([abs(error) <= 1.96 * e.stderr for error, e in zip(errors, estimates)])
+    assert covered >= 0.85, f"95% intervals cover only {covered:.0%} of the true scores"
+
+
+def test_scored_documents_the_basis_does_not_separate_predict_the_rest_as_its_mean():
+    basis = np.array([[1, 1, 0.0], [1, 0, 1.0], [1, 1, 1.0], [1, 0, 0.0]])
+    estimate = predict(basis, np.full(3, 1 / 3), [0], np.array([1.0]))
+    assert estimate.value == pytest.approx((1 + 0.5 + 0.5) / 3)
+    assert math.isfinite(estimate.stderr) and estimate.stderr > 0
