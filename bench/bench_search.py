@@ -117,18 +117,22 @@ def main() -> None:
     )
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mergetune-bench-search"))
     parser.add_argument("--study", type=Path, help="a study file to benchmark instead of the demo's")
-    parser.add_argument("--confidence", type=float, help="the estimator's evaluation.estimator.confidence")
+    parser.add_argument("--multiples", type=int, nargs="+", default=[1, 2], help="run only these trial multiples")
+    parser.add_argument(
+        "--estimator", nargs="+", default=[], metavar="KEY=VALUE", help="evaluation.estimator settings, e.g. confidence=0.8"
+    )
     args = parser.parse_args()
 
     study = load_study(args.study) if args.study else prepare_demo(args.work_dir)
-    if args.confidence is not None:
+    if args.estimator:
         evaluation = study.spec.evaluation
-        settings = evaluation.estimator.model_copy(update={"confidence": args.confidence})
+        given = dict(setting.split("=", 1) for setting in args.estimator)
+        settings = evaluation.estimator.model_validate({**evaluation.estimator.model_dump(), **given})
         spec = study.spec.model_copy(update={"evaluation": evaluation.model_copy(update={"estimator": settings})})
         study = study.model_copy(update={"spec": spec})
     workspace = Workspace.open(study)
     evaluation = study.spec.evaluation
-    configs = [config for config in CONFIGS if config[0] in args.samplers and config[1] in args.pruners]
+    configs = [c for c in CONFIGS if c[0] in args.samplers and c[1] in args.pruners and c[2] in args.multiples]
     rows = []
     for method in args.methods:
         for sampler, pruner, multiple in configs:
@@ -148,9 +152,10 @@ def main() -> None:
     )
     print(
         f"Command: `python bench/bench_search.py --trials {args.trials} --methods {' '.join(args.methods)} "
-        f"--seeds {' '.join(map(str, args.seeds))} --samplers {' '.join(args.samplers)} --pruners {' '.join(args.pruners)}"
+        f"--seeds {' '.join(map(str, args.seeds))} --samplers {' '.join(args.samplers)} --pruners {' '.join(args.pruners)} "
+        f"--multiples {' '.join(map(str, args.multiples))}"
         + (f" --study {args.study}" if args.study else "")
-        + (f" --confidence {args.confidence}" if args.confidence is not None else "")
+        + (f" --estimator {' '.join(args.estimator)}" if args.estimator else "")
         + "`\n"
     )
     print(

@@ -116,6 +116,8 @@ def predict(basis: np.ndarray, weights: np.ndarray, scored: Sequence[int], value
     rest = basis[:, ~mask] @ weights[~mask]
     own = float(np.asarray(values) @ weights[mask])
     n = len(known)
+    if own > known.max() + FLAT:  # better than every completed trial where scored: nothing to extrapolate from
+        return Estimate(own + float(rest.max()), math.inf, int(mask.sum()))
     centred = known - known.mean()
     sxx = float(centred @ centred)
     if sxx < FLAT:  # the scored documents do not separate the basis: predict the rest's mean

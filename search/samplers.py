@@ -193,7 +193,8 @@ class Estimator:
         sizes = list(range(step, len(model.order), step))
         stages = [_doc_ids(layout, model.order[:count]) for count in sizes] + [documents.search]
         scores = sorted(values @ layout.weights, reverse=True)
-        bar = float(scores[min(evaluation.final.finalists, len(scores)) - 1])
+        rank = settings.rank or evaluation.final.finalists
+        bar = float(scores[min(rank, len(scores)) - 1])
         z = NormalDist().inv_cdf(settings.confidence)
         return Estimated(stages, sizes, layout, model, bar, z, [number for number, _ in usable])
 

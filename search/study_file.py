@@ -64,13 +64,19 @@ class EstimatorSettings(Strict):
         0.05, gt=0, le=0.5, description="fraction of the search documents scored between two estimates"
     )
     confidence: float = Field(
-        0.95,
+        0.8,
         gt=0.5,
         lt=1,
         description="a candidate stops once its full score is estimated below the bar with this one-sided confidence",
     )
     top_fraction: float = Field(
         0.5, gt=0, le=1, description="documents are ordered by how they separate this best fraction of completed trials"
+    )
+    rank: Optional[int] = Field(
+        None,
+        ge=1,
+        description="a candidate goes on while it may reach this rank among the completed trials "
+        "(1: beat the best; default: final.finalists, a finalist's place)",
     )
 
 

@@ -87,3 +87,10 @@ def test_scored_documents_the_basis_does_not_separate_predict_the_rest_as_its_me
     estimate = predict(basis, np.full(3, 1 / 3), [0], np.array([1.0]))
     assert estimate.value == pytest.approx((1 + 0.5 + 0.5) / 3)
     assert math.isfinite(estimate.stderr) and estimate.stderr > 0
+
+
+def test_a_candidate_better_where_scored_than_every_completed_trial_is_never_stopped():
+    # Weak early trials know nothing about better candidates: an estimate would extrapolate.
+    basis = np.array([[0, 0, 1, 0.0], [0, 1, 0, 1.0], [1, 0, 0, 0.0]])
+    estimate = predict(basis, np.full(4, 0.25), [0, 1], np.array([1.0, 1.0]))
+    assert estimate.stderr == math.inf and estimate.upper(1.64) == math.inf
