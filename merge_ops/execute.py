@@ -44,18 +44,41 @@ def tensor_generator(seed: int, output: str, position: int, device: str) -> torc
 
 
 def merge_inputs(
-    op: TensorOp, tensors: list[torch.Tensor], method: MethodSpec, seed: Optional[int], device: str
+    op: TensorOp,
+    tensors: list[torch.Tensor],
+    method: MethodSpec,
+    seed: Optional[int],
+    device: str,
+    task_vectors: Optional[list[Optional[torch.Tensor]]] = None,
 ) -> MergeInputs:
     generators = None
     if method.randomized and seed is not None:
         generators = [tensor_generator(seed, op.output, position, device) for position in range(len(op.inputs))]
-    return MergeInputs(tensors=tensors, base_index=op.base_index, per_input=op.per_input, generators=generators)
+    return MergeInputs(
+        tensors=tensors, base_index=op.base_index, per_input=op.per_input, generators=generators, task_vectors=task_vectors
+    )
+
+
+def compute_task_vectors(op: TensorOp, tensors: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """Each non-base input's task vector (input − base), flat, in the op's compute dtype: exactly what a
+    task-arithmetic merge computes from `tensors` (an op without a vocabulary alignment)."""
+    base = tensors[op.base_index].to(op.compute_dtype).reshape(-1)
+    return [
+        None if position == op.base_index else torch.sub(tensor.to(op.compute_dtype).reshape(-1), base)
+        for position, tensor in enumerate(tensors)
+    ]
 
 
 def run_op(
-    op: TensorOp, method: MethodSpec, tensors: list[torch.Tensor], seed: Optional[int], device: str = "cpu"
+    op: TensorOp,
+    method: MethodSpec,
+    tensors: list[torch.Tensor],
+    seed: Optional[int],
+    device: str = "cpu",
+    task_vectors: Optional[list[Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
-    """The output tensor of one operation from its fetched inputs, in the op's output dtype."""
+    """The output tensor of one operation from its fetched inputs, in the op's output dtype (`task_vectors`:
+    the inputs' task vectors as `compute_task_vectors()` gives them, for a method that uses them)."""
     if not op.compute_dtype.is_floating_point:
         # Integer buffers (e.g. position ids) are copied, never averaged.
         return tensors[op.base_index or 0].clone()
@@ -63,7 +86,9 @@ def run_op(
     if op.vocab is not None:
         tensors = op.vocab.align([item.model for item in op.inputs], tensors)
     try:
-        result = method.merge(merge_inputs(op, tensors, method, seed, device), **op.shared)
+        if op.vocab is not None:
+            task_vectors = None  # aligned rows: the cached vectors are the unaligned inputs'
+        result = method.merge(merge_inputs(op, tensors, method, seed, device, task_vectors), **op.shared)
     except (ValueError, TypeError, RuntimeError) as error:
         raise MergetuneError(f"tensor {op.output}: {method.name} failed: {error}") from None
     return result.to(op.dtype)

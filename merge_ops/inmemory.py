@@ -5,7 +5,9 @@ candidate recipe is planned (milliseconds) and its tensors are computed from the
 resident inputs and copied straight into the live model's existing parameters:
 no disk I/O, no reallocation of the model, no reload. SLERP's per-tensor geometry
 (norms and angle of each pair) does not depend on `t`, so it is measured once and
-each candidate costs a single weighted sum per tensor.
+each candidate costs a single weighted sum per tensor. With `cache_task_vectors`, the
+task vectors (fine-tune − base) of task-arithmetic methods (DARE TIES, TIES, …) are also
+computed once and kept: one more tensor per non-base model, in the compute dtype.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Iterator, Mapping, Optional
 import torch
 
 from mergetune.errors import MergetuneError
-from mergetune.merge_ops.execute import fetch_inputs, run_op
+from mergetune.merge_ops.execute import compute_task_vectors, fetch_inputs, run_op
 from mergetune.merge_ops.methods import SlerpGeometry, slerp_coefficients, slerp_geometry, slerp_into
 from mergetune.merge_ops.plan import MergePlan, TensorOp
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
@@ -59,8 +61,18 @@ class InMemoryBuilder:
     """Builds candidate recipes from resident sources, again and again: into one live model (`build`), or
     tensor by tensor for a model that loads them itself (`stream`, a vLLM worker's)."""
 
-    def __init__(self, sources: Mapping[str, TensorSource], model: Optional[torch.nn.Module] = None, device: str = "cpu"):
+    def __init__(
+        self,
+        sources: Mapping[str, TensorSource],
+        model: Optional[torch.nn.Module] = None,
+        device: str = "cpu",
+        cache_task_vectors: bool = False,
+    ):
+        """`cache_task_vectors`: keep each task-arithmetic op's task vectors (input − base) between builds,
+        costing one more copy of every non-base model (in the compute dtype); the tensors built are the same."""
         self.device = device
+        self.cache_task_vectors = cache_task_vectors
+        self._task_vectors: dict[tuple, list[Optional[torch.Tensor]]] = {}
         self.sources: dict[str, TensorSource] = {
             name: source if isinstance(source, MemorySource) else MemorySource.resident(source, device)
             for name, source in sources.items()
@@ -71,12 +83,27 @@ class InMemoryBuilder:
 
     @classmethod
     def for_recipe(
-        cls, recipe: Recipe, sources: Mapping[str, TensorSource], device: str = "cpu", dtype: Optional[torch.dtype] = None
+        cls,
+        recipe: Recipe,
+        sources: Mapping[str, TensorSource],
+        device: str = "cpu",
+        dtype: Optional[torch.dtype] = None,
+        cache_task_vectors: bool = False,
     ) -> "InMemoryBuilder":
         """Resident sources and a live model shaped like `recipe`'s output."""
         resident = {name: MemorySource.resident(source, device) for name, source in sources.items()}
         config = plan_stage(recipe, resident).config
-        return cls(resident, live_model(config, device, dtype), device)
+        return cls(resident, live_model(config, device, dtype), device, cache_task_vectors)
+
+    @property
+    def task_vector_bytes(self) -> int:
+        """Memory the task-vector cache holds now."""
+        return sum(
+            vector.numel() * vector.element_size()
+            for vectors in self._task_vectors.values()
+            for vector in vectors
+            if vector is not None
+        )
 
     @property
     def device_type(self) -> str:
@@ -170,4 +197,20 @@ class InMemoryBuilder:
             else:  # round through the compute dtype, as the disk path does
                 target.copy_(slerp_into(base, other, coefficients, torch.empty_like(base)))
             return
-        target.copy_(run_op(op, plan.method, fetch_inputs(op, fetch, self.device), seed, self.device))
+        # Only the builder's own resident sources are stable enough to cache against.
+        cacheable = all(sources[item.model] is self.sources.get(item.model) for item in op.inputs)
+        tensors = fetch_inputs(op, fetch, self.device)
+        vectors = None
+        if (
+            self.cache_task_vectors
+            and cacheable
+            and plan.method.uses_task_vectors
+            and op.vocab is None
+            and op.base_index is not None
+            and op.compute_dtype.is_floating_point
+        ):
+            key = (op.inputs, op.base_index, op.compute_dtype)
+            vectors = self._task_vectors.get(key)
+            if vectors is None:
+                vectors = self._task_vectors[key] = compute_task_vectors(op, tensors)
+        target.copy_(run_op(op, plan.method, tensors, seed, self.device, vectors))

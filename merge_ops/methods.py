@@ -70,6 +70,9 @@ class MergeInputs:
     # Per-input parameter values aligned with `tensors` (None where not applicable).
     per_input: dict[str, list[Any]] = field(default_factory=dict)
     generators: Optional[list[Optional[torch.Generator]]] = None
+    # Task-arithmetic methods: each input's task vector (input − base, flat, compute dtype) where the caller
+    # already has it (an in-memory builder's cache), None where it must be computed; never modified.
+    task_vectors: Optional[list[Optional[torch.Tensor]]] = None
 
     @property
     def base(self) -> Optional[torch.Tensor]:
@@ -102,6 +105,8 @@ class MethodSpec:
     # The least dtype the method returns: mergekit writes a kernel's result as it comes when no out_dtype is
     # set, and some kernels multiply by a float32 mask, so their half-precision merges are stored as float32.
     least_result_dtype: Optional[torch.dtype] = None
+    # Merges task vectors (input − base) and accepts them precomputed in MergeInputs.task_vectors.
+    uses_task_vectors: bool = False
 
     def param(self, name: str) -> Optional[ParamSpec]:
         return next((spec for spec in self.params if spec.name == name), None)
@@ -348,7 +353,11 @@ def task_arithmetic_family(
 
         def prune(row: int) -> None:
             index = others[row]
-            torch.sub(inputs.tensors[index].reshape(-1), flat_base, out=deltas[row])
+            cached = inputs.task_vectors[index] if inputs.task_vectors else None
+            if cached is not None:  # the same values torch.sub gives: pruning then works on a copy
+                deltas[row].copy_(cached)
+            else:
+                torch.sub(inputs.tensors[index].reshape(-1), flat_base, out=deltas[row])
             if sparsifier is not None:
                 generator = inputs.generators[index] if inputs.generators else None
                 extra = {key: inputs.per_input[key][index] for key in ("gamma", "epsilon") if key in inputs.per_input}
@@ -677,6 +686,7 @@ def _task_arithmetic_method(
         base=BasePolicy.REQUIRED,
         randomized=sparsifier in (sparsify.bernoulli, sparsify.della_magprune),
         reference=reference,
+        uses_task_vectors=True,
     )
 
 

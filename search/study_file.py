@@ -241,8 +241,10 @@ class StudySpec(Strict):
         return _without_new_defaults(self.definition(), stored, type(self))
 
     def definition(self) -> dict:
-        """The fields that define the trials; stored with the study (never the storage URL and its password)."""
-        return self.model_dump(mode="json", exclude=set(RUN_SETTINGS))
+        """The fields that define the trials; stored with the study (never the storage URL and its password).
+
+        Settings only another pruner reads are left out: they change nothing this study does."""
+        return without_other_pruners(self.model_dump(mode="json", exclude=set(RUN_SETTINGS)))
 
 
 class Study(BaseModel):
@@ -277,9 +279,21 @@ def _hash(definition: dict) -> str:
 
 
 def upgraded(stored: dict) -> dict:
-    """A stored definition in today's terms: `pruning: true/false` named the pruners it meant."""
+    """A stored definition in today's terms: `pruning: true/false` named the pruners it meant, and
+    settings of other pruners were stored too."""
     pruning = stored.get("pruning")
-    return {**stored, "pruning": LEGACY_PRUNING[not pruning]} if isinstance(pruning, bool) else stored
+    if isinstance(pruning, bool):
+        stored = {**stored, "pruning": LEGACY_PRUNING[not pruning]}
+    return without_other_pruners(stored)
+
+
+def without_other_pruners(definition: dict) -> dict:
+    """The definition without the `evaluation` settings its pruner does not read."""
+    pruning, evaluation = definition.get("pruning"), definition.get("evaluation")
+    if not isinstance(evaluation, dict) or pruning not in PRUNERS:
+        return definition
+    unread = PRUNING_FIELDS - set(PRUNERS.get(pruning).fields)
+    return {**definition, "evaluation": {key: value for key, value in evaluation.items() if key not in unread}}
 
 
 def _json_default(field: FieldInfo) -> object:

@@ -372,6 +372,11 @@ def test_a_study_stored_by_an_older_mergetune_continues_and_a_different_one_is_s
     assert not spec.model_copy(update={"sampler": "random"}).has_definition("hash-of-the-older-release", older)
     changed = {**older, "evaluation": {**older["evaluation"], "limit": 30}}
     assert not spec.has_definition("hash-of-the-older-release", changed)
+    # Settings only another pruner reads define nothing: stored or not, at any value.
+    with_estimator = {**older, "evaluation": {**older["evaluation"], "estimator": {"confidence": 0.95}}}
+    assert spec.has_definition("hash-of-the-older-release", with_estimator)
+    evaluation = spec.evaluation.model_copy(update={"estimator": spec.evaluation.estimator.model_copy(update={"chunk": 0.2})})
+    assert spec.model_copy(update={"evaluation": evaluation}).definition_hash() == spec.definition_hash()
 
 
 @pytest.mark.parametrize(

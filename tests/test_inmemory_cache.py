@@ -1,0 +1,71 @@
+"""The in-memory builder's task-vector cache: candidate after candidate, the tensors of a disk merge, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import yaml
+
+from mergetune.merge_ops.disk import merge_recipe_file
+from mergetune.merge_ops.inmemory import InMemoryBuilder
+from mergetune.merge_ops.methods import METHODS
+from mergetune.merge_ops.recipe import parse_recipes
+from mergetune.merge_ops.sources import open_source
+from mergetune.demo.tiny import load_state
+from test_merge_methods import assert_identical, method_recipe
+from test_merge_parity import with_paths
+
+CACHED_METHODS = sorted(name for name, spec in METHODS.items() if spec.uses_task_vectors)
+
+
+def candidates(recipe: dict) -> list[dict]:
+    """The recipe, then the same models with other weights and densities (what a search proposes)."""
+    later = copy.deepcopy(recipe)
+    for index, model in enumerate(later["models"]):
+        parameters = model.get("parameters")
+        if parameters and "weight" in parameters:
+            parameters["weight"] = 0.3 + 0.2 * index
+        if parameters and "density" in parameters:
+            parameters["density"] = 0.4 + 0.1 * index
+    return [recipe, later]
+
+
+@pytest.mark.parametrize("family", ["family_f32", "family_bf16_tied"])
+@pytest.mark.parametrize("method", CACHED_METHODS)
+def test_cached_task_vectors_build_every_candidate_as_on_disk(method, family, request, tmp_path):
+    recipe = with_paths(method_recipe(method), request.getfixturevalue(family))
+    if family == "family_bf16_tied":
+        recipe.setdefault("dtype", "bfloat16")
+    builder, cached = None, None
+    for number, candidate in enumerate(candidates(recipe)):
+        recipe_file = parse_recipes(yaml.safe_dump(candidate))
+        out = tmp_path / f"disk{number}"
+        merge_recipe_file(recipe_file, out, seed=number)
+        disk = load_state(out)
+        if builder is None:
+            final = recipe_file.final
+            sources = {name: open_source(name) for name in final.referenced_models()}
+            dtype = next(iter(disk.values())).dtype
+            builder = InMemoryBuilder.for_recipe(final, sources, dtype=dtype, cache_task_vectors=True)
+        builder.build(recipe_file, seed=number)
+        assert builder.task_vector_bytes > 0
+        assert cached in (None, builder.task_vector_bytes)  # the second candidate reuses the first's vectors
+        cached = builder.task_vector_bytes
+        assert_identical(disk, builder.model.state_dict())
+
+
+def test_the_cache_holds_one_task_vector_per_non_base_model(family_f32):
+    recipe = parse_recipes(yaml.safe_dump(with_paths(method_recipe("dare_ties"), family_f32))).final
+    sources = {name: open_source(name) for name in recipe.referenced_models()}
+    builder = InMemoryBuilder.for_recipe(recipe, sources, cache_task_vectors=True)
+    builder.build(recipe, seed=0)
+    non_base = [model for model in recipe.referenced_models() if model != recipe.base_model]
+    model_bytes = sum(t.numel() * t.element_size() for t in builder.model.state_dict().values() if t.is_floating_point())
+    assert builder.task_vector_bytes <= len(non_base) * model_bytes
+    uncached = InMemoryBuilder.for_recipe(recipe, sources)
+    uncached.build(recipe, seed=0)
+    assert uncached.task_vector_bytes == 0
+    for name, tensor in builder.model.state_dict().items():
+        assert torch.equal(tensor, uncached.model.state_dict()[name]), name
