@@ -2,8 +2,10 @@
 
 A study file names one of each (`sampler: tpe`, `pruning: successive_halving`).
 To add one, write a factory and register it below: samplers are built with
-keyword arguments (`seed`), pruners are objects that say at which document counts
-a candidate may stop (`rungs`) and which Optuna pruner decides (`pruner`).
+keyword arguments (`seed`), pruners are objects that give each candidate its race:
+which documents it is scored on, stage by stage, and after each stage whether it
+stops (successive halving asks Optuna's pruner at its rungs; the estimator decides
+itself from the study's completed trials, `mergetune.search.estimator`).
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ class Estimator:
             return Rungs([documents.search], [])
         layout = Layout.of(completed[0][1])
         usable = [(number, record) for number, record in completed if layout.covers(record)]
+        if len(usable) < settings.min_trials:  # trials stored before the search documents were these
+            return Rungs([documents.search], [])
         values = np.stack([layout.values(record) for _, record in usable])
         model = FitnessModel(values, layout.weights, settings.top_fraction)
         step = max(1, round(len(model.order) * settings.chunk))
