@@ -50,6 +50,18 @@ def layer_count(study: Study) -> int:
     return layers
 
 
+def _save(figure, axis, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, save as PNG and close a figure."""
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def plot_history(optuna_study: optuna.Study, method: str, path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(6, 3.5))
     complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -70,14 +82,7 @@ def plot_history(optuna_study: optuna.Study, method: str, path: Path) -> Path:
     for trial in complete:
         if is_baseline(trial):
             axis.axhline(100 * trial.value, linestyle="--", color="gray", linewidth=1, label="hand-written baseline")
-    axis.set_xlabel("trial")
-    axis.set_ylabel("search score (avg %)")
-    axis.set_title(f"{method}: optimisation history")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, axis, path, "trial", "search score (avg %)", f"{method}: optimisation history")
 
 
 def plot_estimates(optuna_study: optuna.Study, method: str, path: Path) -> Optional[Path]:
@@ -109,14 +114,7 @@ def plot_estimates(optuna_study: optuna.Study, method: str, path: Path) -> Optio
             [100 * value for _, value, _ in last], [100 * t.race["bar"] for t in stopped], marker="x", s=14,
             label="stopped: last estimate vs the bar it missed",
         )
-    axis.set_xlabel("estimated search score (avg %)")
-    axis.set_ylabel("measured score / bar (avg %)")
-    axis.set_title(f"{method}: the estimator")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, axis, path, "estimated search score (avg %)", "measured score / bar (avg %)", f"{method}: the estimator")
 
 
 def plot_curves(recipe_text: str, method: str, layers: int, path: Path) -> Path:
@@ -138,15 +136,8 @@ def plot_curves(recipe_text: str, method: str, layers: int, path: Path) -> Path:
                 probe = f"layers.0.{label}" if label not in (None, "other") else "layers.0.other"
                 values = [evaluate_setting(probe, setting, t, as_float) for t in positions]
                 axis.plot(range(layers), values, marker=".", label=f"{owner}{name}" + (f" [{label}]" if label else ""))
-    axis.set_xlabel("layer")
-    axis.set_ylabel("value")
     axis.set_ylim(-0.05, 1.05)
-    axis.set_title(f"best {method}: parameters across layers")
-    axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return _save(figure, axis, path, "layer", "value", f"best {method}: parameters across layers")
 
 
 def plot_importances(optuna_study: optuna.Study, method: str, path: Path) -> Optional[Path]:
