@@ -90,7 +90,9 @@ def evidence_matrix(workspace: Workspace, method: str, sampler: str, trials: int
     return np.stack([layout.values(record) for record in records]), layout.weights
 
 
-def compare(values: np.ndarray, weights: np.ndarray, min_trials: int, seed: int) -> dict[str, dict[float, list]]:
+def compare(
+    values: np.ndarray, weights: np.ndarray, min_trials: int, seed: int, top_fraction: float = 0.5
+) -> dict[str, dict[float, list]]:
     """(estimate, measured, stderr or None) per estimator and fraction, each trial predicted from those before it."""
     rng = np.random.default_rng(seed)
     full = values @ weights
@@ -98,7 +100,7 @@ def compare(values: np.ndarray, weights: np.ndarray, min_trials: int, seed: int)
     found: dict[str, dict[float, list]] = {name: {f: [] for f in FRACTIONS} for name in names}
     for index in range(min_trials, len(values)):
         basis = values[:index]
-        model = FitnessModel(basis, weights)
+        model = FitnessModel(basis, weights, top_fraction)
         a, b = fit_irt(basis)
         for fraction in FRACTIONS:
             count = max(1, round(len(weights) * fraction))
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sampler", default="tpe")
     parser.add_argument("--min-trials", type=int, default=5)
+    parser.add_argument("--top-fraction", type=float, default=0.5, help="the regression's evaluation.estimator.top_fraction")
     parser.add_argument("--study", type=Path, help="a study file to use instead of the demo's")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mergetune-bench-search"))
     args = parser.parse_args()
@@ -133,7 +136,7 @@ def main() -> None:
     for method in args.methods:
         for seed in args.seeds:
             values, weights = evidence_matrix(workspace, method, args.sampler, args.trials, seed)
-            for name, by_fraction in compare(values, weights, args.min_trials, seed).items():
+            for name, by_fraction in compare(values, weights, args.min_trials, seed, args.top_fraction).items():
                 for fraction, rows in by_fraction.items():
                     pooled.setdefault(f"{method} {name}", {}).setdefault(fraction, []).extend(rows)
             print(method, seed, "done", flush=True)
@@ -147,7 +150,8 @@ def main() -> None:
     )
     print(
         f"Command: `python bench/bench_estimator.py --trials {args.trials} --methods {' '.join(args.methods)} "
-        f"--seeds {' '.join(map(str, args.seeds))} --sampler {args.sampler} --min-trials {args.min_trials}"
+        f"--seeds {' '.join(map(str, args.seeds))} --sampler {args.sampler} --min-trials {args.min_trials} "
+        f"--top-fraction {args.top_fraction}"
         + (f" --study {args.study}" if args.study else "")
         + "`\n"
     )
