@@ -58,6 +58,11 @@ def plan_live(device: str, free: int, total: int, sources: int, model: int) -> M
     return plan
 
 
+def cache_fits(plan: MemoryPlan, cache: int) -> bool:
+    """Whether the in-memory builder may also keep task vectors (`cache` bytes) between candidates."""
+    return plan.needed + cache <= plan.free
+
+
 def plan_engine(
     device: str, free: int, total: int, sources: int, weights: int, tensor_parallel_size: int = 1,
     share: Optional[float] = None,

@@ -26,12 +26,13 @@ from mergetune.eval.tasks import Origins
 from mergetune.merge_ops.disk import write_side_files
 from mergetune.merge_ops.execute import check_device
 from mergetune.merge_ops.inmemory import InMemoryBuilder
+from mergetune.merge_ops.methods import METHODS
 from mergetune.merge_ops.plan import DTYPES, MergePlan
 from mergetune.merge_ops.recipe import Recipe, recipe_from_dict
 from mergetune.merge_ops.sources import TensorSource, open_source
 from mergetune.merge_ops.stages import plan_stage
 from mergetune.search.documents import Documents, choose_documents, final_only_tasks
-from mergetune.search.memory import plan_engine, plan_live
+from mergetune.search.memory import cache_fits, plan_engine, plan_live
 from mergetune.search.methods import SEARCHABLE
 from mergetune.search.study_file import Study
 
@@ -88,8 +89,14 @@ class Workspace:
             free, total = device_memory(spec.device)
             memory = plan_live(spec.device, free, total, sources_bytes, plan_bytes(merged))
             log.info("memory plan: %s", memory.table())
+            cache = task_vector_bytes(study, merged)
+            keep = cache > 0 and cache_fits(memory, cache)
+            if cache:
+                log.info("task vectors %s between candidates (%.1f GB)", "kept" if keep else "recomputed: no room to keep them", cache / 1e9)
             say(f"loading {len(references)} model(s) onto {spec.device}")
-            live = InMemoryBuilder.for_recipe(first_recipe, sources, device=spec.device, dtype=DTYPES[spec.dtype])
+            live = InMemoryBuilder.for_recipe(
+                first_recipe, sources, device=spec.device, dtype=DTYPES[spec.dtype], cache_task_vectors=keep
+            )
             from transformers import AutoTokenizer
 
             checkpoint_dir = sources[references[0]].directory
@@ -114,6 +121,19 @@ def eval_config(study: Study) -> EvalConfig:
         num_fewshot=evaluation.num_fewshot,
         origins=Origins.study_file(study.path),
     )
+
+
+def task_vector_bytes(study: Study, merged: MergePlan) -> int:
+    """What keeping task vectors between candidates would cost: one model's size per non-base model of
+    the methods that merge task vectors (0 if none of the study's methods does)."""
+    spec = study.spec
+    for name in spec.methods:
+        searchable = SEARCHABLE.get(name)
+        recipe = recipe_from_dict(searchable.recipe(searchable.baseline(spec), spec, study.resolve))
+        method = METHODS.get(recipe.merge_method)
+        if method is not None and method.uses_task_vectors:
+            return len(spec.models) * plan_bytes(merged)
+    return 0
 
 
 def checkpoint_bytes(source: TensorSource) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mergetune.errors import MergetuneError
-from mergetune.search.memory import GB, plan_engine, plan_live
+from mergetune.search.memory import GB, cache_fits, plan_engine, plan_live
 
 B7 = int(7.24e9 * 2)  # a Mistral-7B-shaped model in bfloat16
 B70 = int(70.6e9 * 2)
@@ -39,3 +39,10 @@ def test_the_hf_backend_counts_the_live_model_and_its_activations():
     assert plan.needed == 2 * B7 + B7 + B7 // 4
     with pytest.raises(MergetuneError, match="does not fit"):
         plan_live(**H100, sources=5 * B7, model=B7)
+
+
+def test_task_vectors_are_kept_between_candidates_only_where_they_fit():
+    # A 7B DARE TIES of two fine-tunes: three sources, the live model, two task vectors more.
+    plan = plan_live(**H200, sources=3 * B7, model=B7)
+    assert cache_fits(plan, 2 * B7)  # 61.5 + 29 GB of 140 free
+    assert not cache_fits(plan_live(**H100, sources=3 * B7, model=B7), 2 * B7)

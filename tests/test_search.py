@@ -402,6 +402,16 @@ def test_every_trial_records_the_device_type_it_was_built_on(finished_study):
     assert {t.user_attrs["device"] for t in trials(finished_study, "slerp") if t.state == TrialState.COMPLETE} == {"cpu"}
 
 
+def test_a_study_keeps_task_vectors_between_candidates_only_for_methods_that_merge_them(family_f32, task_dir, tmp_path):
+    from mergetune.search.workspace import Workspace
+
+    dare = load_study(write_study(tmp_path, family_f32, task_dir, methods=["dare_ties"]))
+    assert Workspace.open(dare).builder.cache_task_vectors  # a CPU holds a tiny model's task vectors
+    (tmp_path / "slerp").mkdir()
+    slerp = load_study(write_study(tmp_path / "slerp", family_f32, task_dir, methods=["slerp"]))
+    assert not Workspace.open(slerp).builder.cache_task_vectors
+
+
 def test_any_mergekit_method_is_searched_from_its_declaration(family_f32, task_dir, tmp_path):
     """della and multislerp have no hand-written space: their declared parameters are the space."""
     path = write_study(
