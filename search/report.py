@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -99,7 +100,8 @@ def plot_estimates(optuna_study: optuna.Study, method: str, path: Path) -> Optio
         axis.errorbar(
             [100 * value for _, value, _ in first],
             [100 * t.value for t in measured],
-            xerr=[100 * t.race["z"] * stderr for t, (_, _, stderr) in zip(measured, first)],
+            # An infinite stderr (better than every completed trial where scored) gets no bar.
+            xerr=[100 * t.race["z"] * stderr if math.isfinite(stderr) else 0 for t, (_, _, stderr) in zip(measured, first)],
             fmt="o",
             markersize=3,
             linewidth=0.8,
