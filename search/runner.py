@@ -4,9 +4,9 @@ Per trial: Optuna proposes parameters → the method's mergekit recipe → built
 memory → scored stage by stage on growing, nested subsets of the search documents,
 as the study's pruner schedules them (`mergetune.search.samplers`: successive
 halving's rungs, or the estimator's most discriminating documents first), and
-stopped when the pruner says so (the hand-written baselines always run in full) → stored (`mergetune.search.trials` lists what). Every finished trial
-is in the study's storage the moment it ends, so a crash or Ctrl-C loses at most
-the trial in flight, and running again continues the same study up to the
+stopped when the pruner says so (the hand-written baselines always run in full) →
+stored (`mergetune.search.trials` lists what). Every finished trial is in the
+study's storage the moment it ends, so a crash or Ctrl-C loses at most the trial in flight, and running again continues the same study up to the
 requested count. A trial that fails (NaN weights, an evaluator error, out of
 memory) is stored as failed with its reason and the study goes on, until
 `max_failures` fail in a row. Afterwards the best trials of each method (and the
@@ -39,7 +39,7 @@ from mergetune.merge_ops.recipe import recipe_from_dict
 from mergetune.search import trials
 from mergetune.search.documents import DocIds, Documents, added
 from mergetune.search.methods import SEARCHABLE
-from mergetune.search.samplers import PRUNERS, NoPruning, Race
+from mergetune.search.samplers import PRUNERS, Race, in_full
 from mergetune.search.optuna_adapter import storage_of, trial_id
 from mergetune.search.setup import open_optuna_study
 from mergetune.search.storage import heartbeat, open_storage, redact, storage_errors
@@ -192,7 +192,7 @@ class StudyRunner:
         """The trial's scoring schedule: the study's pruner's, or every search document at once for a baseline."""
         documents = self.workspace.documents
         if trials.is_baseline(trial):
-            return NoPruning().race(documents, self.spec.evaluation, list)
+            return in_full(documents)
 
         def basis() -> list[tuple[int, Record]]:
             complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

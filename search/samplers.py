@@ -104,6 +104,11 @@ class Rungs:
         return None
 
 
+def in_full(documents: "Documents") -> Race:
+    """Every search document in one stage: nothing to decide."""
+    return Rungs([documents.search], [])
+
+
 class SuccessiveHalving:
     """Asynchronous successive halving over nested document rungs: works the same for one worker or many."""
 
@@ -136,7 +141,7 @@ class NoPruning:
         return NopPruner()
 
     def race(self, documents: "Documents", evaluation: "Evaluation", basis: Basis) -> Race:
-        return Rungs([documents.search], [])
+        return in_full(documents)
 
 
 @dataclass
@@ -186,11 +191,11 @@ class Estimator:
         settings = evaluation.estimator
         completed = basis()
         if len(completed) < settings.min_trials:
-            return Rungs([documents.search], [])
+            return in_full(documents)
         layout = Layout.of(completed[0][1])
         usable = [(number, record) for number, record in completed if layout.covers(record)]
         if len(usable) < settings.min_trials:  # trials stored before the search documents were these
-            return Rungs([documents.search], [])
+            return in_full(documents)
         values = np.stack([layout.values(record) for _, record in usable])
         model = FitnessModel(values, layout.weights, settings.top_fraction)
         step = max(1, round(len(model.order) * settings.chunk))
