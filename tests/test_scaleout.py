@@ -68,15 +68,13 @@ class SharedRun:
 def three_workers(request, tmp_path_factory, family_f32, tiny_tasks) -> Iterator[SharedRun]:
     """Three workers started together on one study of N trials, and a fourth SIGKILLed in its first trial.
 
-    Candidates are raced by the estimator, which every worker fits to the trials completed by all.
-
     Journal: all on this host, so the others see the victim's process is gone. PostgreSQL: the
     victim claims another host, so only its silent heartbeat gives it away.
     """
     directory = tmp_path_factory.mktemp(f"three-{request.param}")
     barrier = directory / "barrier"
     with shared_storage(request.param, directory) as storage:
-        study = write_study(directory, family_f32, tiny_tasks, budget={"n_trials": N}, **ESTIMATOR)
+        study = write_study(directory, family_f32, tiny_tasks, budget={"n_trials": N})
         host = "" if request.param == "journal" else "elsewhere"
         victim = start_workers(study, storage, barrier, 1, kill_at=1, host=host)
         workers = start_workers(study, storage, barrier, 3, verbose=True)
@@ -108,8 +106,14 @@ def test_a_worker_killed_mid_trial_has_its_trial_finished_by_another(three_worke
     assert retry.user_attrs["worker"]["pid"] in {worker.pid for worker in three_workers.workers}
 
 
-def test_workers_share_what_the_estimator_learns_through_the_storage(three_workers):
-    trials = stored_trials(three_workers.study, three_workers.storage)
+def test_workers_share_what_the_estimator_learns_through_the_storage(tmp_path, family_f32, tiny_tasks):
+    storage, barrier = f"journal://{tmp_path / 'study.log'}", tmp_path / "barrier"
+    study = write_study(tmp_path, family_f32, tiny_tasks, budget={"n_trials": N}, **ESTIMATOR)
+    workers = start_workers(study, storage, barrier, 2)
+    release(barrier, workers)
+    for code, _, err in finish(workers):
+        assert code == 0, err[-3000:]
+    trials = stored_trials(study, storage)
     assert_races_replay_and_decide_by_the_bar(trials)
     by_number = {t.number: t for t in trials}
     raced = [t for t in trials if "race" in t.user_attrs]
