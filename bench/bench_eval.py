@@ -36,6 +36,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from transformers import AutoTokenizer
 
 from mergetune.eval import EvalConfig, Evaluator
 from mergetune.eval.backends.hf import HFBackend
@@ -64,9 +65,8 @@ TIMED_LM_EVAL = textwrap.dedent(
 )
 
 
-def candidates(spec: TinySpec, count: int) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+def candidates(spec: TinySpec, tokenizer, count: int) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
     """A base model and `count` perturbed relatives' weights."""
-    tokenizer = build_tokenizer()
     base = random_model(spec, tokenizer, seed=0)
     weights = [perturbed(base, seed=index + 1, scale=0.05).state_dict() for index in range(count)]
     return base, weights
@@ -182,6 +182,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=768)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None,
+        help="a real tokenizer's directory (e.g. SmolLM2's, from bench/smollm2.py); default: the tiny word-level one",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="the same for both loops")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mergetune-bench-eval"))
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -196,8 +200,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     spec = TinySpec(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096)
-    tokenizer = build_tokenizer()
-    base, weights = candidates(spec, args.candidates)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else build_tokenizer()
+    base, weights = candidates(spec, tokenizer, args.candidates)
     config = EvalConfig(suite=args.suite, data_dir=args.data_dir, num_fewshot=args.num_fewshot)
 
     load_average = os.getloadavg()
@@ -239,6 +243,7 @@ def main() -> None:
         "machine": f"{psutil.cpu_count()}-core CPU, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.processor() or platform.machine()}",
         "load_average_at_start": load_average,
         "command": "python bench/bench_eval.py " + " ".join(sys.argv[1:]),
+        "tokenizer": str(args.tokenizer or "tiny word-level"),
         "model": {"params": sum(p.numel() for p in live.parameters()), **spec.__dict__},
         "documents": sum(map(len, doc_ids.values())),
         "mergetune": {"setup_seconds": setup_seconds, **a},

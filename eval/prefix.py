@@ -60,10 +60,15 @@ class PrefixGroup:
 
 @dataclass(frozen=True)
 class PrefixPlan:
-    """Groups to score through a cache, and the requests (indices) with nothing worth sharing."""
+    """Groups to score through a cache, and the rows with nothing worth sharing (each scored as one sequence)."""
 
     groups: tuple[PrefixGroup, ...]
-    alone: tuple[int, ...]
+    alone_rows: tuple[Row, ...]
+
+    @property
+    def alone(self) -> tuple[int, ...]:
+        """The requests (indices) of the rows with nothing worth sharing."""
+        return tuple(sorted(i for row in self.alone_rows for i in row.requests))
 
 
 def distinct_rows(inputs: Sequence[tuple[int, ...]], continuation_lengths: Sequence[int]) -> list[Row]:
@@ -132,15 +137,15 @@ def plan_prefixes(
     for lo, hi, depth in chosen:
         groups.append(PrefixGroup(depth, tuple(rows[lo:hi])))
         grouped.update(range(lo, hi))
-    alone = sorted(i for position, row in enumerate(rows) if position not in grouped for i in row.requests)
-    return PrefixPlan(tuple(groups), tuple(alone))
+    alone = tuple(row for position, row in enumerate(rows) if position not in grouped)
+    return PrefixPlan(tuple(groups), alone)
 
 
 def within_window(plan: PrefixPlan, window: int | None) -> PrefixPlan:
-    """`plan` with the groups holding an input of `window` tokens or more sent to lm-eval's path: a sliding-window
-    cache drops the keys such inputs need (None: no window)."""
+    """`plan` with the rows of groups holding an input of `window` tokens or more scored alone: a sliding-window
+    cache drops the keys such inputs need, while a whole sequence's pass applies the window itself (None: no window)."""
     if window is None:
         return plan
     fits = [group for group in plan.groups if all(len(row.tokens) < window for row in group.rows)]
-    too_long = [i for group in plan.groups if group not in fits for row in group.rows for i in row.requests]
-    return PrefixPlan(tuple(fits), tuple(sorted([*plan.alone, *too_long])))
+    too_long = [row for group in plan.groups if group not in fits for row in group.rows]
+    return PrefixPlan(tuple(fits), (*plan.alone_rows, *too_long))

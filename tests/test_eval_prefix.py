@@ -40,7 +40,7 @@ def test_model_input_is_lm_evals_left_truncated_input():
     assert model_input([1, 2, 3], [4, 5], max_length=3) == (2, 3, 4)  # last max_length + 1 tokens, minus the last
 
 
-def test_a_documents_choices_share_their_context_and_a_lone_request_stays_on_lm_evals_path():
+def test_a_documents_choices_share_their_context_and_a_lone_request_is_scored_alone():
     shots = tuple(range(100, 130))
     doc_a = [(shots + (1, 2, 3), (cont, 9)) for cont in (40, 41, 42)]
     doc_b = [((7,) * 20 + (4, 5), (cont, 9)) for cont in (50, 51)]
@@ -84,7 +84,7 @@ def test_a_short_prefix_before_long_rests_is_not_shared():
     assert groups_of(plan_prefixes([opening + (k,) * 5 for k in range(3)], [1, 1, 1])) == [(10, [0, 1, 2])]
 
 
-def test_groups_reaching_a_sliding_window_go_to_lm_evals_path():
+def test_groups_reaching_a_sliding_window_are_scored_as_whole_sequences():
     plan = plan_prefixes([(1,) * 20 + (2,), (1,) * 20 + (3,), (4,) * 30 + (5,), (4,) * 30 + (6,)], [1] * 4)
     kept = within_window(plan, window=25)
     assert groups_of(kept) == [(20, [0, 1])] and kept.alone == (2, 3)
@@ -203,39 +203,44 @@ CAPPED = textwrap.dedent(
     from mergetune.demo.tiny import TinySpec, build_tokenizer, tiny_config
     from mergetune.eval import EvalConfig, Evaluator
 
-    shared_prefix, data_dir, cap = sys.argv[1] == "on", sys.argv[2], int(sys.argv[3])
+    shared_prefix, data_dir, cap, task, shots = sys.argv[1] == "on", sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     spec = TinySpec(max_position_embeddings=4096)
     model = LlamaForCausalLM(tiny_config(spec, 50_000, tokenizer)).eval()  # SmolLM2's vocabulary size, roughly
-    config = EvalConfig(tasks=("arc_challenge",), data_dir=data_dir, num_fewshot=25)
+    config = EvalConfig(tasks=(task,), data_dir=data_dir, num_fewshot=shots)
     evaluator = Evaluator.from_model(model, tokenizer, config, shared_prefix=shared_prefix)  # batch size auto: 64 on CPU
-    doc_ids = evaluator.sample_doc_ids(limit=16, seed=0)
+    doc_ids = evaluator.sample_doc_ids(limit=57, seed=0)
     vms = psutil.Process().memory_info().vms
     resource.setrlimit(resource.RLIMIT_AS, (vms + cap, vms + cap))
     result = evaluator.score(doc_ids=doc_ids)
-    print(json.dumps({"acc": result.tasks["arc_challenge"].value, "tokens": evaluator.backend.forward_tokens}))
+    print(json.dumps({"acc": result.tasks[task].value, "tokens": evaluator.backend.forward_tokens}))
     """
 )
 CAP = 3 * 2**30  # lm-eval's path would need ~20 GiB for a batch of 64 rows of ~1,500 positions x 50k logits
 
 
-def run_capped(shared_prefix: bool, data_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+def run_capped(shared_prefix: bool, data_dir: Path, tmp_path: Path, task: str, shots: int) -> subprocess.CompletedProcess:
     script = tmp_path / "capped.py"
     script.write_text(CAPPED)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     flag = "on" if shared_prefix else "off"
     return subprocess.run(
-        [sys.executable, str(script), flag, str(data_dir), str(CAP)], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, str(script), flag, str(data_dir), str(CAP), task, str(shots)],
+        capture_output=True, text=True, env=env, timeout=600,
     )
 
 
-def test_a_25_shot_task_with_a_large_vocabulary_scores_under_a_memory_cap(benchmarks_dir, tmp_path):
-    completed = run_capped(True, benchmarks_dir, tmp_path)
+@pytest.mark.parametrize(
+    "task, shots",
+    [("arc_challenge", 25), ("mmlu", 5)],  # shared prefixes (57 documents); one row per document, nothing shared
+)
+def test_a_few_shot_task_with_a_large_vocabulary_scores_under_a_memory_cap(benchmarks_dir, tmp_path, task, shots):
+    completed = run_capped(True, benchmarks_dir, tmp_path, task, shots)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert 0 <= json.loads(completed.stdout.splitlines()[-1])["acc"] <= 1
     # The cap binds: lm-eval's path, with its logits at every position, cannot allocate under it.
-    plain = run_capped(False, benchmarks_dir, tmp_path)
+    plain = run_capped(False, benchmarks_dir, tmp_path, task, shots)
     assert plain.returncode != 0 and "allocate" in plain.stderr
 
 
@@ -244,6 +249,21 @@ def test_a_request_that_cannot_fit_the_memory_budget_says_so(eval_models, benchm
     evaluator = Evaluator.from_dir(eval_models["base"], config, batch_size=4, memory_budget=10_000)
     with pytest.raises(MergetuneError, match=r"needs about .* GiB; only .* GiB are available"):
         evaluator.score(limit=2)
+
+
+def test_prefix_batches_take_longest_first_and_close_before_padding_more_than_a_twentieth():
+    from mergetune.demo.tiny import TinySpec, build_tokenizer, random_model
+    from mergetune.eval.backends.hf_prefix import MAX_PADDING, PrefixScorer
+    from mergetune.eval.prefix import PrefixGroup, Row
+
+    def group(length: int) -> PrefixGroup:
+        return PrefixGroup(length, tuple(Row(tuple(range(length)) + (k,), 1, (k,)) for k in range(2)))
+
+    scorer = PrefixScorer(random_model(TinySpec(), build_tokenizer(), seed=0), max_rows=3, memory_budget=2**30)
+    lengths = [100, 98, 97, 96, 60, 59, 40]
+    batches = [[g.prefix_len for g in batch] for batch in scorer._batches([group(n) for n in lengths], 2**30)]
+    assert MAX_PADDING == 0.05
+    assert batches == [[100, 98, 97], [96], [60, 59], [40]]  # at most 3 rows; 60 after 96 would pad 20%
 
 
 # --- the switch --------------------------------------------------------------------------------

@@ -7,9 +7,12 @@ weights between calls, so every call scores the current weights.
 With `shared_prefix` (the default), requests whose inputs share a prefix (a
 document's answer choices, documents with the same shots) are scored through the
 model's key/value cache, the prefix computed once (`mergetune.eval.prefix`,
-`hf_prefix`); the rest go through HFLM as before. The switch is a backend option,
-not part of `EvalConfig`: it changes how the scores are computed, not which
-(they are lm-eval's either way), and only this backend has it.
+`hf_prefix`), and the rest as whole sequences, all with logits only at the
+positions read and batches sized to the free memory; without it (or for an
+architecture the cache path does not support) every request goes through HFLM.
+The switch is a backend option, not part of `EvalConfig`: it changes how the
+scores are computed, not which (they are lm-eval's either way), and only this
+backend has it.
 """
 
 from __future__ import annotations
@@ -136,13 +139,11 @@ class HFBackend(Backend):
         return timed
 
     def loglikelihood(self, requests: Sequence[TokenRequest]) -> list[tuple[float, bool]]:
-        """Shared prefixes through the cache, the other requests through lm-eval's path."""
+        """Shared prefixes through the cache, the other requests as whole sequences, logits only where read (or every
+        request through lm-eval's path, without shared prefixes)."""
         if self._scorer is None:
             return super().loglikelihood(requests)
-        plan = self._plan(requests)
-        scores = self._scorer.score(plan.groups, [r.continuation for r in requests])
-        if plan.alone:
-            scores.update(zip(plan.alone, super().loglikelihood([requests[i] for i in plan.alone])))
+        scores = self._scorer.score(self._plan(requests), [r.continuation for r in requests])
         return [scores[i] for i in range(len(requests))]
 
     def _plan(self, requests: Sequence[TokenRequest]) -> PrefixPlan:

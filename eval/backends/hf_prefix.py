@@ -1,10 +1,13 @@
-"""Scoring prefix groups (`mergetune.eval.prefix`) on a transformers causal LM through its key/value cache.
+"""Scoring a prefix plan (`mergetune.eval.prefix`) on a transformers causal LM, logits only where they are read.
 
 A batch of groups runs its prefixes once (right-padded, no logits but one per
 row); then every row's remaining tokens run against its group's cached keys and
 values, with a padding mask hiding the other groups' longer prefixes and
-position ids continuing its own prefix. Logits are computed only at the
-positions read (`logits_to_keep`), and log-softmax, the greedy check and the sum
+position ids continuing its own prefix. Rows with nothing to share run as whole
+sequences, as lm-eval runs them (right-padded, no cache). Either way logits are
+computed only at the positions read (`logits_to_keep`: with a 50k-token
+vocabulary, lm-eval's logits at every position cost more memory than the model
+and, on a small model, more time), and log-softmax, the greedy check and the sum
 are lm-eval's (`HFLM._loglikelihood_tokens` with HFLM's default dtypes, as the
 `hf` backend makes it: log-softmax in the logits' dtype, no autocast), so each
 request gets lm-eval's answer up to floating-point summation order.
@@ -27,7 +30,7 @@ from transformers import DynamicCache
 
 from mergetune.devices import device_memory
 from mergetune.errors import MergetuneError
-from mergetune.eval.prefix import PrefixGroup
+from mergetune.eval.prefix import PrefixGroup, PrefixPlan, Row
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,9 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma")
 #: Share of the free memory a batch may plan to use: the estimate is coarse, and other allocations coexist.
 MEMORY_SHARE = 0.5
+#: Share of a prefix pass's positions that may be padding: a batch closes before a shorter prefix would pad it
+#: more. Prefixes of few-shot prompts differ by hundreds of tokens, so a fixed row count pads them by 10-15%.
+MAX_PADDING = 0.05
 
 #: (request index) -> (sum of continuation logprobs, all greedy)
 Scores = dict[int, tuple[float, bool]]
@@ -133,13 +139,15 @@ class PrefixScorer:
             return self.memory_budget
         return int(device_memory(self.device)[0] * MEMORY_SHARE)
 
-    def score(self, groups: Sequence[PrefixGroup], continuations: Sequence[tuple[int, ...]]) -> Scores:
-        """(logprob sum, greedy) for every request of `groups`; `continuations`: every request's tokens, by index."""
+    def score(self, plan: PrefixPlan, continuations: Sequence[tuple[int, ...]]) -> Scores:
+        """(logprob sum, greedy) for every request of `plan`; `continuations`: every request's tokens, by index."""
         scores: Scores = {}
         budget = self._budget()
-        ordered = sorted(groups, key=lambda g: -g.prefix_len)  # like lm-eval: longest first, little padding
+        ordered = sorted(plan.groups, key=lambda g: -g.prefix_len)  # like lm-eval: longest first, little padding
         for batch in self._batches(ordered, budget):
             self._score_batch(batch, continuations, budget, scores)
+        for rows in self._row_batches(sorted(plan.alone_rows, key=lambda row: -len(row.tokens)), budget):
+            self._score_rows(rows, continuations, scores)
         return scores
 
     def _needs(self, groups: Sequence[PrefixGroup]) -> tuple[int, int, int]:
@@ -160,29 +168,60 @@ class PrefixScorer:
         return min(self.max_rows, max(budget - held, 0) // per_row)
 
     def _batches(self, groups: Sequence[PrefixGroup], budget: int) -> Iterator[list[PrefixGroup]]:
-        """Consecutive groups, at most `max_rows`, whose prefix pass and a suffix row fit the budget together."""
+        """Consecutive groups (longest prefix first), at most `max_rows`, whose prefix pass and a suffix row fit the
+        budget together, padded by at most `MAX_PADDING` of the pass."""
         batch: list[PrefixGroup] = []
         for group in groups:
-            if batch and (len(batch) == self.max_rows or not self._suffix_rows(batch + [group], budget)):
+            if batch and (
+                len(batch) == self.max_rows
+                or _padding([g.prefix_len for g in batch + [group]]) > MAX_PADDING
+                or not self._suffix_rows(batch + [group], budget)
+            ):
                 yield batch
                 batch = []
             if not batch and not self._suffix_rows([group], budget):
-                prefix_pass, held, per_row = self._needs([group])
                 longest = max(len(row.tokens) for row in group.rows)
-                need = (prefix_pass + held + per_row) / 2**30
-                raise MergetuneError(
-                    f"scoring a request of {longest} tokens needs about {need:.2f} GiB; "
-                    f"only {budget / 2**30:.2f} GiB are available to it on {self.device}"
-                )
+                raise self._cannot_fit(longest, sum(self._needs([group])), budget)
             batch.append(group)
         if batch:
             yield batch
 
-    def _forward(self, input_ids: torch.Tensor, cache: DynamicCache, **kwargs: object) -> object:
-        """The model's forward pass, timed and its positions counted."""
+    def _row_pass(self, rows: Sequence[Row]) -> int:
+        """Bytes of one pass over whole rows (right-padded), keeping the logits from the first position read."""
+        length = max(len(row.tokens) for row in rows)
+        kept = length - min(len(row.tokens) - row.keep for row in rows)
+        return self.footprint.forward(len(rows), length, 0, kept)
+
+    def _row_batches(self, rows: Sequence[Row], budget: int) -> Iterator[list[Row]]:
+        """Consecutive rows (longest first), at most `max_rows`, whose pass fits the budget, padded by at most
+        `MAX_PADDING`."""
+        batch: list[Row] = []
+        for row in rows:
+            if batch and (
+                len(batch) == self.max_rows
+                or _padding([len(r.tokens) for r in batch + [row]]) > MAX_PADDING
+                or self._row_pass(batch + [row]) > budget
+            ):
+                yield batch
+                batch = []
+            if not batch and self._row_pass([row]) > budget:
+                raise self._cannot_fit(len(row.tokens), self._row_pass([row]), budget)
+            batch.append(row)
+        if batch:
+            yield batch
+
+    def _cannot_fit(self, longest: int, need: int, budget: int) -> MergetuneError:
+        return MergetuneError(
+            f"scoring a request of {longest} tokens needs about {need / 2**30:.2f} GiB; "
+            f"only {budget / 2**30:.2f} GiB are available to it on {self.device}"
+        )
+
+    def _forward(self, input_ids: torch.Tensor, cache: DynamicCache | None, **kwargs: object) -> object:
+        """The model's forward pass (with `cache`, or none kept), timed and its positions counted."""
         start = perf_counter()
+        cached = {"use_cache": True, self.cache_name: cache} if cache is not None else {"use_cache": False}
         with torch.no_grad():
-            output = self.model(input_ids=input_ids, use_cache=True, **{self.cache_name: cache}, **kwargs)
+            output = self.model(input_ids=input_ids, **cached, **kwargs)
         if input_ids.is_cuda:
             torch.cuda.synchronize(input_ids.device)
         self.forward_seconds += perf_counter() - start
@@ -248,13 +287,31 @@ class PrefixScorer:
         )
         logprobs = F.log_softmax(output.logits, dim=-1)
         for row, entry in zip(logprobs, chunk):
-            row = row[: len(entry.suffix) - first_read]  # this row's last position is its last token
-            greedy = row.argmax(dim=-1)
-            for index in entry.requests:
-                tokens = torch.tensor(continuations[index], dtype=torch.long, device=device)
-                read = row[-len(tokens) :]
-                logprob = torch.gather(read, 1, tokens[:, None]).squeeze(-1)
-                scores[index] = (float(logprob.sum()), bool((greedy[-len(tokens) :] == tokens).all()))
+            _read(row[: len(entry.suffix) - first_read], entry.requests, continuations, scores)
+
+    def _score_rows(self, rows: list[Row], continuations: Sequence[tuple[int, ...]], scores: Scores) -> None:
+        """One pass over whole rows, as lm-eval makes it (right-padded, causal, no mask), logits from the first read."""
+        length = max(len(row.tokens) for row in rows)
+        first_read = min(len(row.tokens) - row.keep for row in rows)
+        padded = _padded([row.tokens for row in rows], length, self.device)
+        output = self._forward(padded, None, logits_to_keep=length - first_read)
+        logprobs = F.log_softmax(output.logits, dim=-1)
+        for row_logprobs, row in zip(logprobs, rows):
+            _read(row_logprobs[: len(row.tokens) - first_read], row.requests, continuations, scores)
+
+
+def _read(logprobs: torch.Tensor, requests: Sequence[int], continuations: Sequence[tuple[int, ...]], scores: Scores) -> None:
+    """Each request's (logprob sum, greedy) from one row's log-probabilities, whose last position is its last token."""
+    greedy = logprobs.argmax(dim=-1)
+    for index in requests:
+        tokens = torch.tensor(continuations[index], dtype=torch.long, device=logprobs.device)
+        logprob = torch.gather(logprobs[-len(tokens) :], 1, tokens[:, None]).squeeze(-1)
+        scores[index] = (float(logprob.sum()), bool((greedy[-len(tokens) :] == tokens).all()))
+
+
+def _padding(lengths: Sequence[int]) -> float:
+    """The share of padding in a pass over sequences of these lengths, each padded to the longest."""
+    return 1 - sum(lengths) / (max(lengths) * len(lengths))
 
 
 def _padded(sequences: Sequence[Sequence[int]], length: int, device: torch.device) -> torch.Tensor:
