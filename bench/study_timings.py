@@ -1,5 +1,6 @@
 """Per-trial timings of a study, as its workers stored them (the `timings` trial attribute: build, evaluate,
-total seconds; see search/trials.py), with the issue #13 target: build at most a fifth of the scoring time.
+forward and total seconds, forward tokens; see search/trials.py), with the issue #13 target: build at most a
+fifth of the scoring time.
 
     python bench/study_timings.py bench/studies/smollm2_real.yaml [--storage sqlite:///…] [--json out.json]
 
@@ -28,8 +29,9 @@ def main() -> None:
     args = parser.parse_args()
     study = load_study(args.study_file)
     rows, summary = [], []
-    print("| method | trial | state | baseline | docs scored | build s | evaluate s | build / evaluate |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | trial | state | baseline | docs scored | build s | evaluate s | forward s | forward tokens "
+          "| build / evaluate |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for method in study.spec.methods:
         stored = load_optuna_study(study, method, args.storage)
         if stored is None:
@@ -43,8 +45,10 @@ def main() -> None:
                 "docs_scored": trial.user_attrs.get(DOCS_SCORED, 0), **timings,
             }
             rows.append(row)
+            forward, tokens = row.get("forward"), row.get("forward_tokens")  # absent in studies stored before them
             print(f"| {method} | {trial.number} | {row['state']} | {'yes' if row['baseline'] else ''} | {row['docs_scored']} | "
-                  f"{row['build']:.2f} | {row['evaluate']:.1f} | {row['build'] / row['evaluate']:.3f} |")
+                  f"{row['build']:.2f} | {row['evaluate']:.1f} | {'—' if forward is None else f'{forward:.1f}'} | "
+                  f"{'—' if tokens is None else f'{tokens:,}'} | {row['build'] / row['evaluate']:.3f} |")
         full = [row for row in rows if row["method"] == method and row["state"] == TrialState.COMPLETE.name]
         if full:
             build = statistics.median(row["build"] for row in full)

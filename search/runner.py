@@ -168,7 +168,7 @@ class StudyRunner:
         build_seconds = time.perf_counter() - build_start
         recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False)
         trials.set_candidate(trial, method, recipe_yaml, seed, self.workspace.builder.device_type)
-        eval_start = time.perf_counter()
+        eval_start, forward_start = time.perf_counter(), self._forward()
         race = self._race(optuna_study, trial)
         record: Optional[Record] = None
         docs_scored = 0
@@ -180,13 +180,28 @@ class StudyRunner:
                 record = more if record is None else combine(record, more)
                 docs_scored += Documents.count(new)
             if stage < len(race.stages) - 1 and race.stop(trial, stage, record):
-                self._store(trial, race, record, docs_scored, build_seconds, time.perf_counter() - eval_start, started)
+                self._store(trial, race, record, docs_scored, self._timings(started, build_seconds, eval_start, forward_start))
                 return TrialState.PRUNED, None, docs_scored
         value = summarize(record).average
         if not math.isfinite(value):
             raise MergetuneError(f"the score is {value}")
-        self._store(trial, race, record, docs_scored, build_seconds, time.perf_counter() - eval_start, started)
+        self._store(trial, race, record, docs_scored, self._timings(started, build_seconds, eval_start, forward_start))
         return TrialState.COMPLETE, value, docs_scored
+
+    def _forward(self) -> tuple[float, Optional[int]]:
+        """The evaluator's forward-pass counters: seconds, and token positions where its backend counts them."""
+        backend = self.workspace.evaluator.backend
+        return backend.forward_seconds, backend.forward_tokens
+
+    def _timings(
+        self, started: float, build: float, eval_start: float, forward_start: tuple[float, Optional[int]]
+    ) -> dict[str, float]:
+        """The trial's stored `timings` (search/trials.py)."""
+        now, (seconds, tokens) = time.perf_counter(), self._forward()
+        timings = {"build": build, "evaluate": now - eval_start, "forward": seconds - forward_start[0]}
+        if tokens is not None and forward_start[1] is not None:
+            timings["forward_tokens"] = tokens - forward_start[1]
+        return {**timings, "total": now - started}
 
     def _race(self, optuna_study: optuna.Study, trial: optuna.Trial) -> Race:
         """The trial's scoring schedule: the study's pruner's, or every search document at once for a baseline."""
@@ -231,8 +246,7 @@ class StudyRunner:
                 "Finished trials are kept: fix the cause and run the study again"
             )
 
-    def _store(self, trial, race: Race, record: Record, docs: int, build: float, evaluate: float, started: float) -> None:
-        timings = {"build": build, "evaluate": evaluate, "total": time.perf_counter() - started}
+    def _store(self, trial, race: Race, record: Record, docs: int, timings: dict[str, float]) -> None:
         trials.set_evidence(trial, record, docs, timings)
         notes = race.notes()
         if notes is not None:

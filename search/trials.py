@@ -29,7 +29,10 @@ key                     written by, when                             read by
                         (`mergetune.eval.evidence`)
 ``docs_scored``         runner, with ``record``                      benchmarks
 ``timings``             runner, with ``record``: build, evaluate,    benchmarks
-                        total seconds
+                        forward (in forward passes) and total
+                        seconds; ``forward_tokens`` (positions run
+                        through the model) where the backend counts
+                        them (hf)
 ``race``                runner, with ``record``, under a pruner      leaderboard and report (estimated vs
                         that estimates (``pruning: estimator``):     measured), benchmarks, tests (decisions
                         the completed trials it learned from         replayed from the stored basis)

@@ -251,7 +251,7 @@ def test_a_request_that_cannot_fit_the_memory_budget_says_so(eval_models, benchm
         evaluator.score(limit=2)
 
 
-def test_prefix_batches_take_longest_first_and_close_before_padding_more_than_a_twentieth():
+def test_batches_take_longest_first_and_close_before_padding_more_than_a_twentieth():
     from mergetune.demo.tiny import TinySpec, build_tokenizer, random_model
     from mergetune.eval.backends.hf_prefix import MAX_PADDING, PrefixScorer
     from mergetune.eval.prefix import PrefixGroup, Row
@@ -264,6 +264,8 @@ def test_prefix_batches_take_longest_first_and_close_before_padding_more_than_a_
     batches = [[g.prefix_len for g in batch] for batch in scorer._batches([group(n) for n in lengths], 2**30)]
     assert MAX_PADDING == 0.05
     assert batches == [[100, 98, 97], [96], [60, 59], [40]]  # at most 3 rows; 60 after 96 would pad 20%
+    rows = [Row(tuple(range(n)), 1, (n,)) for n in lengths]  # rows with nothing to share: the same rule
+    assert [[len(r.tokens) for r in b] for b in scorer._row_batches(rows, 2**30)] == batches
 
 
 # --- the switch --------------------------------------------------------------------------------

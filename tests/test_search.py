@@ -79,7 +79,9 @@ def test_a_study_runs_every_method_to_its_budget_and_keeps_the_evidence(finished
                 record = json.loads(trial.user_attrs["record"])
                 assert set(record["tasks"]) == set(SEARCH_TASKS)
                 assert trial.user_attrs["docs_scored"] == 16  # 8 per task
-                assert {"build", "evaluate", "total"} <= set(trial.user_attrs["timings"])
+                timings = trial.user_attrs["timings"]
+                assert set(timings) == {"build", "evaluate", "forward", "forward_tokens", "total"}  # hf counts tokens
+                assert 0 < timings["forward"] <= timings["evaluate"] and timings["forward_tokens"] > 0
 
 
 def test_slerp_baseline_is_the_published_t_curve(finished_study):

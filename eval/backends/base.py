@@ -68,6 +68,11 @@ class Backend:
         """Seconds spent in forward passes since this backend was made."""
         return self._forward_seconds
 
+    @property
+    def forward_tokens(self) -> int | None:
+        """Token positions run through the model since this backend was made (None: this backend does not count)."""
+        return None
+
     def encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         return encode_request(self.lm, context, continuation)
 
