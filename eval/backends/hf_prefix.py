@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma")
 #: Share of the free memory a batch may plan to use: the estimate is coarse, and other allocations coexist.
 MEMORY_SHARE = 0.5
-#: Share of a prefix pass's positions that may be padding: a batch closes before a shorter prefix would pad it
-#: more. Prefixes of few-shot prompts differ by hundreds of tokens, so a fixed row count pads them by 10-15%.
+#: Share of a pass's positions (a batch of prefixes, or of whole rows) that may be padding: a batch closes before a
+#: shorter sequence would pad it more. Few-shot prompts differ by hundreds of tokens, so a fixed row count pads
+#: them by 10-15%.
 MAX_PADDING = 0.05
 
 #: (request index) -> (sum of continuation logprobs, all greedy)
