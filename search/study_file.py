@@ -259,7 +259,7 @@ class Study(BaseModel):
 
     def resolve(self, reference: str) -> str:
         """Model references and data paths relative to the study file's folder; hub ids unchanged."""
-        candidate = (self.directory / reference).expanduser()
+        candidate = self.directory / Path(reference).expanduser()  # '~/x' is the home's, not the folder's
         return str(candidate.resolve()) if candidate.exists() else reference
 
     @property

@@ -355,10 +355,24 @@ def test_bad_study_files_get_one_clear_message(change, message, family_f32, task
     assert message in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml")))
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted([*(REPO / "studies").glob("*.yaml"), *(REPO / "bench" / "studies").glob("*.yaml")]))
 def test_shipped_study_files_are_valid(path):
     study = load_study(path)
     assert study.spec.methods and study.spec.evaluation.limit > 0
+
+
+def test_study_paths_resolve_against_the_study_folder_and_the_home_directory(tmp_path, monkeypatch):
+    home, folder = tmp_path / "home", tmp_path / "studies"
+    (home / "models" / "a").mkdir(parents=True)
+    (folder / "data").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    study = load_study(write_study(folder, {"base": "b", "model_a": "m1", "model_b": "m2"}, Path("data")))
+    assert study.resolve("~/models/a") == str(home / "models" / "a")
+    assert study.resolve("data") == str(folder / "data")
+    assert study.resolve("org/model") == "org/model"  # not a path here: a hub id, unchanged
 
 
 def test_a_study_stored_by_an_older_mergetune_continues_and_a_different_one_is_still_refused():
