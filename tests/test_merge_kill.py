@@ -22,8 +22,12 @@ from typer.testing import CliRunner
 from mergetune.cli import app
 
 runner = CliRunner()
+# The child stands for a merge run in a terminal, where Ctrl-C raises KeyboardInterrupt. Started from a shell's
+# background job (`cmd &` without job control, as CI scripts may run pytest) it would inherit SIGINT ignored and
+# never see the signal, so its handler is set back to Python's default first.
 SLOW_MERGE = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import mergetune.merge_ops.writer as writer
 original = writer.ShardedWriter.write
 def write(self, name, tensor):
