@@ -6,12 +6,12 @@ as the study's pruner schedules them (`mergetune.search.samplers`: successive
 halving's rungs, or the estimator's most discriminating documents first), and
 stopped when the pruner says so (the hand-written baselines always run in full) →
 stored (`mergetune.search.trials` lists what). Every finished trial is in the
-study's storage the moment it ends, so a crash or Ctrl-C loses at most the trial in flight, and running again continues the same study up to the
-requested count. A trial that fails (NaN weights, an evaluator error, out of
-memory) is stored as failed with its reason and the study goes on, until
-`max_failures` fail in a row. Afterwards the best trials of each method (and the
-baselines) are scored on held-out documents: the finalists' scores the
-leaderboard ranks by.
+study's storage the moment it ends, so a crash or Ctrl-C loses at most the trial
+in flight, and running again continues the same study up to the requested count.
+A trial that fails (NaN weights, an evaluator error, out of memory) is stored as
+failed with its reason and the study goes on, until `max_failures` fail in a row.
+Afterwards the best trials of each method (and the baselines) are scored on
+held-out documents: the finalists' scores the leaderboard ranks by.
 
 Sharing the study with other workers (admission, dead-worker reaping) is
 `mergetune.search.workers`; opening it, `mergetune.search.setup`.
@@ -199,7 +199,7 @@ class StudyRunner:
         """The trial's stored `timings` (search/trials.py)."""
         now, (seconds, tokens) = time.perf_counter(), self._forward()
         timings = {"build": build, "evaluate": now - eval_start, "forward": seconds - forward_start[0]}
-        if tokens is not None and forward_start[1] is not None:
+        if tokens is not None:  # the same backend: counted then too
             timings["forward_tokens"] = tokens - forward_start[1]
         return {**timings, "total": now - started}
 

@@ -125,14 +125,11 @@ def eval_config(study: Study) -> EvalConfig:
 
 def task_vector_bytes(study: Study, merged: MergePlan) -> int:
     """What keeping task vectors between candidates would cost: one model's size per non-base model of
-    the methods that merge task vectors (0 if none of the study's methods does)."""
+    the methods that merge task vectors (0 if none of the study's methods does; a searchable method's
+    recipes use the mergekit method of its name)."""
     spec = study.spec
-    for name in spec.methods:
-        searchable = SEARCHABLE.get(name)
-        recipe = recipe_from_dict(searchable.recipe(searchable.baseline(spec), spec, study.resolve))
-        method = METHODS.get(recipe.merge_method)
-        if method is not None and method.uses_task_vectors:
-            return len(spec.models) * plan_bytes(merged)
+    if any(METHODS[name].uses_task_vectors for name in spec.methods):
+        return len(spec.models) * plan_bytes(merged)
     return 0
 
 

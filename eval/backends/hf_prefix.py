@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from time import perf_counter
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,7 @@ MAX_PADDING = 0.05
 
 #: (request index) -> (sum of continuation logprobs, all greedy)
 Scores = dict[int, tuple[float, bool]]
+T = TypeVar("T")
 
 
 def unsupported_reason(model: torch.nn.Module) -> str | None:
@@ -168,24 +170,38 @@ class PrefixScorer:
             return 0
         return min(self.max_rows, max(budget - held, 0) // per_row)
 
-    def _batches(self, groups: Sequence[PrefixGroup], budget: int) -> Iterator[list[PrefixGroup]]:
-        """Consecutive groups (longest prefix first), at most `max_rows`, whose prefix pass and a suffix row fit the
-        budget together, padded by at most `MAX_PADDING` of the pass."""
-        batch: list[PrefixGroup] = []
-        for group in groups:
+    def _consecutive(
+        self,
+        items: Sequence[T],
+        length: Callable[[T], int],
+        fits: Callable[[list[T]], bool],
+        too_large: Callable[[T], MergetuneError],
+    ) -> Iterator[list[T]]:
+        """Consecutive items (longest first), at most `max_rows`, that `fit` together in one pass padded by at most
+        `MAX_PADDING`; `too_large(item)` for an item that does not fit alone."""
+        batch: list[T] = []
+        for item in items:
             if batch and (
                 len(batch) == self.max_rows
-                or _padding([g.prefix_len for g in batch + [group]]) > MAX_PADDING
-                or not self._suffix_rows(batch + [group], budget)
+                or _padding([length(i) for i in batch + [item]]) > MAX_PADDING
+                or not fits(batch + [item])
             ):
                 yield batch
                 batch = []
-            if not batch and not self._suffix_rows([group], budget):
-                longest = max(len(row.tokens) for row in group.rows)
-                raise self._cannot_fit(longest, sum(self._needs([group])), budget)
-            batch.append(group)
+            if not batch and not fits([item]):
+                raise too_large(item)
+            batch.append(item)
         if batch:
             yield batch
+
+    def _batches(self, groups: Sequence[PrefixGroup], budget: int) -> Iterator[list[PrefixGroup]]:
+        """Batches of groups whose prefix pass and a suffix row fit the budget together."""
+        return self._consecutive(
+            groups,
+            lambda group: group.prefix_len,
+            lambda batch: self._suffix_rows(batch, budget) > 0,
+            lambda group: self._cannot_fit(max(len(row.tokens) for row in group.rows), sum(self._needs([group])), budget),
+        )
 
     def _row_pass(self, rows: Sequence[Row]) -> int:
         """Bytes of one pass over whole rows (right-padded), keeping the logits from the first position read."""
@@ -194,22 +210,13 @@ class PrefixScorer:
         return self.footprint.forward(len(rows), length, 0, kept)
 
     def _row_batches(self, rows: Sequence[Row], budget: int) -> Iterator[list[Row]]:
-        """Consecutive rows (longest first), at most `max_rows`, whose pass fits the budget, padded by at most
-        `MAX_PADDING`."""
-        batch: list[Row] = []
-        for row in rows:
-            if batch and (
-                len(batch) == self.max_rows
-                or _padding([len(r.tokens) for r in batch + [row]]) > MAX_PADDING
-                or self._row_pass(batch + [row]) > budget
-            ):
-                yield batch
-                batch = []
-            if not batch and self._row_pass([row]) > budget:
-                raise self._cannot_fit(len(row.tokens), self._row_pass([row]), budget)
-            batch.append(row)
-        if batch:
-            yield batch
+        """Batches of whole rows whose pass fits the budget."""
+        return self._consecutive(
+            rows,
+            lambda row: len(row.tokens),
+            lambda batch: self._row_pass(batch) <= budget,
+            lambda row: self._cannot_fit(len(row.tokens), self._row_pass([row]), budget),
+        )
 
     def _cannot_fit(self, longest: int, need: int, budget: int) -> MergetuneError:
         return MergetuneError(
