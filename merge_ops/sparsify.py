@@ -10,6 +10,7 @@ task vectors at once: the entries on which the models disagree most (SCE).
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Protocol
 
 import torch
@@ -30,13 +31,16 @@ class Sparsifier(Protocol):
     ) -> torch.Tensor: ...
 
 
-def _rescaled_(tensor: torch.Tensor, before: Optional[torch.Tensor], eps: float = 1e-7) -> torch.Tensor:
+RESCALE_EPS = 1e-7  # below this L1 norm (before or after masking) a tensor is not rescaled, as in mergekit
+
+
+def _rescaled_(tensor: torch.Tensor, before: Optional[torch.Tensor]) -> torch.Tensor:
     """The masked tensor scaled back, in place, to the L1 norm `before` masking, as mergekit does
     (not when either norm is about 0); `before` None: no rescaling."""
-    if before is None or before < eps:
+    if before is None or before < RESCALE_EPS:
         return tensor
     after = tensor.abs().sum()
-    return tensor if after < eps else tensor.mul_(before / after)
+    return tensor if after < RESCALE_EPS else tensor.mul_(before / after)
 
 
 def _mask_(tensor: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
@@ -58,40 +62,94 @@ def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-# Uniform draws per pass on the CPU: the float32 draws and the keep-mask stay in L1/L2 cache, and
+# Entries per pass on the CPU: the draws and the slice of the task vector stay in L1/L2 cache, and
 # each pass's kernels run on the calling thread (at most torch's grain size, 32768), so the task
 # vectors of several models can be pruned on parallel threads.
 DRAW_CHUNK = 1 << 15
+DRAW_BITS = 15  # random bits per entry: a keep probability is rounded to a multiple of 2^-15
+DRAW_SCALE = 1 << DRAW_BITS
+DRAW_MASK = 0x7FFF7FFF  # the low 15 bits of each 16-bit half of a 32-bit draw
+# The draw scheme's name, stored with each search trial: a seed gives these masks only under this scheme
+# (mergetune before 2026-11-30 drew one float32 per entry and is recorded as no scheme at all).
+DRAWS = "int15"
 
 
-def _keep_(tensor: torch.Tensor, probabilities: torch.Tensor | float, generator: Optional[torch.Generator]) -> None:
-    """Zero, in place, each entry of a contiguous tensor whose uniform draw is not below its keep probability.
+def keep_thresholds(probabilities: torch.Tensor | float) -> torch.Tensor | int:
+    """An entry is kept when its 15-bit draw is below its threshold: round(p * 2^15), at most 2^15 - 1
+    for a tensor of probabilities (a scalar of 2^15 keeps everything)."""
+    if isinstance(probabilities, torch.Tensor):
+        return (probabilities.reshape(-1) * DRAW_SCALE).round_().clamp_(0, DRAW_SCALE - 1).to(torch.int16)
+    return max(0, min(DRAW_SCALE, round(probabilities * DRAW_SCALE)))
 
-    Comparing uniform draws is 2-3x faster than torch.bernoulli on the CPU. There each element takes
-    the next number of the generator's stream, so drawing chunk by chunk into one small buffer gives
-    the mask of a single whole-tensor draw without its float32 temporary (4 bytes per element).
-    CUDA's stream depends on how the draws are split, so there it is one draw.
+
+def _keep_(
+    tensor: torch.Tensor, thresholds: torch.Tensor | int, generator: Optional[torch.Generator], rescale: bool
+) -> tuple[float, float]:
+    """Zero, in place, each entry of a contiguous tensor whose draw is not below its keep threshold; return
+    the L1 norms before and after (float64 sums of float32 slice sums; 0.0 without `rescale`).
+
+    The draws are uniform 15-bit integers, two per 32-bit number of the generator's stream (its
+    costly part: half the numbers a float draw per entry takes); the 32-bit numbers have 31 random
+    bits, so each 16-bit half keeps its low 15. On the CPU they are taken slice by slice into one
+    small buffer, in stream order, so the mask is that of a single whole-tensor draw whatever the
+    slicing, with no tensor-sized temporary, and the norms are summed while each slice is in cache.
+    CUDA's stream depends on how the draws are split, so there it is one slice. The mask is a
+    bitwise AND: a draw below its threshold, minus the threshold, is negative, so shifted right it
+    is all ones (kept); a dropped entry keeps its sign bit only, the ±0 that multiplying by a 0/1
+    mask gives.
     """
     flat = tensor.view(-1)
-    bounds = probabilities.reshape(-1) if isinstance(probabilities, torch.Tensor) else probabilities
+    bits = flat.view(torch.int16 if flat.element_size() == 2 else torch.int32)
+    sign = torch.iinfo(bits.dtype).min
     count = flat.numel()
-    chunk = DRAW_CHUNK if tensor.device.type == "cpu" else max(1, count)
-    draws = torch.empty(min(chunk, count), dtype=torch.float32, device=tensor.device)
-    keep = torch.empty(draws.shape, dtype=torch.bool, device=tensor.device)
-    for start in range(0, count, chunk):
-        size = min(chunk, count - start)
-        torch.rand(size, generator=generator, out=draws[:size])
-        bound = bounds[start : start + size] if isinstance(bounds, torch.Tensor) else bounds
-        flat[start : start + size].mul_(torch.lt(draws[:size], bound, out=keep[:size]))
+    chunk = DRAW_CHUNK if tensor.device.type == "cpu" else max(2, count + count % 2)
+    draws = torch.empty(min(chunk, count + count % 2), dtype=torch.int16, device=tensor.device)
+    wide = draws if bits.dtype == torch.int16 else torch.empty(draws.shape, dtype=bits.dtype, device=tensor.device)
+    magnitudes = torch.empty(draws.shape, dtype=flat.dtype, device=tensor.device)
+    bounds = thresholds.split(chunk) if isinstance(thresholds, torch.Tensor) else itertools.repeat(thresholds)
+    before = after = 0.0
+    for values, values_bits, bound in zip(flat.split(chunk), bits.split(chunk), bounds):  # views made in one call
+        size = values.numel()
+        mask, numbers = (draws, draws.view(torch.int32)) if size == len(draws) else _prefix(draws, size)
+        numbers.random_(generator=generator).bitwise_and_(DRAW_MASK)
+        mask.sub_(bound).bitwise_right_shift_(DRAW_BITS)  # -1 (keep) or 0
+        if wide is not draws:
+            mask = wide[:size].copy_(mask)
+        mask.bitwise_or_(sign)
+        if rescale:
+            before += float(torch.abs(values, out=magnitudes[:size]).sum(dtype=torch.float32))
+        values_bits.bitwise_and_(mask)
+        if rescale:
+            after += float(torch.abs(values, out=magnitudes[:size]).sum(dtype=torch.float32))
+    return before, after
+
+
+def _prefix(draws: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `size` draws of the buffer, and the 32-bit numbers that fill them (one more half for an odd size)."""
+    return draws[:size], draws[: size + size % 2].view(torch.int32)
 
 
 def _random_mask_(
     tensor: torch.Tensor, probabilities: torch.Tensor | float, rescale: bool, generator: Optional[torch.Generator]
 ) -> torch.Tensor:
-    """DARE's and DELLA's pruning, in place: keep each entry with its probability, then rescale."""
-    before = tensor.abs().sum() if rescale else None
-    _keep_(tensor, probabilities, generator)
-    return _rescaled_(tensor, before)
+    """DARE's and DELLA's pruning, in place: keep each entry with its probability, then rescale to the
+    L1 norm before (not when either norm is about 0, as in mergekit)."""
+    thresholds = keep_thresholds(probabilities)
+    if isinstance(thresholds, int) and thresholds >= DRAW_SCALE:
+        return tensor  # rounds to keeping every entry
+    before, after = _keep_(tensor, thresholds, generator, rescale)
+    if rescale and before >= RESCALE_EPS and after >= RESCALE_EPS:
+        scale = before / after
+        for part in in_slices(tensor.view(-1)):
+            part.mul_(scale)
+    return tensor
+
+
+def in_slices(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A flat tensor as views of at most `DRAW_CHUNK` entries on the CPU (whole elsewhere): an op on one
+    slice runs on the calling thread, where a tensor-wide op would start its own team of threads in
+    each thread that prunes a model, more threads than cores."""
+    return tensor.split(DRAW_CHUNK) if tensor.device.type == "cpu" else (tensor,)
 
 
 def magnitude(

@@ -55,6 +55,17 @@ def export_device(
     )
 
 
+def draws_note(stored: Optional[str], current: str, randomized: bool) -> Optional[str]:
+    """What differs when the trial's masks were drawn under another scheme than this mergetune's (None: alike)."""
+    if not randomized or stored == current:
+        return None
+    scheme = f"the {stored} scheme" if stored else "an older mergetune's scheme (one float32 per entry)"
+    return (
+        f"the scored candidate's random masks were drawn under {scheme}, this export's under the {current} scheme: "
+        "the same seed gives other masks, so this model differs from the one scored"
+    )
+
+
 def pick_row(board: Leaderboard, method: Optional[str], trial: Optional[int]) -> Row:
     """A given trial, else the best finalist (of `method`, or overall)."""
     rows = [row for row in board.rows if method is None or row.method == method]
@@ -125,12 +136,15 @@ def export_trial(
 
     from mergetune.merge_ops.disk import merge_recipe_file
     from mergetune.merge_ops.plan import validate_recipe
+    from mergetune.merge_ops.sparsify import DRAWS
 
     board = build_leaderboard(study, storage)
     row = pick_row(board, method, trial)
     recipe_file = parse_recipes(row.recipe, source=f"{study.spec.name} trial {row.trial}")
     randomized = any(validate_recipe(stage).randomized for stage in recipe_file.stages)
     device, note = export_device(row.device, device, torch.cuda.is_available(), randomized)
+    drawn = draws_note(row.draws, DRAWS, randomized)
+    note = "; ".join(part for part in (note, drawn) if part) or None
     merge_recipe_file(
         recipe_file,
         out_dir,

@@ -34,6 +34,7 @@ class Row:
     recipe: str
     seed: int
     device: Optional[str] = None  # where the scored candidate was built
+    draws: Optional[str] = None  # the random-draw scheme of its masks (None: before schemes were recorded)
     estimate: Optional[tuple[float, int]] = None  # the estimator's first estimate: (search score, from documents)
     rank: int = 0
     method_rank: int = 0
@@ -132,6 +133,7 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
                     recipe=trial.recipe,
                     seed=trial.seed,
                     device=trial.device,
+                    draws=trial.draws,
                     estimate=first_estimate(trial),
                 )
             )

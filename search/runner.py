@@ -36,6 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mergetune.errors import MergetuneError
 from mergetune.eval.evidence import Record, combine, record_from_result, summarize
 from mergetune.merge_ops.recipe import recipe_from_dict
+from mergetune.merge_ops.sparsify import DRAWS
 from mergetune.search import trials
 from mergetune.search.documents import DocIds, Documents, added
 from mergetune.search.methods import SEARCHABLE
@@ -167,7 +168,7 @@ class StudyRunner:
         self.workspace.builder.build(recipe_from_dict(recipe_dict), seed=seed)
         build_seconds = time.perf_counter() - build_start
         recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False)
-        trials.set_candidate(trial, method, recipe_yaml, seed, self.workspace.builder.device_type)
+        trials.set_candidate(trial, method, recipe_yaml, seed, self.workspace.builder.device_type, DRAWS)
         eval_start, forward_start = time.perf_counter(), self._forward()
         race = self._race(optuna_study, trial)
         record: Optional[Record] = None

@@ -24,6 +24,9 @@ key                     written by, when                             read by
                         DELLA masks
 ``device``              runner, with ``recipe``: the device type     export (re-merges there: random masks
                         the candidate was built on (cpu, cuda)       depend on the device's generator)
+``draws``               runner, with ``recipe``: the random-draw     export (says so when this mergetune
+                        scheme of its masks (`sparsify.DRAWS`);      draws otherwise: other masks from the
+                        absent before it was recorded (float32)      same seed)
 ``record``              runner, when scoring stops (complete or      leaderboard (search score), benchmarks
                         pruned): per-document evidence as JSON
                         (`mergetune.eval.evidence`)
@@ -83,6 +86,7 @@ METHOD = "method"
 RECIPE = "recipe"
 SEED = "seed"
 DEVICE = "device"
+DRAWS = "draws"
 RECORD = "record"
 DOCS_SCORED = "docs_scored"
 TIMINGS = "timings"
@@ -146,11 +150,12 @@ def set_worker(trial: optuna.Trial, worker: dict[str, Any]) -> None:
     trial.set_user_attr(WORKER, worker)
 
 
-def set_candidate(trial: optuna.Trial, method: str, recipe_yaml: str, seed: int, device: str) -> None:
+def set_candidate(trial: optuna.Trial, method: str, recipe_yaml: str, seed: int, device: str, draws: str) -> None:
     trial.set_user_attr(METHOD, method)
     trial.set_user_attr(RECIPE, recipe_yaml)
     trial.set_user_attr(SEED, seed)
     trial.set_user_attr(DEVICE, device)
+    trial.set_user_attr(DRAWS, draws)
 
 
 def set_evidence(trial: optuna.Trial, record: Record, docs_scored: int, timings: dict[str, float]) -> None:
@@ -218,6 +223,7 @@ class StoredTrial:
     recipe: Optional[str]
     seed: Optional[int]
     device: Optional[str]  # None for trials stored before devices were recorded
+    draws: Optional[str]  # None for trials stored before draw schemes were recorded
     record: Optional[Record]
     docs_scored: int
     fail_reason: Optional[str]
@@ -236,6 +242,7 @@ class StoredTrial:
             recipe=attrs.get(RECIPE),
             seed=None if seed is None else int(seed),
             device=attrs.get(DEVICE),
+            draws=attrs.get(DRAWS),
             record=None if record is None else json.loads(record),
             docs_scored=attrs.get(DOCS_SCORED, 0),
             fail_reason=attrs.get(FAIL_REASON),

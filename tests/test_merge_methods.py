@@ -22,6 +22,8 @@ from mergetune.merge_ops.writer import all_finite
 from mergetune.merge_ops.methods import METHODS, MergeInputs, _approximate_quantiles, arcee_fusion, ram
 from mergetune.merge_ops.plan import plan_merge
 from mergetune.merge_ops.recipe import parse_recipes, recipe_from_dict
+from mergetune.merge_ops import sparsify
+from mergetune.merge_ops.sparsify import DRAW_CHUNK
 from mergetune.merge_ops.sources import open_source
 from test_merge_engine import fake_model
 from test_merge_parity import RECIPES, family_other_vocab, with_paths  # noqa: F401 (a fixture)
@@ -156,16 +158,26 @@ def test_input_contracts_are_mergekits(method, models, base, message):
 # ------------------------------------------------------------------- fused arithmetic
 
 
+def l1_by_slices(tensor: torch.Tensor) -> float:
+    flat = tensor.reshape(-1)
+    return sum(float(flat[i : i + DRAW_CHUNK].abs().sum(dtype=torch.float32)) for i in range(0, flat.numel(), DRAW_CHUNK))
+
+
 def whole_tensor_dare(inputs: MergeInputs, consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
     """DARE (TIES) as mergekit writes it, one whole-tensor step after another: the oracle for the fused,
-    sliced and threaded version (one uniform draw per entry from each model's generator)."""
+    sliced and threaded version. Each model's generator gives one 32-bit number per two entries, whose
+    16-bit halves, less their top bit, are the entries' 15-bit draws; an entry is kept when its draw is
+    below round(density * 2^15). The L1 norms of the rescaling are float64 sums of float32 sums over
+    slices of `DRAW_CHUNK` entries."""
     base = inputs.base
     deltas = []
     for index in inputs.non_base:
         delta = inputs.tensors[index] - base
-        keep = torch.rand(delta.shape, generator=inputs.generators[index]) < inputs.per_input["density"][index]
-        masked = delta * keep
-        before, after = delta.abs().sum(), masked.abs().sum()
+        count = delta.numel()
+        numbers = torch.empty((count + 1) // 2, dtype=torch.int32).random_(generator=inputs.generators[index])
+        draws = (numbers & 0x7FFF7FFF).view(torch.int16)[:count].reshape(delta.shape)
+        masked = delta * (draws < round(inputs.per_input["density"][index] * 2**15))
+        before, after = l1_by_slices(delta), l1_by_slices(masked)
         deltas.append(masked * (before / after))
     deltas = torch.stack(deltas)
     weights = torch.tensor([inputs.per_input["weight"][i] for i in inputs.non_base], dtype=base.dtype)
@@ -191,7 +203,7 @@ def test_fused_dare_gives_the_whole_tensor_arithmetic_bit_for_bit(method, consen
     """Over several draw and combine slices, three models, signs that cancel and negative zeros:
     the same bits as the whole-tensor formulation, so seeded merges reproduce across versions."""
     generator = torch.Generator().manual_seed(0)
-    base = (0.02 * torch.randn(301, 1000, generator=generator)).to(dtype)
+    base = (0.02 * torch.randn(301, 999, generator=generator)).to(dtype)  # an odd count: a lone last draw
     base.view(-1)[:64] = -0.0
     models = [(base.float() + 0.003 * torch.randn(base.shape, generator=generator)).to(dtype) for _ in range(3)]
     models[1].view(-1)[:100] = base.view(-1)[:100]
@@ -207,6 +219,28 @@ def test_fused_dare_gives_the_whole_tensor_arithmetic_bit_for_bit(method, consen
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32  # equal bits: negative zeros too
     assert fused.dtype == expected.dtype
     assert torch.equal(fused.view(bits), expected.view(bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.93])
+def test_random_pruning_keeps_each_entry_with_its_probability(density, dtype):
+    """DARE's and DELLA's masks keep the requested share of entries (within 5 binomial standard
+    deviations over a million entries), and a seed gives the same mask again."""
+    count = 1_000_003
+    tensor = torch.linspace(-1, 1, count, dtype=torch.float32).add_(1e-3).to(dtype)
+    tensor[tensor == 0] = 1e-3
+
+    def pruned(sparsifier, seed: int, **extra: float) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return sparsifier(tensor.clone(), density=density, rescale=False, generator=generator, **extra)
+
+    kept = pruned(sparsify.bernoulli, 1) != 0
+    assert abs(kept.float().mean().item() - density) < 5 * (density * (1 - density) / count) ** 0.5
+    assert torch.equal(kept, pruned(sparsify.bernoulli, 1) != 0)
+    assert not torch.equal(kept, pruned(sparsify.bernoulli, 2) != 0)
+    if 0.05 < density < 0.9:  # DELLA: density ± epsilon inside (0, 1); on average it keeps `density`
+        della = pruned(sparsify.della_magprune, 1, epsilon=0.05) != 0
+        assert abs(della.float().mean().item() - density) < 5 * (density * (1 - density) / count) ** 0.5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -418,6 +418,31 @@ def test_every_trial_records_the_device_type_it_was_built_on(finished_study):
     assert {t.user_attrs["device"] for t in trials(finished_study, "slerp") if t.state == TrialState.COMPLETE} == {"cpu"}
 
 
+def test_every_trial_records_the_draw_scheme_of_its_masks(finished_study):
+    from mergetune.merge_ops.sparsify import DRAWS
+
+    complete = [t for t in trials(finished_study, "slerp") if t.state == TrialState.COMPLETE]
+    assert complete and {t.user_attrs["draws"] for t in complete} == {DRAWS}
+
+
+@pytest.mark.parametrize(
+    "stored, randomized, warns",
+    [
+        ("int15", True, False),  # drawn as this mergetune draws
+        (None, True, True),  # stored by a mergetune that drew one float32 per entry
+        ("float64", True, True),  # some other scheme
+        (None, False, False),  # deterministic recipes have no masks
+    ],
+)
+def test_export_says_when_the_trial_was_drawn_under_another_scheme(stored, randomized, warns):
+    from mergetune.search.export import draws_note
+
+    note = draws_note(stored, "int15", randomized)
+    assert (note is not None) == warns
+    if warns:
+        assert "int15" in note and "differs from the one scored" in note
+
+
 def test_a_study_keeps_task_vectors_between_candidates_only_for_methods_that_merge_them(family_f32, task_dir, tmp_path):
     from mergetune.search.workspace import Workspace
 
