@@ -2,7 +2,7 @@
 
 Measures, in one run on one machine:
   1. wall time and peak RSS of a disk merge, `mergetune merge` vs `mergekit-yaml`'s
-     engine, for a SLERP recipe and a DARE TIES recipe;
+     engine, for a SLERP, a DARE TIES and a TIES recipe;
   2. the time to get a candidate into a usable model: mergekit disk merge + reload
      with transformers vs mergetune's in-memory build into a live model.
 
@@ -14,7 +14,7 @@ VmHWM); page cache is warmed by reading every input file first, for both.
 
 With `--shape smollm2` the models are the real SmolLM2-135M pair that `bench/smollm2.py` builds
 (`--models-dir`, default ~/.cache/mergetune-bench/smollm2): SLERP of the two fine-tunes (`arc` at
-t = 0, as a study's SLERP), DARE TIES of both over `base`.
+t = 0, as a study's SLERP), DARE TIES and TIES of both over `base`.
 
 Every row also gives the memory-bandwidth floor: the bytes a merge must move at the least (every
 input tensor read once, the output written once) over this machine's measured copy bandwidth
@@ -267,11 +267,14 @@ def main() -> None:
             "dtype": "bfloat16",
         },
     }
+    # TIES: the same models and parameters, pruned by magnitude rank (a sort) instead of seeded draws.
+    recipes["TIES (0.5/0.5)"] = {**recipes["DARE TIES (0.5/0.5)"], "merge_method": "ties"}
     # The least bytes a merge moves: each input model read once, the output written once.
     floor_bytes = {
         "SLERP (t-curves)": model_bytes(models["model_a"]) + model_bytes(models["model_b"]) + model_bytes(models["model_a"]),
         "DARE TIES (0.5/0.5)": sum(model_bytes(path) for path in models.values()) + model_bytes(models["base"]),
     }
+    floor_bytes["TIES (0.5/0.5)"] = floor_bytes["DARE TIES (0.5/0.5)"]
     rows, memory_rows = [], []
     for label, recipe in recipes.items():
         recipe_path = work / (label.split()[0].lower() + ".yaml")
@@ -284,9 +287,10 @@ def main() -> None:
         memory = in_memory_vs_reload(recipe_path, work / "out-mergekit", args.candidates)
         memory_rows.append((label, mergekit, memory))
         print(label, mergekit, mergetune, memory, file=sys.stderr)
-        if recipe["merge_method"] == "dare_ties":  # task vectors kept between candidates: same tensors, more memory
+        if recipe["merge_method"] in ("dare_ties", "ties"):  # kept between candidates: same tensors, more memory
             cached = in_memory_vs_reload(recipe_path, work / "out-mergekit", args.candidates, cache_task_vectors=True)
-            memory_rows.append((label + ", task vectors cached", mergekit, cached))
+            kept = "task vectors and rankings" if recipe["merge_method"] == "ties" else "task vectors"
+            memory_rows.append((label + f", {kept} cached", mergekit, cached))
             print(label, "cached", cached, file=sys.stderr)
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}"

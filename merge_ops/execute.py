@@ -10,6 +10,7 @@ import torch
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.methods import MergeInputs, MethodSpec
 from mergetune.merge_ops.plan import TensorInput, TensorOp
+from mergetune.merge_ops.sparsify import compact
 
 Fetch = Callable[[TensorInput], torch.Tensor]
 DEVICE_TYPES = ("cpu", "cuda")
@@ -50,12 +51,18 @@ def merge_inputs(
     seed: Optional[int],
     device: str,
     task_vectors: Optional[list[Optional[torch.Tensor]]] = None,
+    rankings: Optional[list[Optional[torch.Tensor]]] = None,
 ) -> MergeInputs:
     generators = None
     if method.randomized and seed is not None:
         generators = [tensor_generator(seed, op.output, position, device) for position in range(len(op.inputs))]
     return MergeInputs(
-        tensors=tensors, base_index=op.base_index, per_input=op.per_input, generators=generators, task_vectors=task_vectors
+        tensors=tensors,
+        base_index=op.base_index,
+        per_input=op.per_input,
+        generators=generators,
+        task_vectors=task_vectors,
+        rankings=rankings,
     )
 
 
@@ -69,6 +76,15 @@ def compute_task_vectors(op: TensorOp, tensors: list[torch.Tensor]) -> list[Opti
     ]
 
 
+def compute_rankings(
+    method: MethodSpec, shape: torch.Size, task_vectors: list[Optional[torch.Tensor]]
+) -> list[Optional[torch.Tensor]]:
+    """Each task vector's ranking for a rank-based method (`MethodSpec.ranking`), compacted to keep: what
+    its pruning computes from the vector (of the inputs' `shape`) whatever the density."""
+    assert method.ranking is not None
+    return [None if vector is None else compact(method.ranking(vector.view(shape))) for vector in task_vectors]
+
+
 def run_op(
     op: TensorOp,
     method: MethodSpec,
@@ -76,9 +92,11 @@ def run_op(
     seed: Optional[int],
     device: str = "cpu",
     task_vectors: Optional[list[Optional[torch.Tensor]]] = None,
+    rankings: Optional[list[Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """The output tensor of one operation from its fetched inputs, in the op's output dtype (`task_vectors`:
-    the inputs' task vectors as `compute_task_vectors()` gives them, for a method that uses them)."""
+    the inputs' task vectors as `compute_task_vectors()` gives them, for a method that uses them;
+    `rankings`: theirs as `compute_rankings()` gives them, for a rank-based one)."""
     if not op.compute_dtype.is_floating_point:
         # Integer buffers (e.g. position ids) are copied, never averaged.
         return tensors[op.base_index or 0].clone()
@@ -87,8 +105,8 @@ def run_op(
         tensors = op.vocab.align([item.model for item in op.inputs], tensors)
     try:
         if op.vocab is not None:
-            task_vectors = None  # aligned rows: the cached vectors are the unaligned inputs'
-        result = method.merge(merge_inputs(op, tensors, method, seed, device, task_vectors), **op.shared)
+            task_vectors = rankings = None  # aligned rows: the cached vectors are the unaligned inputs'
+        result = method.merge(merge_inputs(op, tensors, method, seed, device, task_vectors, rankings), **op.shared)
     except (ValueError, TypeError, RuntimeError) as error:
         raise MergetuneError(f"tensor {op.output}: {method.name} failed: {error}") from None
     return result.to(op.dtype)

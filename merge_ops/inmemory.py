@@ -7,7 +7,9 @@ no disk I/O, no reallocation of the model, no reload. SLERP's per-tensor geometr
 (norms and angle of each pair) does not depend on `t`, so it is measured once and
 each candidate costs a single weighted sum per tensor. With `cache_task_vectors`, the
 task vectors (fine-tune − base) of task-arithmetic methods (DARE TIES, TIES, …) are also
-computed once and kept: one more tensor per non-base model, in the compute dtype.
+computed once and kept: one more tensor per non-base model, in the compute dtype; for the
+rank-based ones (TIES, breadcrumbs, DELLA) also each vector's magnitude ranking (4 bytes
+per entry at most), whose sort is most of such a candidate's cost.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Iterator, Mapping, Optional
 import torch
 
 from mergetune.errors import MergetuneError
-from mergetune.merge_ops.execute import compute_task_vectors, fetch_inputs, run_op
+from mergetune.merge_ops.execute import compute_rankings, compute_task_vectors, fetch_inputs, run_op
 from mergetune.merge_ops.methods import SlerpGeometry, slerp_coefficients, slerp_geometry, slerp_into
 from mergetune.merge_ops.plan import MergePlan, TensorOp
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
@@ -69,10 +71,12 @@ class InMemoryBuilder:
         cache_task_vectors: bool = False,
     ):
         """`cache_task_vectors`: keep each task-arithmetic op's task vectors (input − base) between builds,
-        costing one more copy of every non-base model (in the compute dtype); the tensors built are the same."""
+        costing one more copy of every non-base model (in the compute dtype), and a rank-based method's
+        rankings of them; the tensors built are the same."""
         self.device = device
         self.cache_task_vectors = cache_task_vectors
         self._task_vectors: dict[tuple, list[Optional[torch.Tensor]]] = {}
+        self._rankings: dict[tuple, list[Optional[torch.Tensor]]] = {}
         self.sources: dict[str, TensorSource] = {
             name: source if isinstance(source, MemorySource) else MemorySource.resident(source, device)
             for name, source in sources.items()
@@ -97,10 +101,11 @@ class InMemoryBuilder:
 
     @property
     def task_vector_bytes(self) -> int:
-        """Memory the task-vector cache holds now."""
+        """Memory the task-vector cache (the vectors and their rankings) holds now."""
         return sum(
             vector.numel() * vector.element_size()
-            for vectors in self._task_vectors.values()
+            for cache in (self._task_vectors, self._rankings)
+            for vectors in cache.values()
             for vector in vectors
             if vector is not None
         )
@@ -200,7 +205,7 @@ class InMemoryBuilder:
         # Only the builder's own resident sources are stable enough to cache against.
         cacheable = all(sources[item.model] is self.sources.get(item.model) for item in op.inputs)
         tensors = fetch_inputs(op, fetch, self.device)
-        vectors = None
+        vectors = rankings = None
         if (
             self.cache_task_vectors
             and cacheable
@@ -213,4 +218,10 @@ class InMemoryBuilder:
             vectors = self._task_vectors.get(key)
             if vectors is None:
                 vectors = self._task_vectors[key] = compute_task_vectors(op, tensors)
-        target.copy_(run_op(op, plan.method, tensors, seed, self.device, vectors))
+            if plan.method.ranking is not None:
+                ranked = (key, plan.method.ranking)
+                rankings = self._rankings.get(ranked)
+                if rankings is None:
+                    shape = tensors[op.base_index].shape
+                    rankings = self._rankings[ranked] = compute_rankings(plan.method, shape, vectors)
+        target.copy_(run_op(op, plan.method, tensors, seed, self.device, vectors, rankings))

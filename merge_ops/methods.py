@@ -74,6 +74,9 @@ class MergeInputs:
     # Task-arithmetic methods: each input's task vector (input − base, flat, compute dtype) where the caller
     # already has it (an in-memory builder's cache), None where it must be computed; never modified.
     task_vectors: Optional[list[Optional[torch.Tensor]]] = None
+    # Rank-based pruning: each input's ranking of its task vector (the method's `ranking`), where the caller
+    # keeps it with the task vector, None where it must be computed; never modified.
+    rankings: Optional[list[Optional[torch.Tensor]]] = None
 
     @property
     def base(self) -> Optional[torch.Tensor]:
@@ -108,6 +111,9 @@ class MethodSpec:
     least_result_dtype: Optional[torch.dtype] = None
     # Merges task vectors (input − base) and accepts them precomputed in MergeInputs.task_vectors.
     uses_task_vectors: bool = False
+    # Prunes by magnitude rank: how it ranks a task vector's entries (`sparsify.RANKINGS`), which does not
+    # depend on the density; it accepts the rankings precomputed in MergeInputs.rankings.
+    ranking: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def param(self, name: str) -> Optional[ParamSpec]:
         return next((spec for spec in self.params if spec.name == name), None)
@@ -381,6 +387,9 @@ def task_arithmetic_family(
             if sparsifier is not None:
                 generator = inputs.generators[index] if inputs.generators else None
                 extra = {key: inputs.per_input[key][index] for key in ("gamma", "epsilon") if key in inputs.per_input}
+                ranking = inputs.rankings[index] if inputs.rankings else None
+                if ranking is not None:
+                    extra["ranking"] = ranking
                 pruned = sparsifier(
                     deltas[row].view(base.shape),
                     density=inputs.per_input["density"][index],
@@ -709,6 +718,7 @@ def _task_arithmetic_method(
         randomized=sparsifier in (sparsify.bernoulli, sparsify.della_magprune),
         reference=reference,
         uses_task_vectors=True,
+        ranking=sparsify.RANKINGS.get(sparsifier),
     )
 
 

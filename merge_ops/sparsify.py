@@ -6,12 +6,17 @@ Breadcrumbs), `della_magprune` keeps each entry with a probability that grows wi
 its rank in its row (DELLA). With `rescale`, the pruned tensor is scaled back to
 the L1 norm of the original, as mergekit does. `top_variance` selects across all
 task vectors at once: the entries on which the models disagree most (SCE).
+
+The rank-based ones first order a task vector's entries by magnitude, which does not
+depend on the density: `RANKINGS` gives that order for each, computed once, so a
+caller that keeps task vectors between merges (the search's in-memory builder) keeps
+it too and passes it back as `ranking`.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -27,6 +32,7 @@ class Sparsifier(Protocol):
         density: float,
         rescale: bool,
         generator: Optional[torch.Generator] = None,
+        ranking: Optional[torch.Tensor] = None,
         **extra: float,
     ) -> torch.Tensor: ...
 
@@ -152,8 +158,33 @@ def in_slices(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tensor.split(DRAW_CHUNK) if tensor.device.type == "cpu" else (tensor,)
 
 
+def largest_first(tensor: torch.Tensor) -> torch.Tensor:
+    """TIES' ranking: flat entry indices, largest magnitude first (mergekit's argsort, ties included)."""
+    return torch.argsort(_sort_key(tensor), descending=True)
+
+
+def smallest_first(tensor: torch.Tensor) -> torch.Tensor:
+    """Model Breadcrumbs' ranking: flat entry indices, smallest magnitude first (mergekit's sort)."""
+    return torch.sort(_sort_key(tensor), descending=False).indices
+
+
+def row_positions(tensor: torch.Tensor) -> torch.Tensor:
+    """DELLA's ranking: each entry's magnitude rank within its row, scaled to [0, 1] (rows: the last
+    dimension; a vector is one row), in the work dtype."""
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(_work_dtype(tensor)) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    return ((ranks - low) / (high - low)).clamp(0, 1)
+
+
 def magnitude(
-    tensor: torch.Tensor, *, density: float, rescale: bool, generator: Optional[torch.Generator] = None
+    tensor: torch.Tensor,
+    *,
+    density: float,
+    rescale: bool,
+    generator: Optional[torch.Generator] = None,
+    ranking: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     if density >= 1:
         return tensor
@@ -161,7 +192,7 @@ def magnitude(
         return torch.zeros_like(tensor)
     keep = max(1, int(density * tensor.numel()))
     mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    mask[torch.argsort(_sort_key(tensor), descending=True)[:keep]] = 1
+    mask[(largest_first(tensor) if ranking is None else ranking)[:keep]] = 1
     return _mask_(tensor, mask.reshape_as(tensor), rescale)
 
 
@@ -172,6 +203,7 @@ def magnitude_outliers(
     rescale: bool,
     gamma: float = 0.01,
     generator: Optional[torch.Generator] = None,
+    ranking: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     if density >= 1:
         return tensor
@@ -179,7 +211,7 @@ def magnitude_outliers(
     keep = int(density * count)
     top = int(gamma * count)
     bottom = max(0, count - keep - top)
-    order = torch.sort(_sort_key(tensor), descending=False).indices
+    order = smallest_first(tensor) if ranking is None else ranking
     mask = torch.zeros(count, dtype=tensor.dtype, device=tensor.device)
     mask[order[bottom : bottom + keep]] = 1
     return _mask_(tensor, mask.reshape_as(tensor), rescale)
@@ -200,6 +232,7 @@ def della_magprune(
     rescale: bool,
     epsilon: float = 0.15,
     generator: Optional[torch.Generator] = None,
+    ranking: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     if density >= 1:
         return tensor
@@ -210,10 +243,7 @@ def della_magprune(
     shape = tensor.shape
     work = _work_dtype(tensor)
     rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
-    ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(work) + 1
-    low = ranks.min(dim=1, keepdim=True).values
-    high = ranks.max(dim=1, keepdim=True).values
-    position = ((ranks - low) / (high - low)).clamp(0, 1)
+    position = row_positions(tensor) if ranking is None else ranking
     probabilities = (density - epsilon) + position * 2 * epsilon
     kept = _random_mask_(rows.to(work), probabilities, rescale, generator)
     return kept.to(tensor.dtype).reshape(shape)
@@ -234,3 +264,18 @@ def top_variance(task_vectors: torch.Tensor, density: float, dtype: torch.dtype)
     if keep:
         mask.view(-1)[torch.topk(variance.abs().view(-1), k=keep, largest=True).indices] = 1
     return mask
+
+
+# Each rank-based sparsifier's ranking of a task vector (see the module docstring).
+RANKINGS: dict[Sparsifier, Callable[[torch.Tensor], torch.Tensor]] = {
+    magnitude: largest_first,
+    magnitude_outliers: smallest_first,
+    della_magprune: row_positions,
+}
+
+
+def compact(ranking: torch.Tensor) -> torch.Tensor:
+    """A ranking to keep: int64 indices as int32 where they fit (half the memory, the same entries)."""
+    if ranking.dtype == torch.int64 and ranking.numel() < 2**31:
+        return ranking.to(torch.int32)
+    return ranking

@@ -123,14 +123,22 @@ def eval_config(study: Study) -> EvalConfig:
     )
 
 
+RANKING_BYTES = 4  # per entry at most: int32 indices, or positions in a float32 work dtype
+
+
 def task_vector_bytes(study: Study, merged: MergePlan) -> int:
     """What keeping task vectors between candidates would cost: one model's size per non-base model of
-    the methods that merge task vectors (0 if none of the study's methods does; a searchable method's
-    recipes use the mergekit method of its name)."""
+    the methods that merge task vectors, and a ranking per entry of each for rank-based ones (0 if none
+    of the study's methods merges task vectors; a searchable method's recipes use the mergekit method
+    of its name)."""
     spec = study.spec
-    if any(METHODS[name].uses_task_vectors for name in spec.methods):
-        return len(spec.models) * plan_bytes(merged)
-    return 0
+    methods = [METHODS[name] for name in spec.methods]
+    cost = 0
+    if any(method.uses_task_vectors for method in methods):
+        cost += len(spec.models) * plan_bytes(merged)
+    if any(method.ranking is not None for method in methods):
+        cost += len(spec.models) * RANKING_BYTES * sum(math.prod(op.shape) for op in merged.ops)
+    return cost
 
 
 def checkpoint_bytes(source: TensorSource) -> int:

@@ -69,3 +69,27 @@ def test_the_cache_holds_one_task_vector_per_non_base_model(family_f32):
     assert uncached.task_vector_bytes == 0
     for name, tensor in builder.model.state_dict().items():
         assert torch.equal(tensor, uncached.model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("method, ranking", [("ties", "largest_first"), ("breadcrumbs", "smallest_first"), ("della", "row_positions")])
+def test_rank_based_methods_rank_each_task_vector_once(method, ranking, family_f32, monkeypatch):
+    """The magnitude ranking does not depend on the density: kept with the task vectors, no later
+    candidate sorts again (the sort is most of such a candidate's cost)."""
+    from mergetune.merge_ops import sparsify
+
+    sorted_now = []
+    original = getattr(sparsify, ranking)
+    monkeypatch.setattr(sparsify, ranking, lambda tensor: sorted_now.append(tensor.numel()) or original(tensor))
+    recipe = with_paths(method_recipe(method), family_f32)
+    first, later = (parse_recipes(yaml.safe_dump(candidate)).final for candidate in candidates(recipe))
+    sources = {name: open_source(name) for name in first.referenced_models()}
+    uncached = InMemoryBuilder.for_recipe(first, sources)
+    uncached.build(later, seed=1)
+    assert sorted_now  # without the cache, each candidate ranks while pruning
+    sorted_now.clear()
+    builder = InMemoryBuilder.for_recipe(first, sources, cache_task_vectors=True)
+    builder.build(first, seed=0)
+    builder.build(later, seed=1)
+    assert sorted_now == []  # ranked once, by the cache (the registered function), then passed in
+    for name, tensor in builder.model.state_dict().items():
+        assert torch.equal(tensor, uncached.model.state_dict()[name]), name
