@@ -92,7 +92,8 @@ class Workspace:
             cache = task_vector_bytes(study, merged)
             keep = cache > 0 and cache_fits(memory, cache)
             if cache:
-                log.info("task vectors %s between candidates (%.1f GB)", "kept" if keep else "recomputed: no room to keep them", cache / 1e9)
+                state = "kept" if keep else "recomputed: no room to keep them"
+                log.info("task vectors (and rankings) %s between candidates (%.1f GB)", state, cache / 1e9)
             say(f"loading {len(references)} model(s) onto {spec.device}")
             live = InMemoryBuilder.for_recipe(
                 first_recipe, sources, device=spec.device, dtype=DTYPES[spec.dtype], cache_task_vectors=keep
