@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
 
 from mergetune.errors import MergetuneError
-from mergetune.merge_ops.methods import MergeInputs, MethodSpec
+from mergetune.merge_ops.methods import MergeInputs, MethodSpec, Reuse
 from mergetune.merge_ops.plan import TensorInput, TensorOp
 from mergetune.merge_ops.sparsify import compact
 
@@ -50,8 +51,7 @@ def merge_inputs(
     method: MethodSpec,
     seed: Optional[int],
     device: str,
-    task_vectors: Optional[list[Optional[torch.Tensor]]] = None,
-    rankings: Optional[list[Optional[torch.Tensor]]] = None,
+    reuse: Optional[Reuse] = None,
 ) -> MergeInputs:
     generators = None
     if method.randomized and seed is not None:
@@ -61,8 +61,7 @@ def merge_inputs(
         base_index=op.base_index,
         per_input=op.per_input,
         generators=generators,
-        task_vectors=task_vectors,
-        rankings=rankings,
+        reuse=reuse or Reuse(),
     )
 
 
@@ -91,12 +90,11 @@ def run_op(
     tensors: list[torch.Tensor],
     seed: Optional[int],
     device: str = "cpu",
-    task_vectors: Optional[list[Optional[torch.Tensor]]] = None,
-    rankings: Optional[list[Optional[torch.Tensor]]] = None,
+    reuse: Optional[Reuse] = None,
 ) -> torch.Tensor:
-    """The output tensor of one operation from its fetched inputs, in the op's output dtype (`task_vectors`:
-    the inputs' task vectors as `compute_task_vectors()` gives them, for a method that uses them;
-    `rankings`: theirs as `compute_rankings()` gives them, for a rank-based one)."""
+    """The output tensor of one operation from its fetched inputs, in the op's output dtype (`reuse`: what
+    a repeated build keeps, e.g. the inputs' task vectors as `compute_task_vectors()` gives them and their
+    rankings as `compute_rankings()` does; the result may be `reuse.out` itself)."""
     if not op.compute_dtype.is_floating_point:
         # Integer buffers (e.g. position ids) are copied, never averaged.
         return tensors[op.base_index or 0].clone()
@@ -104,9 +102,9 @@ def run_op(
     if op.vocab is not None:
         tensors = op.vocab.align([item.model for item in op.inputs], tensors)
     try:
-        if op.vocab is not None:
-            task_vectors = rankings = None  # aligned rows: the cached vectors are the unaligned inputs'
-        result = method.merge(merge_inputs(op, tensors, method, seed, device, task_vectors, rankings), **op.shared)
+        if op.vocab is not None and reuse is not None:  # aligned rows: the cached vectors are the unaligned inputs'
+            reuse = replace(reuse, task_vectors=None, rankings=None)
+        result = method.merge(merge_inputs(op, tensors, method, seed, device, reuse), **op.shared)
     except (ValueError, TypeError, RuntimeError) as error:
         raise MergetuneError(f"tensor {op.output}: {method.name} failed: {error}") from None
     return result.to(op.dtype)

@@ -21,7 +21,7 @@ import torch
 
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.execute import compute_rankings, compute_task_vectors, fetch_inputs, run_op
-from mergetune.merge_ops.methods import SlerpGeometry, slerp_coefficients, slerp_geometry, slerp_into
+from mergetune.merge_ops.methods import Reuse, Scratch, SlerpGeometry, slerp_coefficients, slerp_geometry, slerp_into
 from mergetune.merge_ops.plan import MergePlan, TensorOp
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
 from mergetune.merge_ops.sources import MemorySource, TensorSource
@@ -77,6 +77,8 @@ class InMemoryBuilder:
         self.cache_task_vectors = cache_task_vectors
         self._task_vectors: dict[tuple, list[Optional[torch.Tensor]]] = {}
         self._rankings: dict[tuple, list[Optional[torch.Tensor]]] = {}
+        # On the CPU: working memory kept between candidates (a GPU's caching allocator does this itself).
+        self._scratch = Scratch() if torch.device(device).type == "cpu" else None
         self.sources: dict[str, TensorSource] = {
             name: source if isinstance(source, MemorySource) else MemorySource.resident(source, device)
             for name, source in sources.items()
@@ -224,4 +226,5 @@ class InMemoryBuilder:
                 if rankings is None:
                     shape = tensors[op.base_index].shape
                     rankings = self._rankings[ranked] = compute_rankings(plan.method, shape, vectors)
-        target.copy_(run_op(op, plan.method, tensors, seed, self.device, vectors, rankings))
+        reuse = Reuse(vectors, rankings, out=target, scratch=self._scratch)
+        target.copy_(run_op(op, plan.method, tensors, seed, self.device, reuse))  # no copy if written in place

@@ -62,6 +62,40 @@ class ParamSpec:
         return f"{opening}{self.low}, {self.high}]"
 
 
+class Scratch:
+    """Working memory kept between merges: on the CPU a tensor-sized buffer allocated afresh for every
+    tensor of every candidate is mapped from the OS and page-faulted in each time (a fifth of a
+    SmolLM2-135M DARE TIES build in a virtual machine)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised tensor of `shape`: a view of one buffer per dtype and device, grown as needed
+        (so valid until the next `get` of that dtype and device)."""
+        count = math.prod(shape)
+        buffer = self._buffers.get((dtype, device))
+        if buffer is None or buffer.numel() < count:
+            buffer = self._buffers[(dtype, device)] = torch.empty(count, dtype=dtype, device=device)
+        return buffer[:count].view(shape)
+
+
+@dataclass
+class Reuse:
+    """What a caller that merges again and again (the in-memory builder) hands a method instead of
+    recomputing or allocating it; each part optional, and used only by the methods that can."""
+
+    # Task-arithmetic methods: each input's task vector (input − base, flat, compute dtype) where the caller
+    # already has it (an in-memory builder's cache), None where it must be computed; never modified.
+    task_vectors: Optional[list[Optional[torch.Tensor]]] = None
+    # Rank-based pruning: each input's ranking of its task vector (the method's `ranking`), where the caller
+    # keeps it with the task vector, None where it must be computed; never modified.
+    rankings: Optional[list[Optional[torch.Tensor]]] = None
+    # Where to write the result, if its shape and dtype are the result's (the live model's parameter).
+    out: Optional[torch.Tensor] = None
+    scratch: Optional[Scratch] = None
+
+
 @dataclass
 class MergeInputs:
     """One output tensor's inputs, in recipe order, already in the compute dtype."""
@@ -71,12 +105,7 @@ class MergeInputs:
     # Per-input parameter values aligned with `tensors` (None where not applicable).
     per_input: dict[str, list[Any]] = field(default_factory=dict)
     generators: Optional[list[Optional[torch.Generator]]] = None
-    # Task-arithmetic methods: each input's task vector (input − base, flat, compute dtype) where the caller
-    # already has it (an in-memory builder's cache), None where it must be computed; never modified.
-    task_vectors: Optional[list[Optional[torch.Tensor]]] = None
-    # Rank-based pruning: each input's ranking of its task vector (the method's `ranking`), where the caller
-    # keeps it with the task vector, None where it must be computed; never modified.
-    rankings: Optional[list[Optional[torch.Tensor]]] = None
+    reuse: Reuse = field(default_factory=Reuse)
 
     @property
     def base(self) -> Optional[torch.Tensor]:
@@ -109,10 +138,10 @@ class MethodSpec:
     # The least dtype the method returns: mergekit writes a kernel's result as it comes when no out_dtype is
     # set, and some kernels multiply by a float32 mask, so their half-precision merges are stored as float32.
     least_result_dtype: Optional[torch.dtype] = None
-    # Merges task vectors (input − base) and accepts them precomputed in MergeInputs.task_vectors.
+    # Merges task vectors (input − base) and accepts them precomputed in `Reuse.task_vectors`.
     uses_task_vectors: bool = False
     # Prunes by magnitude rank: how it ranks a task vector's entries (`sparsify.RANKINGS`), which does not
-    # depend on the density; it accepts the rankings precomputed in MergeInputs.rankings.
+    # depend on the density; it accepts the rankings precomputed in `Reuse.rankings`.
     ranking: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def param(self, name: str) -> Optional[ParamSpec]:
@@ -296,11 +325,11 @@ def _combine(
     sign election is arithmetic in that precision too (bool masks convert slowly on the CPU).
     """
     deltas.mul_(weights)
-    wide = deltas.to(torch.promote_types(deltas.dtype, torch.float32))
+    wide = deltas.to(torch.promote_types(deltas.dtype, torch.float32))  # may be `deltas` itself: scratch either way
     if consensus:
         majority = torch.copysign(torch.ones((), dtype=wide.dtype), wide.sum(dim=0))
-        agree = (wide * majority).sign_().clamp_(min=0)  # 1 where a model's sign is the majority's, else 0
-        mixed = (wide * agree).sum(dim=0).to(deltas.dtype)
+        agree = (wide * majority).gt_(0)  # 1 where a model's sign is the majority's, else 0
+        mixed = wide.mul_(agree).sum(dim=0).to(deltas.dtype)
         if normalize:
             divisor = (weights * agree).sum(dim=0).to(deltas.dtype)
             divisor[divisor == 0] = 1
@@ -370,11 +399,13 @@ def task_arithmetic_family(
         if not others:
             return base
         flat_base = base.reshape(-1)
-        deltas = base.new_empty((len(others), flat_base.numel()))
+        reuse = inputs.reuse
+        shape = (len(others), flat_base.numel())
+        deltas = reuse.scratch.get(shape, base.dtype, base.device) if reuse.scratch else base.new_empty(shape)
 
         def prune(row: int) -> None:
             index = others[row]
-            cached = inputs.task_vectors[index] if inputs.task_vectors else None
+            cached = reuse.task_vectors[index] if reuse.task_vectors else None
             # Slice by slice (see `sparsify.in_slices`); a cached task vector holds the values torch.sub gives.
             if cached is not None:
                 for delta, vector in zip(in_slices(deltas[row]), in_slices(cached)):
@@ -387,7 +418,7 @@ def task_arithmetic_family(
             if sparsifier is not None:
                 generator = inputs.generators[index] if inputs.generators else None
                 extra = {key: inputs.per_input[key][index] for key in ("gamma", "epsilon") if key in inputs.per_input}
-                ranking = inputs.rankings[index] if inputs.rankings else None
+                ranking = reuse.rankings[index] if reuse.rankings else None
                 if ranking is not None:
                     extra["ranking"] = ranking
                 pruned = sparsifier(
@@ -405,7 +436,9 @@ def task_arithmetic_family(
         weights = torch.tensor(
             [inputs.per_input["weight"][index] for index in others], dtype=deltas.dtype, device=deltas.device
         ).reshape(-1, 1)
-        merged = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+        out = reuse.out
+        fits = out is not None and out.shape == base.shape and out.dtype == base.dtype and out.is_contiguous()
+        merged = out if fits else torch.empty(base.shape, dtype=base.dtype, device=base.device)
         flat_merged = merged.view(-1)
         for start in range(0, flat_base.numel(), COMBINE_CHUNK):
             end = start + COMBINE_CHUNK
