@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from mergetune.merge_ops import sparsify
-from mergetune.merge_ops.sparsify import Sparsifier, in_slices
+from mergetune.merge_ops.sparsify import Sparsifier
 
 REQUIRED = object()
 
@@ -351,12 +351,17 @@ _pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process id, workers):
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """One long-lived pool per process and size: a pool started per tensor cost ~2 ms each, 0.5 s of a
-    135M-parameter DARE TIES build."""
+    """One long-lived pool per process and size (a pool started per tensor cost ~2 ms each, 0.5 s of a
+    135M-parameter DARE TIES build), whose threads run torch single-threaded: they are the parallelism,
+    and a tensor-wide op in each would otherwise start its own team of threads, more than the cores."""
     key = (os.getpid(), workers)
     if key not in _pools:
-        _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix="mergetune-prune")
+        _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix="mergetune-prune", initializer=_one_thread)
     return _pools[key]
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)  # this thread's own setting (OpenMP's and MKL's are per thread); others keep theirs
 
 
 def _each_row(work: Callable[[int], None], rows: int, parallel: bool) -> None:
@@ -406,15 +411,10 @@ def task_arithmetic_family(
         def prune(row: int) -> None:
             index = others[row]
             cached = reuse.task_vectors[index] if reuse.task_vectors else None
-            # Slice by slice (see `sparsify.in_slices`); a cached task vector holds the values torch.sub gives.
-            if cached is not None:
-                for delta, vector in zip(in_slices(deltas[row]), in_slices(cached)):
-                    delta.copy_(vector)
+            if cached is not None:  # the same values torch.sub gives: pruning then works on a copy
+                deltas[row].copy_(cached)
             else:
-                for delta, tensor, from_base in zip(
-                    in_slices(deltas[row]), in_slices(inputs.tensors[index].reshape(-1)), in_slices(flat_base)
-                ):
-                    torch.sub(tensor, from_base, out=delta)
+                torch.sub(inputs.tensors[index].reshape(-1), flat_base, out=deltas[row])
             if sparsifier is not None:
                 generator = inputs.generators[index] if inputs.generators else None
                 extra = {key: inputs.per_input[key][index] for key in ("gamma", "epsilon") if key in inputs.per_input}

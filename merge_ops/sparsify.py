@@ -68,10 +68,13 @@ def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-# Entries per pass on the CPU: the draws and the slice of the task vector stay in L1/L2 cache, and
-# each pass's kernels run on the calling thread (at most torch's grain size, 32768), so the task
-# vectors of several models can be pruned on parallel threads.
-DRAW_CHUNK = 1 << 15
+# Entries per pass on the CPU: the pass's draws, mask and slice of the task vector stay in cache, and
+# a pass is large enough that the Python between torch calls is negligible (with 2^15 entries per pass,
+# two models pruned on two threads spent more time handing the interpreter lock back and forth).
+DRAW_CHUNK = 1 << 18
+# The rescaling's L1 norms are float64 sums, in order, of float32 sums over slices of this many entries:
+# each slice's sum is one single-threaded reduction, so the norm does not depend on the thread count.
+NORM_SLICE = 1 << 15  # DRAW_CHUNK is a multiple of it, so the slices are the whole tensor's whatever the passes
 DRAW_BITS = 15  # random bits per entry: a keep probability is rounded to a multiple of 2^-15
 DRAW_SCALE = 1 << DRAW_BITS
 DRAW_MASK = 0x7FFF7FFF  # the low 15 bits of each 16-bit half of a 32-bit draw
@@ -92,14 +95,14 @@ def _keep_(
     tensor: torch.Tensor, thresholds: torch.Tensor | int, generator: Optional[torch.Generator], rescale: bool
 ) -> tuple[float, float]:
     """Zero, in place, each entry of a contiguous tensor whose draw is not below its keep threshold; return
-    the L1 norms before and after (float64 sums of float32 slice sums; 0.0 without `rescale`).
+    the L1 norms before and after (`NORM_SLICE`; 0.0 without `rescale`).
 
     The draws are uniform 15-bit integers, two per 32-bit number of the generator's stream (its
     costly part: half the numbers a float draw per entry takes); the 32-bit numbers have 31 random
     bits, so each 16-bit half keeps its low 15. On the CPU they are taken slice by slice into one
     small buffer, in stream order, so the mask is that of a single whole-tensor draw whatever the
-    slicing, with no tensor-sized temporary, and the norms are summed while each slice is in cache.
-    CUDA's stream depends on how the draws are split, so there it is one slice. The mask is a
+    slicing, with no tensor-sized temporary, and the norms are summed while each pass is in cache.
+    CUDA's stream depends on how the draws are split, so there it is one pass. The mask is a
     bitwise AND: a draw below its threshold, minus the threshold, is negative, so shifted right it
     is all ones (kept); a dropped entry keeps its sign bit only, the ±0 that multiplying by a 0/1
     mask gives.
@@ -123,11 +126,21 @@ def _keep_(
             mask = wide[:size].copy_(mask)
         mask.bitwise_or_(sign)
         if rescale:
-            before += float(torch.abs(values, out=magnitudes[:size]).sum(dtype=torch.float32))
+            before = _add_norm(before, torch.abs(values, out=magnitudes[:size]))
         values_bits.bitwise_and_(mask)
         if rescale:
-            after += float(torch.abs(values, out=magnitudes[:size]).sum(dtype=torch.float32))
+            after = _add_norm(after, torch.abs(values, out=magnitudes[:size]))
     return before, after
+
+
+def _add_norm(total: float, magnitudes: torch.Tensor) -> float:
+    """`total` plus the float32 sums of `magnitudes`' `NORM_SLICE`-entry slices, added in order."""
+    whole = magnitudes.numel() - magnitudes.numel() % NORM_SLICE
+    for value in magnitudes[:whole].view(-1, NORM_SLICE).sum(dim=1, dtype=torch.float32).tolist():
+        total += value
+    if whole < magnitudes.numel():
+        total += float(magnitudes[whole:].sum(dtype=torch.float32))
+    return total
 
 
 def _prefix(draws: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,17 +158,8 @@ def _random_mask_(
         return tensor  # rounds to keeping every entry
     before, after = _keep_(tensor, thresholds, generator, rescale)
     if rescale and before >= RESCALE_EPS and after >= RESCALE_EPS:
-        scale = before / after
-        for part in in_slices(tensor.view(-1)):
-            part.mul_(scale)
+        tensor.mul_(before / after)
     return tensor
-
-
-def in_slices(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A flat tensor as views of at most `DRAW_CHUNK` entries on the CPU (whole elsewhere): an op on one
-    slice runs on the calling thread, where a tensor-wide op would start its own team of threads in
-    each thread that prunes a model, more threads than cores."""
-    return tensor.split(DRAW_CHUNK) if tensor.device.type == "cpu" else (tensor,)
 
 
 def largest_first(tensor: torch.Tensor) -> torch.Tensor:

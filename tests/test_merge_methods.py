@@ -23,7 +23,7 @@ from mergetune.merge_ops.methods import METHODS, MergeInputs, _approximate_quant
 from mergetune.merge_ops.plan import plan_merge
 from mergetune.merge_ops.recipe import parse_recipes, recipe_from_dict
 from mergetune.merge_ops import sparsify
-from mergetune.merge_ops.sparsify import DRAW_CHUNK
+from mergetune.merge_ops.sparsify import NORM_SLICE
 from mergetune.merge_ops.sources import open_source
 from test_merge_engine import fake_model
 from test_merge_parity import RECIPES, family_other_vocab, with_paths  # noqa: F401 (a fixture)
@@ -160,7 +160,7 @@ def test_input_contracts_are_mergekits(method, models, base, message):
 
 def l1_by_slices(tensor: torch.Tensor) -> float:
     flat = tensor.reshape(-1)
-    return sum(float(flat[i : i + DRAW_CHUNK].abs().sum(dtype=torch.float32)) for i in range(0, flat.numel(), DRAW_CHUNK))
+    return sum(float(flat[i : i + NORM_SLICE].abs().sum(dtype=torch.float32)) for i in range(0, flat.numel(), NORM_SLICE))
 
 
 def whole_tensor_dare(inputs: MergeInputs, consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
@@ -168,7 +168,7 @@ def whole_tensor_dare(inputs: MergeInputs, consensus: bool, normalize: bool, lam
     sliced and threaded version. Each model's generator gives one 32-bit number per two entries, whose
     16-bit halves, less their top bit, are the entries' 15-bit draws; an entry is kept when its draw is
     below round(density * 2^15). The L1 norms of the rescaling are float64 sums of float32 sums over
-    slices of `DRAW_CHUNK` entries."""
+    slices of `NORM_SLICE` entries."""
     base = inputs.base
     deltas = []
     for index in inputs.non_base:
