@@ -204,6 +204,8 @@ def main() -> None:
                         help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=("synthetic", "smollm2"), default="synthetic",
                         help="synthetic: --hidden/--layers/--vocab random models; smollm2: the real pair of bench/smollm2.py")
+    parser.add_argument("--recipes", nargs="+", choices=("slerp", "dare_ties", "ties"), default=["slerp", "dare_ties", "ties"],
+                        help="which recipes to run (TIES takes minutes on the synthetic family: both tools sort)")
     parser.add_argument("--models-dir", type=Path, default=Path("~/.cache/mergetune-bench/smollm2"),
                         help="with --shape smollm2: where bench/smollm2.py put base/, arc/, wino/")
     args = parser.parse_args()
@@ -237,6 +239,8 @@ def main() -> None:
             del base
         description = f"Synthetic Llama-shaped bf16 models, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
         command = f"python bench/bench_merge.py --hidden {args.hidden} --layers {args.layers} --vocab {args.vocab}"
+    if args.recipes != ["slerp", "dare_ties", "ties"]:
+        command += " --recipes " + " ".join(args.recipes)
     size_gb = model_bytes(models["base"]) / 1e9
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
@@ -277,6 +281,8 @@ def main() -> None:
     floor_bytes["TIES (0.5/0.5)"] = floor_bytes["DARE TIES (0.5/0.5)"]
     rows, memory_rows = [], []
     for label, recipe in recipes.items():
+        if recipe["merge_method"] not in args.recipes:
+            continue
         recipe_path = work / (label.split()[0].lower() + ".yaml")
         recipe_path.write_text(yaml.safe_dump(recipe))
         for path in models.values():
