@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import enum
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -345,42 +343,6 @@ def _combine(
     torch.add(base, mixed, out=out)
 
 
-# Tensors below this many entries are pruned on the calling thread: handing them to threads costs more.
-PARALLEL_MIN_ELEMENTS = 1 << 18
-_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # (process id, workers): a forked child makes its own
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """One long-lived pool per process and size (a pool started per tensor cost ~2 ms each, 0.5 s of a
-    135M-parameter DARE TIES build), whose threads run torch single-threaded: they are the parallelism,
-    and a tensor-wide op in each would otherwise start its own team of threads, more than the cores."""
-    key = (os.getpid(), workers)
-    if key not in _pools:
-        _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix="mergetune-prune", initializer=_one_thread)
-    return _pools[key]
-
-
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # this thread's own setting (OpenMP's and MKL's are per thread); others keep theirs
-
-
-def _each_row(work: Callable[[int], None], rows: int, parallel: bool) -> None:
-    """Run `work` for every row, on up to torch's thread count of threads when `parallel`.
-
-    Each model's seeded draws are serial in its own generator (the pruning's largest
-    part): one thread per model keeps every core busy; the streams, and so the tensors,
-    are the same as drawn one after the other.
-    """
-    workers = min(rows, torch.get_num_threads()) if parallel else 1
-    if workers == 1:
-        for row in range(rows):
-            work(row)
-        return
-    pool = _pool(workers)
-    for done in [pool.submit(work, row) for row in range(rows)]:
-        done.result()
-
-
 def task_arithmetic_family(
     sparsifier: Optional[Sparsifier], consensus: bool
 ) -> MergeFunction:
@@ -408,8 +370,10 @@ def task_arithmetic_family(
         shape = (len(others), flat_base.numel())
         deltas = reuse.scratch.get(shape, base.dtype, base.device) if reuse.scratch else base.new_empty(shape)
 
-        def prune(row: int) -> None:
-            index = others[row]
+        # One model after the other, each pass's ops on torch's own threads: the seeded draws are serial
+        # per model anyway, and a thread per model paid for it in interpreter-lock handoffs and, on a
+        # CPU shared with other work, in threads waiting for each other (docs/benchmarks.md).
+        for row, index in enumerate(others):
             cached = reuse.task_vectors[index] if reuse.task_vectors else None
             if cached is not None:  # the same values torch.sub gives: pruning then works on a copy
                 deltas[row].copy_(cached)
@@ -430,9 +394,6 @@ def task_arithmetic_family(
                 )
                 if pruned.data_ptr() != deltas[row].data_ptr():  # pruned in place: already there
                     deltas[row] = pruned.reshape(-1)
-
-        parallel = inputs.generators is not None and base.device.type == "cpu"
-        _each_row(prune, len(others), parallel=parallel and flat_base.numel() >= PARALLEL_MIN_ELEMENTS)
         weights = torch.tensor(
             [inputs.per_input["weight"][index] for index in others], dtype=deltas.dtype, device=deltas.device
         ).reshape(-1, 1)

@@ -69,11 +69,10 @@ def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 
 # Entries per pass on the CPU: the pass's draws, mask and slice of the task vector stay in cache, and
-# a pass is large enough that the Python between torch calls is negligible (with 2^15 entries per pass,
-# two models pruned on two threads spent more time handing the interpreter lock back and forth).
+# a pass is large enough that the Python between its torch calls is negligible.
 DRAW_CHUNK = 1 << 18
 # The rescaling's L1 norms are float64 sums, in order, of float32 sums over slices of this many entries:
-# each slice's sum is one single-threaded reduction, so the norm does not depend on the thread count.
+# each slice's sum is one reduction on one thread, so the norm does not depend on the thread count.
 NORM_SLICE = 1 << 15  # DRAW_CHUNK is a multiple of it, so the slices are the whole tensor's whatever the passes
 DRAW_BITS = 15  # random bits per entry: a keep probability is rounded to a multiple of 2^-15
 DRAW_SCALE = 1 << DRAW_BITS
