@@ -108,7 +108,9 @@ def test_a_worker_killed_mid_trial_has_its_trial_finished_by_another(three_worke
 
 def test_workers_share_what_the_estimator_learns_through_the_storage(tmp_path, family_f32, tiny_tasks):
     storage, barrier = f"journal://{tmp_path / 'study.log'}", tmp_path / "barrier"
-    study = write_study(tmp_path, family_f32, tiny_tasks, budget={"n_trials": N}, **ESTIMATOR)
+    # More trials than the other tests: a raced candidate stopped after one chunk takes a fraction of an
+    # in-full one, so with 9 trials one worker could race all of them while the other scored its first.
+    study = write_study(tmp_path, family_f32, tiny_tasks, budget={"n_trials": 2 * N}, **ESTIMATOR)
     workers = start_workers(study, storage, barrier, 2)
     release(barrier, workers)
     for code, _, err in finish(workers):
