@@ -62,6 +62,9 @@ WORKER = textwrap.dedent(
 )
 
 
+RECIPES = ("slerp", "dare_ties", "ties")  # the merge methods of the recipes below, all run by default
+
+
 def synthetic_model(directory: Path, hidden: int, layers: int, vocab: int, seed: int, base: dict | None) -> None:
     """A Llama-shaped bf16 checkpoint of random weights (relatives: base + noise), written in ~1 GB shards."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -204,7 +207,7 @@ def main() -> None:
                         help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=("synthetic", "smollm2"), default="synthetic",
                         help="synthetic: --hidden/--layers/--vocab random models; smollm2: the real pair of bench/smollm2.py")
-    parser.add_argument("--recipes", nargs="+", choices=("slerp", "dare_ties", "ties"), default=["slerp", "dare_ties", "ties"],
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES),
                         help="which recipes to run (TIES takes minutes on the synthetic family: both tools sort)")
     parser.add_argument("--models-dir", type=Path, default=Path("~/.cache/mergetune-bench/smollm2"),
                         help="with --shape smollm2: where bench/smollm2.py put base/, arc/, wino/")
@@ -239,7 +242,7 @@ def main() -> None:
             del base
         description = f"Synthetic Llama-shaped bf16 models, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}"
         command = f"python bench/bench_merge.py --hidden {args.hidden} --layers {args.layers} --vocab {args.vocab}"
-    if args.recipes != ["slerp", "dare_ties", "ties"]:
+    if args.recipes != list(RECIPES):
         command += " --recipes " + " ".join(args.recipes)
     size_gb = model_bytes(models["base"]) / 1e9
     bandwidth = copy_bandwidth()
