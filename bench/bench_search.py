@@ -63,8 +63,29 @@ def run_config(base: Workspace, method: str, sampler: str, pruner: str, trials: 
         "docs_total": scored[-1],
         "docs_to_best": scored[best_trial],
         "pruned": sum(t.state == TrialState.PRUNED for t in ordered),
+        "fates": fates(stored),
         "seconds": seconds,
     }
+
+
+FATES = ("not raced", "stopped", "let through, reached the bar", "let through, below the bar")
+
+
+def fates(stored: list[StoredTrial]) -> dict[str, tuple[int, int]]:
+    """Trials and documents scored by what became of each trial: the estimator's cost, broken down."""
+    counts = {fate: (0, 0) for fate in FATES}
+    for trial in stored:
+        if trial.state not in COUNTED:
+            continue
+        if not trial.race:
+            fate = FATES[0]
+        elif trial.state == TrialState.PRUNED:
+            fate = FATES[1]
+        else:
+            fate = FATES[2] if trial.value >= trial.race["bar"] else FATES[3]
+        trials, docs = counts[fate]
+        counts[fate] = (trials + 1, docs + trial.docs_scored)
+    return counts
 
 
 def incumbent_finals(runner: StudyRunner, ordered: list) -> list[Optional[float]]:
@@ -207,6 +228,25 @@ def main() -> None:
             f"{100 * statistics.mean(r['best_final'] for r in results):.2f} | {not_worse}/{len(results)} | {docs:.0f} | "
             f"{ratio:.2f} | {len(fractions)}/{len(results)} | {median} | {error} | {ranks} |"
         )
+
+    raced = {key: results for key, results in groups.items() if key[2] == "estimator"}
+    if raced:
+        print(
+            "\nWhere the estimator's documents went, per configuration over seeds: trials in total and the share of "
+            "all documents scored, by what became of each trial (not raced: scored in full while the estimator "
+            "learned, baseline included; let through: scored in full, its measured score at or above, or below, the "
+            "bar it raced against):\n"
+        )
+        print("| method | sampler | trials | " + " | ".join(FATES) + " |")
+        print("|---|---|---|" + "---|" * len(FATES))
+        for (method, sampler, _, trials), results in raced.items():
+            total = sum(r["docs_total"] for r in results)
+            cells = []
+            for fate in FATES:
+                count = sum(r["fates"][fate][0] for r in results)
+                share = sum(r["fates"][fate][1] for r in results) / total
+                cells.append(f"{count} trials, {100 * share:.0f}% of the documents")
+            print(f"| {method} | {sampler} | {trials} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

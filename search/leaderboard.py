@@ -66,12 +66,15 @@ class Races:
     docs_scored: int  # by the raced candidates
     docs_in_full: int  # had they all been scored in full
     estimated: list[tuple[float, float]]  # (first estimate, measured search score) of raced candidates scored in full
+    reached: int  # raced candidates scored in full whose measured score reached the bar they raced against
 
     def line(self) -> str:
         text = (
             f"{self.method}: the estimator stopped {self.stopped} of {self.raced} raced candidates, which were scored on "
             f"{100 * self.docs_scored / self.docs_in_full:.0f}% of their search documents"
         )
+        if self.raced > self.stopped:
+            text += f"; {self.reached} of the {self.raced - self.stopped} it let through reached the bar"
         if len(self.estimated) >= 2:
             error = sum(abs(e - m) for e, m in self.estimated) / len(self.estimated)
             ranks = rank_correlation([e for e, _ in self.estimated], [m for _, m in self.estimated])
@@ -197,6 +200,7 @@ def races_of(method: str, trials: list[StoredTrial]) -> Optional[Races]:
         docs_scored=sum(t.docs_scored for t in raced),
         docs_in_full=full * len(raced),
         estimated=estimated,
+        reached=sum(t.state == TrialState.COMPLETE and t.value >= t.race["bar"] for t in raced),
     )
 
 

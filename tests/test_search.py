@@ -209,6 +209,9 @@ def test_the_estimator_learns_from_completed_trials_and_stops_candidates_that_ca
     assert board.exit_code == 0, board.output
     stopped = sum(t.state == TrialState.PRUNED for t in raced)
     assert f"slerp: the estimator stopped {stopped} of {len(raced)} raced candidates" in board.output
+    through = [t for t in raced if t.state == TrialState.COMPLETE]
+    reached = sum(t.value >= t.user_attrs["race"]["bar"] for t in through)
+    assert f"{reached} of the {len(through)} it let through reached the bar" in board.output
     assert "estimated (docs)" in board.output
     result = runner.invoke(app, ["report", str(path), str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
