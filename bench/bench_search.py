@@ -30,7 +30,7 @@ from mergetune.search.documents import choose_documents
 from mergetune.search.runner import StudyRunner
 from mergetune.search.setup import open_optuna_study
 from mergetune.search.study_file import load_study
-from mergetune.search.leaderboard import rank_correlation, races_of
+from mergetune.search.leaderboard import rank_correlation, races_of, reached_bar
 from mergetune.search.trials import COUNTED, StoredTrial, final_records
 from mergetune.search.workspace import Workspace
 
@@ -82,7 +82,7 @@ def fates(stored: list[StoredTrial]) -> dict[str, tuple[int, int]]:
         elif trial.state == TrialState.PRUNED:
             fate = FATES[1]
         else:
-            fate = FATES[2] if trial.value >= trial.race["bar"] else FATES[3]
+            fate = FATES[2] if reached_bar(trial) else FATES[3]
         trials, docs = counts[fate]
         counts[fate] = (trials + 1, docs + trial.docs_scored)
     return counts

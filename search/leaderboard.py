@@ -200,8 +200,13 @@ def races_of(method: str, trials: list[StoredTrial]) -> Optional[Races]:
         docs_scored=sum(t.docs_scored for t in raced),
         docs_in_full=full * len(raced),
         estimated=estimated,
-        reached=sum(t.state == TrialState.COMPLETE and t.value >= t.race["bar"] for t in raced),
+        reached=sum(reached_bar(t) for t in raced),
     )
+
+
+def reached_bar(trial: StoredTrial) -> bool:
+    """A raced trial the estimator let through whose measured score reached the bar it raced against."""
+    return trial.state == TrialState.COMPLETE and trial.value >= trial.race["bar"]
 
 
 def rank_correlation(a: list[float], b: list[float]) -> float:

@@ -165,7 +165,7 @@ def l1_by_slices(tensor: torch.Tensor) -> float:
 
 def whole_tensor_dare(inputs: MergeInputs, consensus: bool, normalize: bool, lam: float) -> torch.Tensor:
     """DARE (TIES) as mergekit writes it, one whole-tensor step after another: the oracle for the fused,
-    sliced and threaded version. Each model's generator gives one 32-bit number per two entries, whose
+    sliced version. Each model's generator gives one 32-bit number per two entries, whose
     16-bit halves, less their top bit, are the entries' 15-bit draws; an entry is kept when its draw is
     below round(density * 2^15). The L1 norms of the rescaling are float64 sums of float32 sums over
     slices of `NORM_SLICE` entries."""
