@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import platform
 import statistics
 import time
@@ -28,6 +29,7 @@ from mergetune.demo.study import prepare_demo
 from mergetune.eval.evidence import paired_bootstrap, summarize
 from mergetune.search.documents import choose_documents
 from mergetune.search.runner import StudyRunner
+from mergetune.search.samplers import TPE_STARTUP_TRIALS
 from mergetune.search.setup import open_optuna_study
 from mergetune.search.study_file import load_study
 from mergetune.search.leaderboard import rank_correlation, races_of, reached_bar
@@ -64,8 +66,55 @@ def run_config(base: Workspace, method: str, sampler: str, pruner: str, trials: 
         "docs_to_best": scored[best_trial],
         "pruned": sum(t.state == TrialState.PRUNED for t in ordered),
         "fates": fates(stored),
+        "floors": floors(stored, spec.evaluation) if pruner == "none" else {},
         "seconds": seconds,
     }
+
+
+def floors(stored: list[StoredTrial], evaluation) -> dict[str, int]:
+    """Oracle floors on a run without pruning: racing for the estimator's bar (default: a finalist's place) after
+    its `min_trials` and for first place with nothing to learn (`oracle_floor`), and in hindsight (`hindsight_floor`)."""
+    settings = evaluation.estimator
+    rank = settings.rank or evaluation.final.finalists
+    return {
+        f"top {rank}, after {settings.min_trials} trials in full": oracle_floor(
+            stored, rank, settings.chunk, settings.min_trials
+        ),
+        "top 1, nothing to learn": oracle_floor(stored, 1, settings.chunk, 0),
+        "in hindsight: the finalists and TPE's good trials": hindsight_floor(
+            stored, evaluation.final.finalists, settings.chunk
+        ),
+    }
+
+
+def oracle_floor(stored: list[StoredTrial], rank: int, chunk: float, learning: int) -> int:
+    """The fewest documents a racing rule that scores in full every candidate that may reach `rank` could score on
+    these candidates (a run without pruning, every trial scored in full): an oracle scores the first `learning`
+    trials in full, then in full each trial that entered the running top `rank` (at or above the `rank`-th best
+    before it), and stops every other one after its first chunk (`chunk` of its documents)."""
+    best: list[float] = []
+    docs = 0
+    for trial in (t for t in stored if t.state == TrialState.COMPLETE):
+        entered = len(best) < max(rank, learning) or trial.value >= best[rank - 1]
+        docs += trial.docs_scored if entered else round(trial.docs_scored * chunk)
+        best = sorted(best + [trial.value], reverse=True)
+    return docs
+
+
+def hindsight_floor(stored: list[StoredTrial], finalists: int, chunk: float) -> int:
+    """The fewest documents any rule could score and still end with this run's TPE proposals and finalists, even
+    knowing every score in advance: in full only the trials whose measured score TPE or the finalists use (the
+    `finalists` best at the end, and for each proposal after the random start, the trials it treats as good: the
+    best ceil(0.1 n) of the n before it, as Optuna's default gamma), every other one stopped after its first chunk."""
+    done = [t for t in stored if t.state == TrialState.COMPLETE]
+
+    def best(count: int, among: int) -> list[int]:
+        return sorted(range(among), key=lambda index: -done[index].value)[:count]
+
+    used = set(best(finalists, len(done)))
+    for proposal in range(TPE_STARTUP_TRIALS, len(done)):
+        used.update(best(min(math.ceil(0.1 * proposal), 25), proposal))
+    return sum(t.docs_scored if i in used else round(t.docs_scored * chunk) for i, t in enumerate(done))
 
 
 FATES = ("not raced", "stopped", "let through, reached the bar", "let through, below the bar")
@@ -169,7 +218,8 @@ def main() -> None:
         f"{'Study ' + str(args.study) if args.study else 'Demo models'}; search tasks {', '.join(evaluation.tasks)} ({evaluation.limit} documents per task, pruning "
         f"rungs {evaluation.rungs()}, reduction factor {evaluation.reduction_factor}; estimator "
         f"{evaluation.estimator.model_dump()}); finalists scored on "
-        f"{', '.join(evaluation.final.tasks)} ({evaluation.final.limit} documents per task).\n"
+        f"{', '.join(evaluation.final.tasks) or 'the search tasks, documents the search did not use'} "
+        f"({evaluation.final.limit} documents per task).\n"
     )
     print(
         f"Command: `python bench/bench_search.py --trials {args.trials} --methods {' '.join(args.methods)} "
@@ -228,6 +278,22 @@ def main() -> None:
             f"{100 * statistics.mean(r['best_final'] for r in results):.2f} | {not_worse}/{len(results)} | {docs:.0f} | "
             f"{ratio:.2f} | {len(fractions)}/{len(results)} | {median} | {error} | {ranks} |"
         )
+
+    unpruned = {key: results for key, results in groups.items() if key[2] == "none"}
+    if unpruned:
+        print(
+            "\nThe fewest documents a rule that scores in full every candidate that may reach a rank could score on "
+            "the candidates of the run without pruning (an oracle: the trials that entered the running top k scored in "
+            f"full, every other stopped after its first chunk, {100 * evaluation.estimator.chunk:.0f}% of its "
+            "documents), as a fraction of that run's documents, mean over seeds (range):\n"
+        )
+        names = list(unpruned[next(iter(unpruned))][0]["floors"])
+        print("| method | sampler | trials | " + " | ".join(names) + " |")
+        print("|---|---|---|" + "---|" * len(names))
+        for (method, sampler, _, trials), results in unpruned.items():
+            shares = {name: [r["floors"][name] / r["docs_total"] for r in results] for name in names}
+            cells = [f"{statistics.mean(v):.2f} ({min(v):.2f}–{max(v):.2f})" for v in shares.values()]
+            print(f"| {method} | {sampler} | {trials} | " + " | ".join(cells) + " |")
 
     raced = {key: results for key, results in groups.items() if key[2] == "estimator"}
     if raced:

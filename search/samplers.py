@@ -29,9 +29,15 @@ if TYPE_CHECKING:
     from mergetune.search.study_file import Evaluation
 
 
+#: Trials TPE samples at random before it models the completed ones.
+TPE_STARTUP_TRIALS = 5
+
+
 def _tpe(seed: int) -> BaseSampler:
     # constant_liar: workers running in parallel don't all propose the same promising point.
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=5, constant_liar=True)
+    return optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, n_startup_trials=TPE_STARTUP_TRIALS, constant_liar=True
+    )
 
 
 def _cmaes(seed: int) -> BaseSampler:
