@@ -72,41 +72,43 @@ def run_config(base: Workspace, method: str, sampler: str, pruner: str, trials: 
 
 
 def floors(stored: list[StoredTrial], evaluation) -> dict[str, int]:
-    """Oracle floors on a run without pruning: racing for the estimator's bar (default: a finalist's place) after
-    its `min_trials` and for first place with nothing to learn (`oracle_floor`), and in hindsight (`hindsight_floor`)."""
+    """Oracle floors on a run without pruning (every trial scored in full, so every score is known): the documents
+    of scoring in full only the trials a rule needs measured and stopping every other one after its first chunk.
+    The rules: racing for the estimator's bar (default: a finalist's place) after its `min_trials`, and for first
+    place with nothing to learn (`entered_top`); in hindsight, only the trials TPE or the finalists used
+    (`used_in_hindsight`)."""
     settings = evaluation.estimator
     rank = settings.rank or evaluation.final.finalists
+    done = [t for t in stored if t.state == TrialState.COMPLETE]
+    in_full = {
+        f"top {rank}, after {settings.min_trials} trials in full": entered_top(done, rank, settings.min_trials),
+        "top 1, nothing to learn": entered_top(done, 1, 0),
+        "in hindsight: the finalists and TPE's good trials": used_in_hindsight(done, evaluation.final.finalists),
+    }
     return {
-        f"top {rank}, after {settings.min_trials} trials in full": oracle_floor(
-            stored, rank, settings.chunk, settings.min_trials
-        ),
-        "top 1, nothing to learn": oracle_floor(stored, 1, settings.chunk, 0),
-        "in hindsight: the finalists and TPE's good trials": hindsight_floor(
-            stored, evaluation.final.finalists, settings.chunk
-        ),
+        name: sum(t.docs_scored if i in indices else round(t.docs_scored * settings.chunk) for i, t in enumerate(done))
+        for name, indices in in_full.items()
     }
 
 
-def oracle_floor(stored: list[StoredTrial], rank: int, chunk: float, learning: int) -> int:
-    """The fewest documents a racing rule that scores in full every candidate that may reach `rank` could score on
-    these candidates (a run without pruning, every trial scored in full): an oracle scores the first `learning`
-    trials in full, then in full each trial that entered the running top `rank` (at or above the `rank`-th best
-    before it), and stops every other one after its first chunk (`chunk` of its documents)."""
+def entered_top(done: list[StoredTrial], rank: int, learning: int) -> set[int]:
+    """The trials a rule that scores in full every candidate that may reach `rank` must measure, at the least: the
+    first `learning` (to learn from), then each that entered the running top `rank` (at or above the `rank`-th
+    best before it)."""
     best: list[float] = []
-    docs = 0
-    for trial in (t for t in stored if t.state == TrialState.COMPLETE):
-        entered = len(best) < max(rank, learning) or trial.value >= best[rank - 1]
-        docs += trial.docs_scored if entered else round(trial.docs_scored * chunk)
+    entered = set()
+    for index, trial in enumerate(done):
+        if len(best) < max(rank, learning) or trial.value >= best[rank - 1]:
+            entered.add(index)
         best = sorted(best + [trial.value], reverse=True)
-    return docs
+    return entered
 
 
-def hindsight_floor(stored: list[StoredTrial], finalists: int, chunk: float) -> int:
-    """The fewest documents any rule could score and still end with this run's TPE proposals and finalists, even
-    knowing every score in advance: in full only the trials whose measured score TPE or the finalists use (the
-    `finalists` best at the end, and for each proposal after the random start, the trials it treats as good: the
-    best ceil(0.1 n) of the n before it, as Optuna's default gamma), every other one stopped after its first chunk."""
-    done = [t for t in stored if t.state == TrialState.COMPLETE]
+def used_in_hindsight(done: list[StoredTrial], finalists: int) -> set[int]:
+    """The trials whose measured score this run's TPE proposals or finalists used, so that any rule ending with
+    the same ones must measure, even knowing every score in advance: the `finalists` best at the end, and for each
+    proposal after the random start, the trials it treats as good (the best ceil(0.1 n) of the n before it, as
+    Optuna's default gamma)."""
 
     def best(count: int, among: int) -> list[int]:
         return sorted(range(among), key=lambda index: -done[index].value)[:count]
@@ -114,7 +116,7 @@ def hindsight_floor(stored: list[StoredTrial], finalists: int, chunk: float) -> 
     used = set(best(finalists, len(done)))
     for proposal in range(TPE_STARTUP_TRIALS, len(done)):
         used.update(best(min(math.ceil(0.1 * proposal), 25), proposal))
-    return sum(t.docs_scored if i in used else round(t.docs_scored * chunk) for i, t in enumerate(done))
+    return used
 
 
 FATES = ("not raced", "stopped", "let through, reached the bar", "let through, below the bar")
