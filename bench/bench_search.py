@@ -1,8 +1,9 @@
 """Search benchmark on the demo models: pruners (none, successive halving, the estimator), TPE vs CMA-ES vs random.
 
-One process loads the demo's models and evaluator once; each configuration runs
-its own fresh study (in-memory Optuna storage) on the same documents, then scores
-its finalists on the same held-out documents. Reported per configuration: the
+One process loads the demo's models and evaluator once; each configuration and
+seed runs its own fresh study (in-memory Optuna storage) on the same documents,
+its methods one after the other as `mergetune study run` runs them, then scores
+each method's finalists on the same held-out documents. Reported per configuration: the
 best held-out (final) score, the documents scored in total, and the documents
 scored until the trial that turned out best had been scored.
 
@@ -37,11 +38,12 @@ from mergetune.search.trials import COUNTED, StoredTrial, final_records
 from mergetune.search.workspace import Workspace
 
 
-def run_config(base: Workspace, method: str, sampler: str, pruner: str, trials: int, seed: int) -> dict:
+def run_config(
+    base: Workspace, method: str, sampler: str, pruner: str, trials: int, seed: int, storage: optuna.storages.BaseStorage
+) -> dict:
     spec = base.study.spec.model_copy(update={"sampler": sampler, "pruning": pruner, "seed": seed})
     study = base.study.model_copy(update={"spec": spec})
     workspace = Workspace(study, base.builder, base.evaluator, choose_documents(base.evaluator, spec))
-    storage = optuna.storages.InMemoryStorage()
     runner = StudyRunner(workspace, storage=storage)
     start = time.perf_counter()
     runner.run_method(method, trials, None, None)
@@ -206,13 +208,15 @@ def main() -> None:
     evaluation = study.spec.evaluation
     configs = [c for c in CONFIGS if c[0] in args.samplers and c[1] in args.pruners and c[2] in args.multiples]
     rows = []
-    for method in args.methods:
-        for sampler, pruner, multiple in configs:
-            for seed in args.seeds:
-                result = run_config(workspace, method, sampler, pruner, args.trials * multiple, seed)
+    for sampler, pruner, multiple in configs:
+        for seed in args.seeds:
+            storage = optuna.storages.InMemoryStorage()  # one study: a later method's estimator learns from earlier ones
+            for method in args.methods:
+                result = run_config(workspace, method, sampler, pruner, args.trials * multiple, seed, storage)
                 rows.append((method, sampler, pruner, args.trials * multiple, seed, result))
                 brief = {key: value for key, value in result.items() if key not in ("best_record", "docs_until")}
                 print(method, sampler, pruner, args.trials * multiple, seed, brief, flush=True)
+    rows.sort(key=lambda row: args.methods.index(row[0]))  # the tables list one method's rows, then the next's
 
     print(f"\n### Search — {date.today().isoformat()}\n")
     print(

@@ -40,7 +40,7 @@ from mergetune.merge_ops.sparsify import DRAWS
 from mergetune.search import trials
 from mergetune.search.documents import DocIds, Documents, added
 from mergetune.search.methods import SEARCHABLE
-from mergetune.search.samplers import PRUNERS, Race, in_full
+from mergetune.search.samplers import PRUNERS, Completed, Race, in_full
 from mergetune.search.optuna_adapter import storage_of, trial_id
 from mergetune.search.setup import open_optuna_study
 from mergetune.search.storage import heartbeat, open_storage, redact, storage_errors
@@ -170,7 +170,7 @@ class StudyRunner:
         recipe_yaml = yaml.safe_dump(recipe_dict, sort_keys=False)
         trials.set_candidate(trial, method, recipe_yaml, seed, self.workspace.builder.device_type, DRAWS)
         eval_start, forward_start = time.perf_counter(), self._forward()
-        race = self._race(optuna_study, trial)
+        race = self._race(optuna_study, trial, method)
         record: Optional[Record] = None
         docs_scored = 0
         previous: DocIds = {}
@@ -204,18 +204,23 @@ class StudyRunner:
             timings["forward_tokens"] = tokens - forward_start[1]
         return {**timings, "total": now - started}
 
-    def _race(self, optuna_study: optuna.Study, trial: optuna.Trial) -> Race:
+    def _race(self, optuna_study: optuna.Study, trial: optuna.Trial, method: str) -> Race:
         """The trial's scoring schedule: the study's pruner's, or every search document at once for a baseline."""
         documents = self.workspace.documents
         if trials.is_baseline(trial):
             return in_full(documents)
 
-        def basis() -> list[tuple[int, Record]]:
-            complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            stored = [trials.StoredTrial.of(t) for t in sorted(complete, key=lambda t: t.number)]
-            return [(t.number, t.record) for t in stored if t.record is not None]
+        def basis(every_method: bool) -> list[Completed]:
+            """Completed trials, read from the storage when the pruner asks (only the estimator does)."""
+            found = []
+            for name in self.spec.methods if every_method else [method]:
+                of_method = optuna_study if name == method else trials.load_optuna_study(self.workspace.study, name, self.storage)
+                complete = [] if of_method is None else of_method.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                stored = [trials.StoredTrial.of(t) for t in sorted(complete, key=lambda t: t.number)]
+                found += [Completed(name, t.number, t.record) for t in stored if t.record is not None]
+            return found
 
-        return PRUNERS.get(self.spec.pruning).race(documents, self.spec.evaluation, basis)
+        return PRUNERS.get(self.spec.pruning).race(documents, self.spec.evaluation, method, basis)
 
     def _finish(
         self,

@@ -77,7 +77,17 @@ class Race(Protocol):
         """What the trial stores about its race (an estimator's estimates), None if nothing."""
 
 
-Basis = Callable[[], list[tuple[int, Record]]]  # the study's completed trials: (number, record), by number
+@dataclass(frozen=True)
+class Completed:
+    """A completed trial's evidence, as a pruner that learns reads it."""
+
+    method: str
+    number: int
+    record: Record
+
+
+#: The study's completed trials, every method's (True) or the candidate's method's: in the study file's order, by number.
+Basis = Callable[[bool], list[Completed]]
 
 
 class Pruning(Protocol):
@@ -91,8 +101,8 @@ class Pruning(Protocol):
     def pruner(self, evaluation: "Evaluation") -> BasePruner:
         """The Optuna pruner that reads those reports."""
 
-    def race(self, documents: "Documents", evaluation: "Evaluation", basis: Basis) -> Race:
-        """The schedule of one (non-baseline) candidate, given the trials completed so far."""
+    def race(self, documents: "Documents", evaluation: "Evaluation", method: str, basis: Basis) -> Race:
+        """The schedule of one (non-baseline) candidate of `method`, given the trials completed so far."""
 
 
 @dataclass
@@ -131,7 +141,7 @@ class SuccessiveHalving:
             min_resource=rungs[0], reduction_factor=evaluation.reduction_factor, min_early_stopping_rate=0
         )
 
-    def race(self, documents: "Documents", evaluation: "Evaluation", basis: Basis) -> Race:
+    def race(self, documents: "Documents", evaluation: "Evaluation", method: str, basis: Basis) -> Race:
         return Rungs([ids for _, ids in documents.rungs] + [documents.search], [size for size, _ in documents.rungs])
 
 
@@ -146,7 +156,7 @@ class NoPruning:
     def pruner(self, evaluation: "Evaluation") -> BasePruner:
         return NopPruner()
 
-    def race(self, documents: "Documents", evaluation: "Evaluation", basis: Basis) -> Race:
+    def race(self, documents: "Documents", evaluation: "Evaluation", method: str, basis: Basis) -> Race:
         return in_full(documents)
 
 
@@ -158,9 +168,9 @@ class Estimated:
     sizes: list[int]  # documents in each stage: the first `size` of the model's order
     layout: Layout
     model: FitnessModel
-    bar: float  # the search score to beat: the k-th best completed trial's
+    bar: float  # the search score to beat: the k-th best completed trial's of the candidate's method
     z: float
-    basis_numbers: list[int]
+    basis_trials: list[list]  # [method, number] of each completed trial it learned from, in the model's row order
     estimates: list[Estimate] = field(default_factory=list)
 
     def stop(self, trial: optuna.Trial, stage: int, record: Record) -> bool:
@@ -171,7 +181,7 @@ class Estimated:
 
     def notes(self) -> Optional[dict[str, Any]]:
         return {
-            "basis": self.basis_numbers,
+            "basis": self.basis_trials,
             "bar": self.bar,
             "z": self.z,
             "estimates": [[e.docs, e.value, e.stderr] for e in self.estimates],
@@ -179,10 +189,12 @@ class Estimated:
 
 
 class Estimator:
-    """Racing against the study's best, with each candidate's full score estimated from the study's own trials.
+    """Racing against the best of the candidate's method, each candidate's full score estimated from completed trials.
 
-    Until `min_trials` trials are complete a candidate is scored in full (the
-    estimator learns from those); afterwards see `mergetune.search.estimator`.
+    Until `min_trials` trials are complete (the study's, or the method's: `learn_from`)
+    and its method has `rank` of its own (any candidate takes a finalist's place
+    until then), a candidate is scored in full; afterwards see
+    `mergetune.search.estimator`.
     """
 
     fields = ("estimator",)
@@ -193,25 +205,24 @@ class Estimator:
     def pruner(self, evaluation: "Evaluation") -> BasePruner:
         return NopPruner()  # the race decides; Optuna only sees the estimates
 
-    def race(self, documents: "Documents", evaluation: "Evaluation", basis: Basis) -> Race:
+    def race(self, documents: "Documents", evaluation: "Evaluation", method: str, basis: Basis) -> Race:
         settings = evaluation.estimator
-        completed = basis()
-        if len(completed) < settings.min_trials:
+        completed = basis(settings.learn_from == "study")
+        if not completed:
             return in_full(documents)
-        layout = Layout.of(completed[0][1])
-        usable = [(number, record) for number, record in completed if layout.covers(record)]
-        if len(usable) < settings.min_trials:  # trials stored before the search documents were these
+        layout = Layout.of(completed[0].record)
+        usable = [t for t in completed if layout.covers(t.record)]  # not trials stored before the search documents were these
+        rank = settings.rank or evaluation.final.finalists
+        if len(usable) < settings.min_trials or sum(t.method == method for t in usable) < rank:
             return in_full(documents)
-        values = np.stack([layout.values(record) for _, record in usable])
+        values = np.stack([layout.values(t.record) for t in usable])
+        own = sorted((score for t, score in zip(usable, values @ layout.weights) if t.method == method), reverse=True)
         model = FitnessModel(values, layout.weights, settings.top_fraction)
         step = max(1, round(len(model.order) * settings.chunk))
         sizes = list(range(step, len(model.order), step))
         stages = [_doc_ids(layout, model.order[:count]) for count in sizes] + [documents.search]
-        scores = sorted(values @ layout.weights, reverse=True)
-        rank = settings.rank or evaluation.final.finalists
-        bar = float(scores[min(rank, len(scores)) - 1])
         z = NormalDist().inv_cdf(settings.confidence)
-        return Estimated(stages, sizes, layout, model, bar, z, [number for number, _ in usable])
+        return Estimated(stages, sizes, layout, model, float(own[rank - 1]), z, [[t.method, t.number] for t in usable])
 
 
 def _doc_ids(layout: Layout, indices: np.ndarray) -> DocIds:

@@ -58,7 +58,13 @@ class EstimatorSettings(Strict):
     """How `pruning: estimator` races a candidate (`mergetune.search.samplers.Estimator`)."""
 
     min_trials: int = Field(
-        5, ge=3, description="completed trials (baseline included) scored in full before the estimator stops any"
+        5, ge=3, description="completed trials (baselines included) to learn from before the estimator stops any"
+    )
+    learn_from: Literal["study", "method"] = Field(
+        "study",
+        description="whose completed trials it learns from: every method's in the study (all are scored on the same "
+        "search documents, so a method run after another needs no trials of its own to learn from, only `rank` to "
+        "set the bar) or the candidate's method's only",
     )
     chunk: float = Field(
         0.05, gt=0, le=0.5, description="fraction of the search documents scored between two estimates"

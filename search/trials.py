@@ -38,8 +38,10 @@ key                     written by, when                             read by
                         them (hf)
 ``race``                runner, with ``record``, under a pruner      leaderboard and report (estimated vs
                         that estimates (``pruning: estimator``):     measured), benchmarks, tests (decisions
-                        the completed trials it learned from         replayed from the stored basis)
-                        (``basis``), the score to beat (``bar``),
+                        the completed trials it learned from, as     replayed from the stored basis)
+                        [method, number] (``basis``; a bare number
+                        before other methods' trials could be
+                        among them), the score to beat (``bar``),
                         ``z``, and each estimate as [documents,
                         value, stderr]
 ``fail_reason``         runner (a failing or refused trial) or       people, tests

@@ -123,7 +123,7 @@ def test_workers_share_what_the_estimator_learns_through_the_storage(tmp_path, f
     learned_from_others = [
         t
         for t in raced
-        if any(by_number[n].user_attrs["worker"]["pid"] != t.user_attrs["worker"]["pid"] for n in t.user_attrs["race"]["basis"])
+        if any(by_number[n].user_attrs["worker"]["pid"] != t.user_attrs["worker"]["pid"] for _, n in t.user_attrs["race"]["basis"])
     ]
     assert learned_from_others, "no worker used a trial another worker completed"
 

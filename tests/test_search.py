@@ -199,7 +199,7 @@ def test_the_estimator_learns_from_completed_trials_and_stops_candidates_that_ca
     assert all("race" in t.user_attrs for t in raced)
     for trial in raced:  # one worker: it learned from every trial completed before it started
         done = [t.number for t in trial_list if t.number < trial.number and t.state == TrialState.COMPLETE]
-        assert trial.user_attrs["race"]["basis"] == done
+        assert trial.user_attrs["race"]["basis"] == [["slerp", number] for number in done]
     assert any(t.state == TrialState.PRUNED for t in raced), "the estimator stopped no candidate"
     assert_races_replay_and_decide_by_the_bar(trial_list)
     for trial in raced:  # it scores documents in its own order, a quarter at a time
@@ -218,6 +218,28 @@ def test_the_estimator_learns_from_completed_trials_and_stops_candidates_that_ca
     assert (tmp_path / "report" / "slerp-estimates.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("learn_from", ["study", "method"])
+def test_a_method_run_after_another_races_from_the_first_one_s_trials_unless_told_to_learn_alone(
+    learn_from, family_f32, task_dir, tmp_path
+):
+    evaluation = {**ESTIMATOR["evaluation"], "estimator": {**ESTIMATOR["evaluation"]["estimator"], "learn_from": learn_from}}
+    path = write_study(tmp_path, family_f32, task_dir, budget={"n_trials": 8}, pruning="estimator", evaluation=evaluation)
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    slerp, dare = trials(path, "slerp"), trials(path, "dare_ties")
+    assert all("race" not in t.user_attrs for t in slerp[:3])  # SLERP ran first: it learned from its own 3 trials
+    slerp_done = [["slerp", t.number] for t in slerp if t.state == TrialState.COMPLETE]
+    # 2 finalists: DARE TIES's first two trials (the baseline and one more) take a finalist's place whatever they score
+    in_full = 2 if learn_from == "study" else 3  # and learning alone, it needs min_trials 3 of its own
+    assert all(t.state == TrialState.COMPLETE and "race" not in t.user_attrs for t in dare[:in_full])
+    first_raced = dare[in_full].user_attrs["race"]
+    own = [["dare_ties", t.number] for t in dare[:in_full]]
+    assert first_raced["basis"] == (slerp_done + own if learn_from == "study" else own)
+    assert first_raced["bar"] == pytest.approx(sorted(t.value for t in dare[:in_full])[-2])  # its own method's second best
+    assert all("race" in t.user_attrs for t in dare[in_full:])
+    assert_races_replay_and_decide_by_the_bar(slerp + dare)
+
+
 def test_a_study_with_the_estimator_killed_mid_trial_resumes_with_the_same_decisions(family_f32, task_dir, tmp_path):
     path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 10}, **ESTIMATOR)
     killed = kill_at_scoring_call(path, 9)  # three full trials (one call each), then in a race
@@ -232,7 +254,8 @@ def test_a_study_with_the_estimator_killed_mid_trial_resumes_with_the_same_decis
     assert_races_replay_and_decide_by_the_bar(after)
     resumed = [t for t in after if t.number > max(before) and "race" in t.user_attrs]
     assert resumed and all(
-        {n for n in before if before[n].state == TrialState.COMPLETE} <= set(t.user_attrs["race"]["basis"]) for t in resumed
+        {n for n in before if before[n].state == TrialState.COMPLETE} <= {n for _, n in t.user_attrs["race"]["basis"]}
+        for t in resumed
     )
 
 
