@@ -76,14 +76,15 @@ def run_config(
 def floors(stored: list[StoredTrial], evaluation) -> dict[str, int]:
     """Oracle floors on a run without pruning (every trial scored in full, so every score is known): the documents
     of scoring in full only the trials a rule needs measured and stopping every other one after its first chunk.
-    The rules: racing for the estimator's bar (default: a finalist's place) after its `min_trials`, and for first
-    place with nothing to learn (`entered_top`); in hindsight, only the trials TPE or the finalists used
-    (`used_in_hindsight`)."""
+    The rules: racing for the estimator's bar (default: a finalist's place) after its `min_trials`, or after the
+    `rank` trials of its own a method run after another needs (`learn_from: study`), and for first place with
+    nothing to learn (`entered_top`); in hindsight, only the trials TPE or the finalists used (`used_in_hindsight`)."""
     settings = evaluation.estimator
     rank = settings.rank or evaluation.final.finalists
     done = [t for t in stored if t.state == TrialState.COMPLETE]
     in_full = {
         f"top {rank}, after {settings.min_trials} trials in full": entered_top(done, rank, settings.min_trials),
+        f"top {rank}, after {rank} in full (a later method)": entered_top(done, rank, rank),
         "top 1, nothing to learn": entered_top(done, 1, 0),
         "in hindsight: the finalists and TPE's good trials": used_in_hindsight(done, evaluation.final.finalists),
     }
