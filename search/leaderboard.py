@@ -61,7 +61,7 @@ class Races:
     """How a method's candidates fared under `pruning: estimator`, and how well it estimated."""
 
     method: str
-    raced: int  # candidates the estimator raced (not those scored in full while it learned)
+    raced: int  # candidates the estimator raced (not those scored in full before it could: to learn, or set the bar)
     stopped: int
     docs_scored: int  # by the raced candidates
     docs_in_full: int  # had they all been scored in full
