@@ -14,7 +14,10 @@ fraction of its documents, by:
   (tinyBenchmarks' p-IRT, MERGE³'s estimator, without their pre-trained item bank);
 - ``regression``: mergetune's estimator (`mergetune.search.estimator`), documents
   that separate the basis's better candidates first;
-- ``regression, random order``: the same regression on the random subset.
+- ``regression, random order``: the same regression on the random subset;
+- ``regression, the study's trials``: for a method after the first, the regression
+  fitted to the earlier methods' trials (same seed, same documents) as well as the
+  trials before it, as `learn_from: study` fits it.
 
 Reported per fraction: mean absolute error in points, Spearman rank correlation of
 estimated and measured scores, and (regression) how often the measured score lay
@@ -29,6 +32,7 @@ import argparse
 import platform
 from datetime import date
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import optuna
@@ -91,16 +95,24 @@ def evidence_matrix(workspace: Workspace, method: str, sampler: str, trials: int
 
 
 def compare(
-    values: np.ndarray, weights: np.ndarray, min_trials: int, seed: int, top_fraction: float = 0.5
+    values: np.ndarray,
+    weights: np.ndarray,
+    min_trials: int,
+    seed: int,
+    top_fraction: float = 0.5,
+    earlier: Optional[np.ndarray] = None,
 ) -> dict[str, dict[float, list]]:
-    """(estimate, measured, stderr or None) per estimator and fraction, each trial predicted from those before it."""
+    """(estimate, measured, stderr or None) per estimator and fraction, each trial predicted from those before it
+    (and from `earlier`, the trials of the methods run before this one, where given)."""
     rng = np.random.default_rng(seed)
     full = values @ weights
     names = ("subset mean", "2PL IRT", "regression", "regression, random order")
+    names += ("regression, the study's trials",) if earlier is not None else ()
     found: dict[str, dict[float, list]] = {name: {f: [] for f in FRACTIONS} for name in names}
     for index in range(min_trials, len(values)):
         basis = values[:index]
         model = FitnessModel(basis, weights, top_fraction)
+        study = None if earlier is None else FitnessModel(np.vstack([earlier, basis]), weights, top_fraction)
         a, b = fit_irt(basis)
         for fraction in FRACTIONS:
             count = max(1, round(len(weights) * fraction))
@@ -113,6 +125,9 @@ def compare(
             found["regression"][fraction].append((estimate.value, full[index], estimate.stderr))
             shuffled = predict(basis, weights, subset, values[index, subset])
             found["regression, random order"][fraction].append((shuffled.value, full[index], shuffled.stderr))
+            if study is not None:
+                pooled = study.estimate(values[index, study.order[:count]])
+                found["regression, the study's trials"][fraction].append((pooled.value, full[index], pooled.stderr))
     return found
 
 
@@ -133,12 +148,15 @@ def main() -> None:
     study = load_study(args.study) if args.study else prepare_demo(args.work_dir)
     workspace = Workspace.open(study)
     pooled: dict[str, dict[float, list]] = {}
+    earlier: dict[int, np.ndarray] = {}  # per seed: the trials of the methods run so far
     for method in args.methods:
         for seed in args.seeds:
             values, weights = evidence_matrix(workspace, method, args.sampler, args.trials, seed)
-            for name, by_fraction in compare(values, weights, args.min_trials, seed, args.top_fraction).items():
+            found = compare(values, weights, args.min_trials, seed, args.top_fraction, earlier.get(seed))
+            for name, by_fraction in found.items():
                 for fraction, rows in by_fraction.items():
                     pooled.setdefault(f"{method} {name}", {}).setdefault(fraction, []).extend(rows)
+            earlier[seed] = values if seed not in earlier else np.vstack([earlier[seed], values])
             print(method, seed, "done", flush=True)
 
     print(f"\n### Estimators — {date.today().isoformat()}\n")
