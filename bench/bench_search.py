@@ -308,8 +308,8 @@ def main() -> None:
         print(
             "\nWhere the estimator's documents went, per configuration over seeds: trials in total and the share of "
             "all documents scored, by what became of each trial (not raced: scored in full before the estimator "
-            "raced, to learn from or to set its bar, baseline included; let through: scored in full, its measured score at or above, or below, the "
-            "bar it raced against):\n"
+            "raced, to learn from or to set its bar, baseline included; let through: scored in full, its measured "
+            "score at or above, or below, the bar it raced against):\n"
         )
         print("| method | sampler | trials | " + " | ".join(FATES) + " |")
         print("|---|---|---|" + "---|" * len(FATES))
