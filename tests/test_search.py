@@ -419,6 +419,14 @@ def test_a_study_stored_by_an_older_mergetune_continues_and_a_different_one_is_s
     assert spec.has_definition("hash-of-the-older-release", with_estimator)
     evaluation = spec.evaluation.model_copy(update={"estimator": spec.evaluation.estimator.model_copy(update={"chunk": 0.2})})
     assert spec.model_copy(update={"evaluation": evaluation}).definition_hash() == spec.definition_hash()
+    # An estimator study stored before `learn_from` existed continues (its new trials learn from the study).
+    estimating = spec.model_copy(update={"pruning": "estimator"})
+    before_learn_from = estimating.definition()
+    del before_learn_from["evaluation"]["estimator"]["learn_from"]
+    assert estimating.has_definition("hash-of-the-older-release", before_learn_from)
+    alone = {**before_learn_from, "evaluation": {**before_learn_from["evaluation"], "estimator": {
+        **before_learn_from["evaluation"]["estimator"], "learn_from": "method"}}}
+    assert not estimating.has_definition("hash-of-the-older-release", alone)
 
 
 @pytest.mark.parametrize(
