@@ -80,7 +80,7 @@ def floors(stored: list[StoredTrial], evaluation) -> dict[str, int]:
     `rank` trials of its own a method run after another needs (`learn_from: study`), and for first place with
     nothing to learn (`entered_top`); in hindsight, only the trials TPE or the finalists used (`used_in_hindsight`)."""
     settings = evaluation.estimator
-    rank = settings.rank or evaluation.final.finalists
+    rank = evaluation.estimator_rank()
     done = [t for t in stored if t.state == TrialState.COMPLETE]
     in_full = {
         f"top {rank}, after {settings.min_trials} trials in full": entered_top(done, rank, settings.min_trials),

@@ -212,7 +212,7 @@ class Estimator:
             return in_full(documents)
         layout = Layout.of(completed[0].record)
         usable = [t for t in completed if layout.covers(t.record)]  # not trials stored before the search documents were these
-        rank = settings.rank or evaluation.final.finalists
+        rank = evaluation.estimator_rank()
         if len(usable) < settings.min_trials or sum(t.method == method for t in usable) < rank:
             return in_full(documents)
         values = np.stack([layout.values(t.record) for t in usable])

@@ -122,6 +122,10 @@ class Evaluation(Strict):
             size *= self.reduction_factor
         return sizes
 
+    def estimator_rank(self) -> int:
+        """The place among its method's completed trials a candidate races for under `pruning: estimator`."""
+        return self.estimator.rank or self.final.finalists
+
     @model_validator(mode="after")
     def _something_to_score(self) -> "Evaluation":
         if not self.suite and not self.tasks:
