@@ -26,14 +26,18 @@ from mergetune.demo.skills import write_task_dir
 POSTGRES_ENV = "MERGETUNE_TEST_POSTGRES_URL"
 
 # A worker process: `mergetune ARGS…`, held at a barrier until every worker has loaded its models
-# (so they really race), optionally SIGKILLed at its Nth scoring call (mid-trial) and optionally
-# claiming another host name (so only its heartbeat can tell the others that it died).
+# (so they really race), optionally SIGKILLed at its Nth scoring call (mid-trial), optionally
+# claiming another host name (so only its heartbeat can tell the others that it died), and
+# optionally held at its first scoring call until MEET workers are there (each then has a trial
+# under way at once: the tiny study's trials take a fraction of a second, so otherwise a worker
+# held back a second, by the machine's load or by Optuna's journal lock, which backs off up to a
+# second a try, may find none left).
 WORKER = """
 import os, signal, socket, sys, time
 from pathlib import Path
 import mergetune.search.runner as runner
 
-barrier, kill_at, host, args = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+barrier, kill_at, host, meet, args = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5:]
 if host:
     socket.gethostname = lambda: host
 run_method = runner.StudyRunner.run_method
@@ -51,6 +55,17 @@ if kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return score(self, ids)
     runner.StudyRunner.score = killing_score
+if meet:
+    score, met = runner.StudyRunner.score, []
+    def meeting_score(self, ids):
+        if not met:
+            met.append(1)
+            (barrier / f"scoring-{os.getpid()}").touch()
+            deadline = time.monotonic() + 120  # past it, go on: the test then says who did no trial
+            while len(list(barrier.glob("scoring-*"))) < meet and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return score(self, ids)
+    runner.StudyRunner.score = meeting_score
 from mergetune.cli import app
 sys.argv = ["mergetune", *args]
 app()
@@ -82,10 +97,17 @@ def stored_trials(study_path: Path, storage: Optional[str] = None, method: str =
 
 
 def start_workers(
-    study_path: Path, storage: str, barrier: Path, count: int, kill_at: int = 0, host: str = "", verbose: bool = False
+    study_path: Path,
+    storage: str,
+    barrier: Path,
+    count: int,
+    kill_at: int = 0,
+    host: str = "",
+    verbose: bool = False,
+    meet: int = 0,
 ) -> list:
     barrier.mkdir(exist_ok=True)
-    command = [sys.executable, "-c", WORKER, str(barrier), str(kill_at), host]
+    command = [sys.executable, "-c", WORKER, str(barrier), str(kill_at), host, str(meet)]
     args = [*(["-vv"] if verbose else []), "study", "run", str(study_path), "--storage", storage, "--quiet"]
     return [
         subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
