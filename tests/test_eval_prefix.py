@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,13 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from eval_fixtures import TOY_TASK
 from mergetune.cli import app
+from mergetune.demo.tiny import build_tokenizer, save_model
 from mergetune.errors import MergetuneError
 from mergetune.eval import EvalConfig, Evaluator
 from mergetune.eval.backends.hf import HFBackend
+from mergetune.eval.backends.hf_prefix import SUPPORTED_MODEL_TYPES
 from mergetune.eval.prefix import MIN_SHARED_TOKENS, PrefixPlan, model_input, plan_prefixes, within_window
 from test_eval_parity import run_lm_eval  # lm_eval's CLI on given document ids, with per-document samples
 
@@ -160,6 +164,51 @@ def test_truncated_25_shot_requests_score_as_lm_eval_truncates_them(eval_models,
     assert document_agreement(ours, plain, tolerance=1e-4) == (6, 6)
     for (a, ga), (b, gb) in zip(request_scores(on)[0], request_scores(off)[0], strict=True):
         assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def tiny_of_architecture(model_type: str, out: Path, **config: object) -> Path:
+    """A tiny random checkpoint of another architecture than the other tests' Llama, with their tokenizer."""
+    tokenizer = build_tokenizer()
+    if model_type == "gpt2":  # its own names for the shape
+        shape = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512}
+    else:
+        shape = {
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512,
+        }  # fmt: skip
+    special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **shape, **special, **config))
+    return save_model(model.eval(), tokenizer, out)
+
+
+ARCHITECTURE_TASKS = ("arc_challenge", "truthfulqa_mc2", "winogrande")
+
+
+@pytest.mark.parametrize(
+    "model_type, config",
+    [(model_type, {}) for model_type in SUPPORTED_MODEL_TYPES if model_type != "llama"]  # Llama: the tests above
+    + [("mistral", {"sliding_window": 100})],  # rows reaching the window, the longer half here, are scored whole
+)
+def test_every_architecture_the_cache_path_accepts_scores_as_lm_evals_path(model_type, config, benchmarks_dir, tmp_path):
+    model_dir = tiny_of_architecture(model_type, tmp_path / model_type, **config)
+    eval_config = EvalConfig(tasks=ARCHITECTURE_TASKS, data_dir=benchmarks_dir, num_fewshot=2)
+    on, off, (ours, plain), (tokens_on, tokens_off) = both_paths(model_dir, eval_config, limit=4)
+    assert on.backend.model.config.model_type == model_type and on.backend.describe()["shared_prefix"]
+    for (lp_on, greedy_on), (lp_off, greedy_off) in zip(request_scores(on)[0], request_scores(off)[0], strict=True):
+        assert lp_on == pytest.approx(lp_off, abs=1e-4) and greedy_on == greedy_off
+    assert document_agreement(ours, plain, tolerance=1e-4) == (12, 12)
+    assert tokens_on < 0.95 * tokens_off  # it shared
+
+
+def test_another_architecture_goes_through_lm_evals_path_and_says_so(benchmarks_dir, tmp_path, caplog):
+    model_dir = tiny_of_architecture("gpt2", tmp_path / "gpt2")
+    config = EvalConfig(tasks=("arc_challenge",), data_dir=benchmarks_dir, num_fewshot=2)
+    with caplog.at_level(logging.WARNING, logger="mergetune.eval.backends.hf"):
+        evaluator = Evaluator.from_dir(model_dir, config, batch_size=4)
+    assert not evaluator.backend.describe()["shared_prefix"]
+    assert "shared prefixes off (architecture 'gpt2' is not one of llama, mistral" in caplog.text
+    assert 0 <= evaluator.score(limit=3).tasks["arc_challenge"].value <= 1
 
 
 def test_every_document_result_equals_lm_eval_cli_on_the_same_ids(float32_paths, eval_models, benchmarks_dir, tmp_path):

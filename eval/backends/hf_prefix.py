@@ -36,7 +36,7 @@ from mergetune.eval.prefix import PrefixGroup, PrefixPlan, Row
 log = logging.getLogger(__name__)
 
 #: Architectures whose forward takes position ids and a 2-D padding mask together with a cache as Llama's does
-#: (checked by the parity tests on Llama); any other falls back to lm-eval's path.
+#: (each checked against lm-eval's path in tests/test_eval_prefix.py); any other falls back to lm-eval's path.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma")
 #: Share of the free memory a batch may plan to use: the estimate is coarse, and other allocations coexist.
 MEMORY_SHARE = 0.5
