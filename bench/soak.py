@@ -29,7 +29,6 @@ import uuid
 from collections import Counter
 from datetime import date
 from pathlib import Path
-from typing import Iterator
 
 import optuna
 import yaml

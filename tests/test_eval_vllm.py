@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from eval_fixtures import TOY_TASK
