@@ -32,7 +32,6 @@ from mergetune.eval.evidence import paired_bootstrap, summarize
 from mergetune.search.documents import choose_documents
 from mergetune.search.runner import StudyRunner
 from mergetune.search.samplers import TPE_STARTUP_TRIALS
-from mergetune.search.setup import open_optuna_study
 from mergetune.search.study_file import load_study
 from mergetune.search.leaderboard import rank_correlation, races_of, reached_bar
 from mergetune.search.trials import COUNTED, StoredTrial, final_records
@@ -46,24 +45,14 @@ def configured(base: Workspace, sampler: str, pruner: str, seed: int) -> Workspa
     return Workspace(study, base.builder, base.evaluator, choose_documents(base.evaluator, spec))
 
 
-def run_config(
-    base: Workspace,
-    method: str,
-    sampler: str,
-    pruner: str,
-    trials: int,
-    seed: int,
-    storage: optuna.storages.BaseStorage,
-    other_baselines: int,
-) -> dict:
-    workspace = configured(base, sampler, pruner, seed)
-    study = workspace.study
-    runner = StudyRunner(workspace, storage=storage)
+def run_config(runner: StudyRunner, method: str, trials: int, other_baselines: int) -> dict:
+    """One method of a configuration's study (its baselines already run), to `trials`, then its finalists."""
+    spec = runner.workspace.study.spec
     start = time.perf_counter()
     runner.run_method(method, trials, None, None)
     runner.finalize(method)
     seconds = time.perf_counter() - start
-    optuna_study = open_optuna_study(study, method, storage)
+    optuna_study = runner.optuna_study(method)
     final_evidence = final_records(optuna_study)
     finals = {number: summarize(record).average for number, record in final_evidence.items()}
     best_trial = max(finals, key=finals.get)
@@ -82,7 +71,7 @@ def run_config(
         "docs_to_best": scored[best_trial],
         "pruned": sum(t.state == TrialState.PRUNED for t in ordered),
         "fates": fates(stored),
-        "floors": floors(stored, study.spec.evaluation, other_baselines) if (sampler, pruner) == ("tpe", "none") else {},
+        "floors": floors(stored, spec.evaluation, other_baselines) if (spec.sampler, spec.pruning) == ("tpe", "none") else {},
         "seconds": seconds,
     }
 
@@ -228,12 +217,14 @@ def main() -> None:
     rows = []
     for sampler, pruner, multiple in configs:
         for seed in args.seeds:
-            storage = optuna.storages.InMemoryStorage()  # one study: a later method's estimator learns from earlier ones
-            # As a study does: every method's baseline first (their documents count in each method's rows).
-            StudyRunner(configured(workspace, sampler, pruner, seed), storage=storage).run_baselines(args.methods, args.trials * multiple)
+            # One study, run as `mergetune study run` runs it: every method's baseline first (their documents count
+            # in each method's rows), then the methods one after the other (a later one's estimator learns from
+            # the earlier ones).
+            runner = StudyRunner(configured(workspace, sampler, pruner, seed), storage=optuna.storages.InMemoryStorage())
+            runner.run_baselines(args.methods, args.trials * multiple)
+            others = len(args.methods) - 1 if study.spec.baselines else 0
             for method in args.methods:
-                others = len(args.methods) - 1 if study.spec.baselines else 0
-                result = run_config(workspace, method, sampler, pruner, args.trials * multiple, seed, storage, others)
+                result = run_config(runner, method, args.trials * multiple, others)
                 rows.append((method, sampler, pruner, args.trials * multiple, seed, result))
                 brief = {key: value for key, value in result.items() if key not in ("best_record", "docs_until")}
                 print(method, sampler, pruner, args.trials * multiple, seed, brief, flush=True)

@@ -93,12 +93,20 @@ class StudyRunner:
         self.spec = workspace.study.spec
         self.storage = storage or open_storage(workspace.study)
         self.max_failures = max_failures or MAX_FAILURES
+        self._studies: dict[str, optuna.Study] = {}
         self.failures_in_a_row = 0
         self.worker = Worker.this()
         self.reaper = Reaper(self.spec.storage_options.grace_period)
 
     def score(self, doc_ids: DocIds) -> Record:
         return record_from_result(self.workspace.evaluator.score(doc_ids=doc_ids))
+
+    def optuna_study(self, method: str) -> optuna.Study:
+        """The method's Optuna study, opened once per runner: whoever opens it again is another worker to
+        Optuna's storage, and samples with a seed of its own instead of the study's (`search.setup`)."""
+        if method not in self._studies:
+            self._studies[method] = open_optuna_study(self.workspace.study, method, self.storage)
+        return self._studies[method]
 
     def run_baselines(
         self, methods: Sequence[str], n_trials: Optional[int], say: Callable[[str], None] = log.info
@@ -113,7 +121,7 @@ class StudyRunner:
         """
         outcomes = []
         for method in methods:
-            optuna_study = open_optuna_study(self.workspace.study, method, self.storage)
+            optuna_study = self.optuna_study(method)
             with storage_errors(self.workspace.study.storage_url):
                 waiting = optuna_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
                 if any(trials.is_baseline(trial) for trial in waiting):
@@ -125,7 +133,7 @@ class StudyRunner:
         self, method: str, n_trials: Optional[int], timeout: Optional[float], progress: Optional[Progress]
     ) -> MethodRun:
         """Run trials until the study holds `n_trials` completed ones (whoever ran them) or `timeout` passes."""
-        optuna_study = open_optuna_study(self.workspace.study, method, self.storage)
+        optuna_study = self.optuna_study(method)
         run = MethodRun(method)
         deadline = None if timeout is None else time.monotonic() + timeout
         with storage_errors(self.workspace.study.storage_url):
@@ -288,7 +296,7 @@ class StudyRunner:
 
     def finalize(self, method: str, say: Callable[[str], None] = log.info) -> list[int]:
         """Score the best trials and the baseline on the held-out documents (once each, whichever worker does it)."""
-        optuna_study = open_optuna_study(self.workspace.study, method, self.storage)
+        optuna_study = self.optuna_study(method)
         with storage_errors(self.workspace.study.storage_url):
             complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             ranked = sorted(complete, key=lambda t: t.value, reverse=True)[: self.spec.evaluation.final.finalists]

@@ -247,6 +247,20 @@ def test_every_baseline_runs_first_and_each_method_races_from_the_study_s_trials
     assert_races_replay_and_decide_by_the_bar(slerp + dare)
 
 
+def test_a_study_run_again_in_another_process_proposes_the_same_candidates(family_f32, task_dir, tmp_path):
+    """A study's only worker samples with the study's seed, whichever process it is (a second worker on the same
+    storage samples with a seed of its own): one study file run twice, by two processes, proposes the same trials."""
+    proposals = []
+    for run in ("first", "second"):
+        (tmp_path / run).mkdir()
+        path = write_study(tmp_path / run, family_f32, task_dir)
+        command = [sys.executable, "-c", "from mergetune.cli import app; app()", "study", "run", str(path), "--quiet"]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        proposals.append({method: [t.params for t in trials(path, method)] for method in ("slerp", "dare_ties")})
+    assert proposals[0] == proposals[1] and all(len(made) == 4 for made in proposals[0].values())
+
+
 def test_a_study_with_the_estimator_killed_mid_trial_resumes_with_the_same_decisions(family_f32, task_dir, tmp_path):
     path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 10}, **ESTIMATOR)
     killed = kill_at_scoring_call(path, 9)  # three full trials (one call each), then in a race
