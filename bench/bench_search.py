@@ -2,8 +2,7 @@
 
 One process loads the demo's models and evaluator once; each configuration and
 seed runs its own fresh study (in-memory Optuna storage) on the same documents,
-every method's baseline first, then its methods one after the other, as
-`mergetune study run` runs them; then it scores
+its methods one after the other as `mergetune study run` runs them, then scores
 each method's finalists on the same held-out documents. Reported per configuration: the
 best held-out (final) score, the documents scored in total, and the documents
 scored until the trial that turned out best had been scored.
@@ -45,8 +44,8 @@ def configured(base: Workspace, sampler: str, pruner: str, seed: int) -> Workspa
     return Workspace(study, base.builder, base.evaluator, choose_documents(base.evaluator, spec))
 
 
-def run_config(runner: StudyRunner, method: str, trials: int, other_baselines: int) -> dict:
-    """One method of a configuration's study (its baselines already run), to `trials`, then its finalists."""
+def run_config(runner: StudyRunner, method: str, trials: int) -> dict:
+    """One method of a configuration's study, to `trials`, then its finalists."""
     spec = runner.workspace.study.spec
     start = time.perf_counter()
     runner.run_method(method, trials, None, None)
@@ -71,25 +70,22 @@ def run_config(runner: StudyRunner, method: str, trials: int, other_baselines: i
         "docs_to_best": scored[best_trial],
         "pruned": sum(t.state == TrialState.PRUNED for t in ordered),
         "fates": fates(stored),
-        "floors": floors(stored, spec.evaluation, other_baselines) if (spec.sampler, spec.pruning) == ("tpe", "none") else {},
+        "floors": floors(stored, spec.evaluation) if (spec.sampler, spec.pruning) == ("tpe", "none") else {},
         "seconds": seconds,
     }
 
 
-def floors(stored: list[StoredTrial], evaluation, other_baselines: int) -> dict[str, int]:
+def floors(stored: list[StoredTrial], evaluation) -> dict[str, int]:
     """Oracle floors on a run without pruning (every trial scored in full, so every score is known): the documents
     of scoring in full only the trials a rule needs measured and stopping every other one after its first chunk.
-    The rules: racing for the estimator's bar (default: a finalist's place) after its `min_trials`, after the fewer
-    of its own the first method needs with the other methods' baselines (run first) to learn from, or after the
+    The rules: racing for the estimator's bar (default: a finalist's place) after its `min_trials`, or after the
     `rank` trials of its own a method run after another needs (`learn_from: study`), and for first place with
     nothing to learn (`entered_top`); in hindsight, only the trials TPE or the finalists used (`used_in_hindsight`)."""
     settings = evaluation.estimator
     rank = evaluation.estimator_rank()
-    first = max(rank, settings.min_trials - other_baselines)
     done = [t for t in stored if t.state == TrialState.COMPLETE]
     in_full = {
         f"top {rank}, after {settings.min_trials} trials in full": entered_top(done, rank, settings.min_trials),
-        f"top {rank}, after {first} in full (the first method)": entered_top(done, rank, first),
         f"top {rank}, after {rank} in full (a later method)": entered_top(done, rank, rank),
         "top 1, nothing to learn": entered_top(done, 1, 0),
         "in hindsight: the finalists and TPE's good trials": used_in_hindsight(done, evaluation.final.finalists),
@@ -217,14 +213,12 @@ def main() -> None:
     rows = []
     for sampler, pruner, multiple in configs:
         for seed in args.seeds:
-            # One study, run as `mergetune study run` runs it: every method's baseline first (their documents count
-            # in each method's rows), then the methods one after the other (a later one's estimator learns from
-            # the earlier ones).
+            # One study, its methods one after the other as `mergetune study run` runs them (a later method's
+            # estimator learns from the earlier ones); one runner, so each method's study is opened once and
+            # samples with the study's seed.
             runner = StudyRunner(configured(workspace, sampler, pruner, seed), storage=optuna.storages.InMemoryStorage())
-            runner.run_baselines(args.methods, args.trials * multiple)
-            others = len(args.methods) - 1 if study.spec.baselines else 0
             for method in args.methods:
-                result = run_config(runner, method, args.trials * multiple, others)
+                result = run_config(runner, method, args.trials * multiple)
                 rows.append((method, sampler, pruner, args.trials * multiple, seed, result))
                 brief = {key: value for key, value in result.items() if key not in ("best_record", "docs_until")}
                 print(method, sampler, pruner, args.trials * multiple, seed, brief, flush=True)

@@ -1,8 +1,7 @@
 """Running trials: one candidate at a time, built in the live model, scored, stored; then the finalists.
 
-First every method's hand-written baseline, in full. Then per trial: Optuna
-proposes parameters → the method's mergekit recipe → built in memory → scored
-stage by stage on growing, nested subsets of the search documents,
+Per trial: Optuna proposes parameters → the method's mergekit recipe → built in
+memory → scored stage by stage on growing, nested subsets of the search documents,
 as the study's pruner schedules them (`mergetune.search.samplers`: successive
 halving's rungs, or the estimator's most discriminating documents first), and
 stopped when the pruner says so (the hand-written baselines always run in full) →
@@ -25,7 +24,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import optuna
 import torch
@@ -107,27 +106,6 @@ class StudyRunner:
         if method not in self._studies:
             self._studies[method] = open_optuna_study(self.workspace.study, method, self.storage)
         return self._studies[method]
-
-    def run_baselines(
-        self, methods: Sequence[str], n_trials: Optional[int], say: Callable[[str], None] = log.info
-    ) -> list[TrialOutcome]:
-        """Each method's hand-written baseline still queued, before any method's search trials.
-
-        A baseline is scored in full under every pruner, so running it first costs
-        nothing; the estimator learning from the study (`learn_from: study`) then has
-        every method's baseline in its basis before the first method's first race,
-        not only that method's own. Another worker may take a baseline meanwhile:
-        this worker's ask then gets a search trial of that method, which counts as any.
-        """
-        outcomes = []
-        for method in methods:
-            optuna_study = self.optuna_study(method)
-            with storage_errors(self.workspace.study.storage_url):
-                waiting = optuna_study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                if any(trials.is_baseline(trial) for trial in waiting):
-                    say(f"{method}: the hand-written baseline")
-                    outcomes.append(self.run_trial(optuna_study, method, n_trials))
-        return outcomes
 
     def run_method(
         self, method: str, n_trials: Optional[int], timeout: Optional[float], progress: Optional[Progress]

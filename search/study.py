@@ -62,7 +62,6 @@ def run_study(
     say(f"study {spec.name}: methods {', '.join(spec.methods)}; storage {study.storage_display}")
     storage = open_storage(study)  # before loading models: a storage that doesn't answer fails fast
     runner = StudyRunner(Workspace.open(study, say=say), storage, max_failures)
-    runner.run_baselines(spec.methods, n_trials, say=say)
     for method in spec.methods:
         progress.start(method, n_trials or 0)
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from mergetune.cli import app
 from mergetune.demo.tiny import load_state
 from mergetune.search.leaderboard import build_leaderboard
-from mergetune.search.trials import final_records, is_baseline, optuna_study_name
+from mergetune.search.trials import final_records, optuna_study_name
 from mergetune.demo.study import tiny_study
 from mergetune.search.study_file import Evaluation, load_study
 from mergetune.demo.skills import HELDOUT_TASKS, SEARCH_TASKS, write_task_dir
@@ -219,7 +219,7 @@ def test_the_estimator_learns_from_completed_trials_and_stops_candidates_that_ca
 
 
 @pytest.mark.parametrize("learn_from", ["study", "method"])
-def test_every_baseline_runs_first_and_each_method_races_from_the_study_s_trials_unless_told_to_learn_alone(
+def test_a_method_run_after_another_races_from_the_first_one_s_trials_unless_told_to_learn_alone(
     learn_from, family_f32, task_dir, tmp_path
 ):
     evaluation = {**ESTIMATOR["evaluation"], "estimator": {**ESTIMATOR["evaluation"]["estimator"], "learn_from": learn_from}}
@@ -227,29 +227,23 @@ def test_every_baseline_runs_first_and_each_method_races_from_the_study_s_trials
     result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
     assert result.exit_code == 0, result.output
     slerp, dare = trials(path, "slerp"), trials(path, "dare_ties")
-    assert is_baseline(dare[0]) and dare[0].datetime_complete < slerp[1].datetime_start
-    # 2 finalists: a method's first two trials (its baseline and one more) take a finalist's place whatever they
-    # score; learning alone, it needs min_trials 3 of its own.
-    in_full = 2 if learn_from == "study" else 3
-    for of_method in (slerp, dare):
-        assert all(t.state == TrialState.COMPLETE and "race" not in t.user_attrs for t in of_method[:in_full])
-        assert all("race" in t.user_attrs for t in of_method[in_full:])
-        assert of_method[in_full].user_attrs["race"]["bar"] == pytest.approx(
-            sorted(t.value for t in of_method[:in_full])[-2]
-        )  # its own method's second best
-    first_slerp, first_dare = slerp[in_full].user_attrs["race"]["basis"], dare[in_full].user_attrs["race"]["basis"]
-    if learn_from == "study":  # SLERP, run first, learns from DARE TIES's baseline too; DARE TIES from all of SLERP's
-        assert first_slerp == [["slerp", 0], ["slerp", 1], ["dare_ties", 0]]
-        slerp_done = [["slerp", t.number] for t in slerp if t.state == TrialState.COMPLETE]
-        assert first_dare == slerp_done + [["dare_ties", 0], ["dare_ties", 1]]
-    else:
-        assert first_slerp == [["slerp", n] for n in range(3)] and first_dare == [["dare_ties", n] for n in range(3)]
+    assert all("race" not in t.user_attrs for t in slerp[:3])  # SLERP ran first: it learned from its own 3 trials
+    slerp_done = [["slerp", t.number] for t in slerp if t.state == TrialState.COMPLETE]
+    # 2 finalists: DARE TIES's first two trials (the baseline and one more) take a finalist's place whatever they score
+    in_full = 2 if learn_from == "study" else 3  # and learning alone, it needs min_trials 3 of its own
+    assert all(t.state == TrialState.COMPLETE and "race" not in t.user_attrs for t in dare[:in_full])
+    first_raced = dare[in_full].user_attrs["race"]
+    own = [["dare_ties", t.number] for t in dare[:in_full]]
+    assert first_raced["basis"] == (slerp_done + own if learn_from == "study" else own)
+    assert first_raced["bar"] == pytest.approx(sorted(t.value for t in dare[:in_full])[-2])  # its own method's second best
+    assert all("race" in t.user_attrs for t in dare[in_full:])
     assert_races_replay_and_decide_by_the_bar(slerp + dare)
 
 
 def test_a_study_run_again_in_another_process_proposes_the_same_candidates(family_f32, task_dir, tmp_path):
-    """A study's only worker samples with the study's seed, whichever process it is (a second worker on the same
-    storage samples with a seed of its own): one study file run twice, by two processes, proposes the same trials."""
+    """A study's only worker samples with the study's seed, whichever process it is, though it opens each method's
+    study for the search and again for the finalists (a second worker on the same storage samples with a seed of
+    its own): one study file run twice, by two processes, proposes the same trials."""
     proposals = []
     for run in ("first", "second"):
         (tmp_path / run).mkdir()
