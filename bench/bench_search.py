@@ -8,6 +8,9 @@ best held-out (final) score, the documents scored in total, and the documents
 scored until the trial that turned out best had been scored.
 
     python bench/bench_search.py --trials 24 --methods slerp dare_ties --seeds 0 1 2 3 4 --samplers tpe random
+    python bench/bench_search.py --samplers tpe --pruners none estimator estimator:min_trials=3 --multiples 1
+
+(the second: the estimator's defaults and a variant of them, side by side against one run without pruning)
 """
 
 from __future__ import annotations
@@ -37,9 +40,24 @@ from mergetune.search.trials import COUNTED, StoredTrial, final_records
 from mergetune.search.workspace import Workspace
 
 
+def with_estimator(evaluation, settings: list[str]):
+    """`evaluation` with its estimator's settings overridden by KEY=VALUE strings (validated as a study file's)."""
+    given = dict(setting.split("=", 1) for setting in settings)
+    estimator = evaluation.estimator.model_validate({**evaluation.estimator.model_dump(), **given})
+    return evaluation.model_copy(update={"estimator": estimator})
+
+
 def configured(base: Workspace, sampler: str, pruner: str, seed: int) -> Workspace:
-    """The base workspace's models and evaluator under one configuration's study settings."""
-    spec = base.study.spec.model_copy(update={"sampler": sampler, "pruning": pruner, "seed": seed})
+    """The base workspace's models and evaluator under one configuration's study settings.
+
+    A pruner may carry estimator settings of its own, `estimator:min_trials=3,confidence=0.9`, so that
+    variants run side by side against one run without pruning.
+    """
+    name, _, settings = pruner.partition(":")
+    update = {"sampler": sampler, "pruning": name, "seed": seed}
+    if settings:
+        update["evaluation"] = with_estimator(base.study.spec.evaluation, settings.split(","))
+    spec = base.study.spec.model_copy(update=update)
     study = base.study.model_copy(update={"spec": spec})
     return Workspace(study, base.builder, base.evaluator, choose_documents(base.evaluator, spec))
 
@@ -190,7 +208,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--samplers", nargs="+", default=["tpe", "cmaes", "random"], help="run only these samplers' rows")
     parser.add_argument(
-        "--pruners", nargs="+", default=["none", "successive_halving", "estimator"], help="run only these pruners' rows"
+        "--pruners",
+        nargs="+",
+        default=["none", "successive_halving", "estimator"],
+        help="run only these pruners' rows; estimator:KEY=VALUE,... runs the estimator with those settings",
     )
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/mergetune-bench-search"))
     parser.add_argument("--study", type=Path, help="a study file to benchmark instead of the demo's")
@@ -202,14 +223,17 @@ def main() -> None:
 
     study = load_study(args.study) if args.study else prepare_demo(args.work_dir)
     if args.estimator:
-        evaluation = study.spec.evaluation
-        given = dict(setting.split("=", 1) for setting in args.estimator)
-        settings = evaluation.estimator.model_validate({**evaluation.estimator.model_dump(), **given})
-        spec = study.spec.model_copy(update={"evaluation": evaluation.model_copy(update={"estimator": settings})})
+        spec = study.spec.model_copy(update={"evaluation": with_estimator(study.spec.evaluation, args.estimator)})
         study = study.model_copy(update={"spec": spec})
     workspace = Workspace.open(study)
     evaluation = study.spec.evaluation
-    configs = [c for c in CONFIGS if c[0] in args.samplers and c[1] in args.pruners and c[2] in args.multiples]
+    configs = [
+        (sampler, pruner, multiple)
+        for sampler, name, multiple in CONFIGS
+        if sampler in args.samplers and multiple in args.multiples
+        for pruner in args.pruners
+        if pruner.partition(":")[0] == name
+    ]
     rows = []
     for sampler, pruner, multiple in configs:
         for seed in args.seeds:
@@ -308,7 +332,7 @@ def main() -> None:
             cells = [f"{statistics.mean(v):.2f} ({min(v):.2f}–{max(v):.2f})" for v in shares.values()]
             print(f"| {method} | {sampler} | {trials} | " + " | ".join(cells) + " |")
 
-    raced = {key: results for key, results in groups.items() if key[2] == "estimator"}
+    raced = {key: results for key, results in groups.items() if key[2].startswith("estimator")}
     if raced:
         print(
             "\nWhere the estimator's documents went, per configuration over seeds: trials in total and the share of "
@@ -316,16 +340,16 @@ def main() -> None:
             "raced, to learn from or to set its bar, baseline included; let through: scored in full, its measured "
             "score at or above, or below, the bar it raced against):\n"
         )
-        print("| method | sampler | trials | " + " | ".join(FATES) + " |")
-        print("|---|---|---|" + "---|" * len(FATES))
-        for (method, sampler, _, trials), results in raced.items():
+        print("| method | sampler | pruning | trials | " + " | ".join(FATES) + " |")
+        print("|---|---|---|---|" + "---|" * len(FATES))
+        for (method, sampler, pruner, trials), results in raced.items():
             total = sum(r["docs_total"] for r in results)
             cells = []
             for fate in FATES:
                 count = sum(r["fates"][fate][0] for r in results)
                 share = sum(r["fates"][fate][1] for r in results) / total
                 cells.append(f"{count} trials, {100 * share:.0f}% of the documents")
-            print(f"| {method} | {sampler} | {trials} | " + " | ".join(cells) + " |")
+            print(f"| {method} | {sampler} | {pruner} | {trials} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
