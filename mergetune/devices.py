@@ -1,8 +1,10 @@
-"""How much memory a device has: one answer for the memory plan and for the evaluator's batch sizes."""
+"""What a device offers: how much memory (one answer for the memory plan and for the evaluator's batch sizes),
+and how fast it computes in a dtype."""
 
 from __future__ import annotations
 
 import resource
+import time
 
 import psutil
 import torch
@@ -20,3 +22,25 @@ def device_memory(device: str | torch.device) -> tuple[int, int]:
     if limit != resource.RLIM_INFINITY:
         free = min(free, limit - psutil.Process().memory_info().vms)
     return max(free, 0), memory.total
+
+
+def linear_slowdown(dtype: torch.dtype, rows: int = 256, width: int = 512, repeats: int = 3) -> float:
+    """How many times longer a model-sized linear layer takes on this CPU in `dtype` than in float32.
+
+    A CPU without native bfloat16 (no AVX-512 BF16, no AMX) emulates it: on this project's AVX2 machine a
+    135M model's forward pass ran 6.6-7.5x slower in bfloat16 than in float32, and this probe said 7-8x.
+    Measured rather than read from the CPU's flags, so it holds on any CPU; the best of `repeats` each
+    way, so that a moment of other load does not count; about a tenth of a second where bfloat16 is slow.
+    """
+
+    def best(kind: torch.dtype) -> float:
+        inputs, weight = torch.ones(rows, width, dtype=kind), torch.ones(2 * width, width, dtype=kind)
+        torch.nn.functional.linear(inputs, weight)  # the first call pays for the kernel's set-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.nn.functional.linear(inputs, weight)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(dtype) / max(best(torch.float32), 1e-9)

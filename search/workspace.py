@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
 
-from mergetune.devices import device_memory
+from mergetune.devices import device_memory, linear_slowdown
 from mergetune.eval import EvalConfig, Evaluator
 from mergetune.eval.backends import engine_backend_names
 from mergetune.eval.tasks import Origins
@@ -86,6 +86,9 @@ class Workspace:
             evaluator = Evaluator.for_candidates(skeleton, references, spec.dtype, config, backend=spec.backend, **options)
             builder: CandidateBuilder = evaluator.backend
         else:
+            warning = slow_dtype_warning(spec.device, spec.dtype)
+            if warning:
+                log.warning(warning)
             free, total = device_memory(spec.device)
             memory = plan_live(spec.device, free, total, sources_bytes, plan_bytes(merged))
             log.info("memory plan: %s", memory.table())
@@ -109,6 +112,29 @@ class Workspace:
             )
             builder = live
         return cls(study, builder, evaluator, choose_documents(evaluator, spec))
+
+
+SLOW_DTYPE = 2.0  # a dtype this many times slower than float32 is worth a warning
+
+
+def slow_dtype_warning(
+    device: str, dtype: str, slowdown: Optional[Callable[[torch.dtype], float]] = None
+) -> Optional[str]:
+    """What to tell a study that computes on a CPU in a dtype the CPU only emulates, or None.
+
+    The default dtype is bfloat16 (that of the hub's checkpoints), and on a CPU without native bfloat16
+    every forward pass, so every trial's scoring, takes several times longer than in float32.
+    """
+    if torch.device(device).type != "cpu" or dtype == "float32":
+        return None
+    ratio = (slowdown or linear_slowdown)(DTYPES[dtype])
+    if ratio < SLOW_DTYPE:
+        return None
+    return (
+        f"dtype {dtype}: this CPU computes a linear layer {ratio:.0f}x slower in {dtype} than in float32 (it has no "
+        f"native {dtype} arithmetic), so scoring can take several times longer; `dtype: float32` in the study file "
+        f"avoids that (the candidates are then scored as float32 merges, not rounded to {dtype})"
+    )
 
 
 def eval_config(study: Study) -> EvalConfig:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -500,6 +502,37 @@ def test_a_study_keeps_task_vectors_between_candidates_only_for_methods_that_mer
     (tmp_path / "slerp").mkdir()
     slerp = load_study(write_study(tmp_path / "slerp", family_f32, task_dir, methods=["slerp"]))
     assert not Workspace.open(slerp).builder.cache_task_vectors
+
+
+def test_a_study_computing_in_a_dtype_the_cpu_emulates_is_told_that_float32_scores_faster(
+    family_f32, task_dir, tmp_path, monkeypatch, caplog
+):
+    from mergetune.search import workspace
+
+    monkeypatch.setattr(workspace, "linear_slowdown", lambda dtype: 7.6)  # this project's AVX2 CPU, bfloat16
+    study = load_study(write_study(tmp_path, family_f32, task_dir, methods=["slerp"], dtype="bfloat16"))
+    with caplog.at_level(logging.WARNING, logger="mergetune.search.workspace"):
+        workspace.Workspace.open(study)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "dtype bfloat16" in warning and "8x slower" in warning and "`dtype: float32`" in warning
+
+
+def test_no_dtype_warning_where_the_dtype_is_native_or_float32_or_the_device_a_gpu():
+    from mergetune.search.workspace import slow_dtype_warning
+
+    def not_measured(dtype):
+        raise AssertionError("measured although nothing could be said")
+
+    assert slow_dtype_warning("cpu", "bfloat16", lambda dtype: 1.2) is None  # AVX-512 BF16 or AMX
+    assert slow_dtype_warning("cpu", "float32", not_measured) is None
+    assert slow_dtype_warning("cuda:0", "bfloat16", not_measured) is None
+
+
+def test_the_dtype_probe_measures_this_cpu():
+    from mergetune.devices import linear_slowdown
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert 0 < linear_slowdown(dtype) < math.inf
 
 
 def test_any_mergekit_method_is_searched_from_its_declaration(family_f32, task_dir, tmp_path):
