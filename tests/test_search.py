@@ -243,9 +243,9 @@ def test_a_method_run_after_another_races_from_the_first_one_s_trials_unless_tol
 
 
 def test_a_study_run_again_in_another_process_proposes_the_same_candidates(family_f32, task_dir, tmp_path):
-    """A study's only worker samples with the study's seed, whichever process it is, though it opens each method's
-    study for the search and again for the finalists (a second worker on the same storage samples with a seed of
-    its own): one study file run twice, by two processes, proposes the same trials."""
+    """A study's only worker samples with the study's seed, whichever process it is: it opens each method's study
+    once, for the search and the finalists alike (opened again, Optuna's storage would take it for a second worker,
+    which samples with a seed of its own). One study file run twice, by two processes, proposes the same trials."""
     proposals = []
     for run in ("first", "second"):
         (tmp_path / run).mkdir()
