@@ -8,6 +8,9 @@ PYTEST_DONT_REWRITE: imported before pytest registers it as a plugin; it asserts
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergetune.demo.tiny import build_family
+from mergetune.eval.local_data import local_task_dir
 
 SHARED_BENCHMARKS = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 
@@ -30,6 +34,8 @@ _CAPITALS = [
 ]
 TOY_TASK = "toy_capitals"
 TOY_GENERATE_TASK = "toy_generate"
+#: The batch size of the reference `lm_eval` runs (and of the evaluators compared with them).
+LM_EVAL_BATCH_SIZE = 4
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +44,44 @@ def benchmarks_dir() -> Path:
     if not (SHARED_BENCHMARKS / "README.md").is_file():
         pytest.skip(f"local benchmark data not found at {SHARED_BENCHMARKS} (needed for lm-eval's real tasks)")
     return SHARED_BENCHMARKS
+
+
+def run_lm_eval(model_dir: Path, data_dir: Path, tasks, doc_ids, num_fewshot: int, out: Path) -> dict:
+    """`lm_eval --model hf` on exactly these documents; returns its results JSON and per-document samples."""
+    command = [
+        sys.executable, "-m", "lm_eval",
+        "--model", "hf", "--model_args", f"pretrained={model_dir}", "--device", "cpu",
+        "--tasks", ",".join(tasks),
+        "--include_path", str(local_task_dir(data_dir)),
+        "--samples", json.dumps(doc_ids),
+        "--num_fewshot", str(num_fewshot),
+        "--batch_size", str(LM_EVAL_BATCH_SIZE),
+        "--output_path", str(out), "--log_samples",
+    ]
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    results_file = max(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    samples = {}
+    for path in out.rglob("samples_*.jsonl"):
+        task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
+        samples[task] = [json.loads(line) for line in path.read_text().splitlines()]
+    return {"results": json.loads(results_file.read_text())["results"], "samples": samples}
+
+
+@pytest.fixture(scope="session")
+def lm_eval_cli(tmp_path_factory):
+    """`run_lm_eval(model_dir, data_dir, tasks, doc_ids, num_fewshot)`, run once per distinct call in a session: the
+    parity tests of lm-eval's scoring path and of the shared-prefix path compare against the same reference run."""
+    runs: dict[tuple, dict] = {}
+
+    def run(model_dir: Path, data_dir: Path, tasks, doc_ids, num_fewshot: int) -> dict:
+        key = (str(model_dir), str(data_dir), tuple(tasks), json.dumps(doc_ids, sort_keys=True), num_fewshot)
+        if key not in runs:
+            runs[key] = run_lm_eval(model_dir, data_dir, tasks, doc_ids, num_fewshot, tmp_path_factory.mktemp("lm_eval"))
+        return runs[key]
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -2,49 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from eval_fixtures import LM_EVAL_BATCH_SIZE as BATCH_SIZE
 from mergetune.eval import EvalConfig, Evaluator
-from mergetune.eval.local_data import local_task_dir
 
 pytest_plugins = ["eval_fixtures"]  # session fixtures shared by every test_eval_* module
 
-BATCH_SIZE = 4
 SHOTS = 2
 TASKS = ("arc_challenge", "winogrande", "truthfulqa_mc2", "hellaswag_proxy_llamacpp", "mmlu")
 
 
-def run_lm_eval(model_dir: Path, data_dir: Path, tasks, doc_ids, num_fewshot: int, out: Path) -> dict:
-    """`lm_eval --model hf` on exactly these documents; returns its results JSON and per-document samples."""
-    command = [
-        sys.executable, "-m", "lm_eval",
-        "--model", "hf", "--model_args", f"pretrained={model_dir}", "--device", "cpu",
-        "--tasks", ",".join(tasks),
-        "--include_path", str(local_task_dir(data_dir)),
-        "--samples", json.dumps(doc_ids),
-        "--num_fewshot", str(num_fewshot),
-        "--batch_size", str(BATCH_SIZE),
-        "--output_path", str(out), "--log_samples",
-    ]
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    results_file = max(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
-    samples = {}
-    for path in out.rglob("samples_*.jsonl"):
-        task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
-        samples[task] = [json.loads(line) for line in path.read_text().splitlines()]
-    return {"results": json.loads(results_file.read_text())["results"], "samples": samples}
-
-
 @pytest.fixture(scope="module")
-def both(eval_models, benchmarks_dir, tmp_path_factory):
+def both(eval_models, benchmarks_dir, lm_eval_cli):
     """mergetune's result and lm_eval's on the same documents: 5 per task, one per MMLU subject.
 
     On lm-eval's own scoring path, which must agree bit for bit; the shared-prefix path sums in another
@@ -58,7 +28,7 @@ def both(eval_models, benchmarks_dir, tmp_path_factory):
     )
     doc_ids = evaluator.sample_doc_ids(TASKS[:-1], limit=5, seed=3) | evaluator.sample_doc_ids(["mmlu"], limit=57)
     ours = evaluator.score(doc_ids=doc_ids)
-    theirs = run_lm_eval(eval_models["base"], benchmarks_dir, TASKS, ours.doc_ids, SHOTS, tmp_path_factory.mktemp("lm_eval"))
+    theirs = lm_eval_cli(eval_models["base"], benchmarks_dir, TASKS, ours.doc_ids, SHOTS)
     return ours, theirs
 
 

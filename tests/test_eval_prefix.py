@@ -23,7 +23,6 @@ from mergetune.eval import EvalConfig, Evaluator
 from mergetune.eval.backends.hf import HFBackend
 from mergetune.eval.backends.hf_prefix import SUPPORTED_MODEL_TYPES
 from mergetune.eval.prefix import MIN_SHARED_TOKENS, PrefixPlan, model_input, plan_prefixes, within_window
-from test_eval_parity import run_lm_eval  # lm_eval's CLI on given document ids, with per-document samples
 
 pytest_plugins = ["eval_fixtures"]
 
@@ -211,9 +210,9 @@ def test_another_architecture_goes_through_lm_evals_path_and_says_so(benchmarks_
     assert 0 <= evaluator.score(limit=3).tasks["arc_challenge"].value <= 1
 
 
-def test_every_document_result_equals_lm_eval_cli_on_the_same_ids(float32_paths, eval_models, benchmarks_dir, tmp_path):
+def test_every_document_result_equals_lm_eval_cli_on_the_same_ids(float32_paths, eval_models, benchmarks_dir, lm_eval_cli):
     on, _, (ours, _), _ = float32_paths
-    theirs = run_lm_eval(eval_models["base"], benchmarks_dir, TASKS, ours.doc_ids, 2, tmp_path)
+    theirs = lm_eval_cli(eval_models["base"], benchmarks_dir, TASKS, ours.doc_ids, 2)
     scored, requests = request_scores(on)
     by_args = dict(zip((r.args for r in requests), scored))
     for score in ours.tasks.values():
@@ -251,46 +250,63 @@ CAPPED = textwrap.dedent(
     from transformers import LlamaForCausalLM
     from mergetune.demo.tiny import TinySpec, build_tokenizer, tiny_config
     from mergetune.eval import EvalConfig, Evaluator
+    from mergetune.eval.backends.hf import HFBackend
 
-    shared_prefix, data_dir, cap, task, shots = sys.argv[1] == "on", sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    data_dir, cap, cases = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
     spec = TinySpec(max_position_embeddings=4096)
     model = LlamaForCausalLM(tiny_config(spec, 50_000, tokenizer)).eval()  # SmolLM2's vocabulary size, roughly
-    config = EvalConfig(tasks=(task,), data_dir=data_dir, num_fewshot=shots)
-    evaluator = Evaluator.from_model(model, tokenizer, config, shared_prefix=shared_prefix)  # batch size auto: 64 on CPU
-    doc_ids = evaluator.sample_doc_ids(limit=57, seed=0)
-    vms = psutil.Process().memory_info().vms
-    resource.setrlimit(resource.RLIMIT_AS, (vms + cap, vms + cap))
-    result = evaluator.score(doc_ids=doc_ids)
-    print(json.dumps({"acc": result.tasks[task].value, "tokens": evaluator.backend.forward_tokens}))
+    _, unlimited = resource.getrlimit(resource.RLIMIT_AS)
+    outcomes = {}
+    for task, shots in cases:
+        config = EvalConfig(tasks=(task,), data_dir=data_dir, num_fewshot=shots)
+        shared = Evaluator.from_model(model, tokenizer, config)  # batch size auto: 64 on CPU
+        plain = Evaluator(HFBackend(model, tokenizer, shared_prefix=False), config, shared.tasks)
+        doc_ids = shared.sample_doc_ids(limit=57, seed=0)
+        outcomes[task] = {}
+        for name, evaluator in (("shared_prefix", shared), ("lm_eval_way", plain)):
+            # The soft limit only, so that it can be lifted again for the next case.
+            vms = psutil.Process().memory_info().vms
+            resource.setrlimit(resource.RLIMIT_AS, (vms + cap, unlimited))
+            try:
+                result = evaluator.score(doc_ids=doc_ids)
+                outcome = {"acc": result.tasks[task].value, "tokens": evaluator.backend.forward_tokens}
+            except (RuntimeError, MemoryError) as error:
+                outcome = {"error": str(error)}
+            finally:
+                resource.setrlimit(resource.RLIMIT_AS, (unlimited, unlimited))
+            outcomes[task][name] = outcome
+    print(json.dumps(outcomes))
     """
 )
 CAP = 3 * 2**30  # lm-eval's path would need ~20 GiB for a batch of 64 rows of ~1,500 positions x 50k logits
+#: Shared prefixes (57 documents, 25 shots); one row per document, nothing shared (5 shots).
+CAPPED_CASES = [("arc_challenge", 25), ("mmlu", 5)]
 
 
-def run_capped(shared_prefix: bool, data_dir: Path, tmp_path: Path, task: str, shots: int) -> subprocess.CompletedProcess:
-    script = tmp_path / "capped.py"
+@pytest.fixture(scope="module")
+def capped(benchmarks_dir, tmp_path_factory) -> dict[str, dict[str, dict]]:
+    """Each case scored both ways in one process (lm-eval imported once), each way under the cap on top of what the
+    process held before it: {task: {"shared_prefix" | "lm_eval_way": {"acc", "tokens"} or {"error"}}}."""
+    script = tmp_path_factory.mktemp("capped") / "capped.py"
     script.write_text(CAPPED)
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    flag = "on" if shared_prefix else "off"
-    return subprocess.run(
-        [sys.executable, str(script), flag, str(data_dir), str(CAP), task, str(shots)],
-        capture_output=True, text=True, env=env, timeout=600,
+    completed = subprocess.run(
+        [sys.executable, str(script), str(benchmarks_dir), str(CAP), json.dumps(CAPPED_CASES)],
+        capture_output=True, text=True, env=env, timeout=900,
     )
-
-
-@pytest.mark.parametrize(
-    "task, shots",
-    [("arc_challenge", 25), ("mmlu", 5)],  # shared prefixes (57 documents); one row per document, nothing shared
-)
-def test_a_few_shot_task_with_a_large_vocabulary_scores_under_a_memory_cap(benchmarks_dir, tmp_path, task, shots):
-    completed = run_capped(True, benchmarks_dir, tmp_path, task, shots)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert 0 <= json.loads(completed.stdout.splitlines()[-1])["acc"] <= 1
+    return json.loads(completed.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("task", [task for task, _ in CAPPED_CASES])
+def test_a_few_shot_task_with_a_large_vocabulary_scores_under_a_memory_cap(capped, task):
+    shared = capped[task]["shared_prefix"]
+    assert "error" not in shared, shared.get("error")
+    assert 0 <= shared["acc"] <= 1 and shared["tokens"] > 0
     # The cap binds: lm-eval's path, with its logits at every position, cannot allocate under it.
-    plain = run_capped(False, benchmarks_dir, tmp_path, task, shots)
-    assert plain.returncode != 0 and "allocate" in plain.stderr
+    assert "allocate" in capped[task]["lm_eval_way"].get("error", ""), capped[task]["lm_eval_way"]
 
 
 def test_a_request_that_cannot_fit_the_memory_budget_says_so(eval_models, benchmarks_dir):

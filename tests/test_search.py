@@ -246,14 +246,16 @@ def test_a_study_run_again_in_another_process_proposes_the_same_candidates(famil
     """A study's only worker samples with the study's seed, whichever process it is: it opens each method's study
     once, for the search and the finalists alike (opened again, Optuna's storage would take it for a second worker,
     which samples with a seed of its own). One study file run twice, by two processes, proposes the same trials."""
-    proposals = []
-    for run in ("first", "second"):
+    paths, runs = [], []
+    for run in ("first", "second"):  # side by side: each in its own directory and storage
         (tmp_path / run).mkdir()
-        path = write_study(tmp_path / run, family_f32, task_dir)
-        command = [sys.executable, "-c", "from mergetune.cli import app; app()", "study", "run", str(path), "--quiet"]
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert completed.returncode == 0, completed.stderr[-2000:]
-        proposals.append({method: [t.params for t in trials(path, method)] for method in ("slerp", "dare_ties")})
+        paths.append(write_study(tmp_path / run, family_f32, task_dir))
+        command = [sys.executable, "-c", "from mergetune.cli import app; app()", "study", "run", str(paths[-1]), "--quiet"]
+        runs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for run in runs:
+        _, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-2000:]
+    proposals = [{method: [t.params for t in trials(path, method)] for method in ("slerp", "dare_ties")} for path in paths]
     assert proposals[0] == proposals[1] and all(len(made) == 4 for made in proposals[0].values())
 
 
