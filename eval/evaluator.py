@@ -27,7 +27,7 @@ from mergetune.eval.metrics import entry_metrics
 from mergetune.eval.requests import PreparedTask, prepare_task
 from mergetune.eval.results import DocResult, EvalResult, TaskScore
 from mergetune.eval.subsets import sample_doc_ids
-from mergetune.eval.tasks import LoadedTask, Origins, include_paths, load_task, suite_tasks, task_manager
+from mergetune.eval.tasks import LoadedTask, Origins, include_paths, load_task, suite_tasks, task_manager_for
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def load_tasks(config: EvalConfig) -> dict[str, LoadedTask]:
     """The configured suite's entries, with lm-eval's task objects and datasets loaded."""
     paths = include_paths(config.data_dir, config.include_paths, config.origins)
     entries = suite_tasks(config.suite, config.tasks, config.data_dir, config.origins)
-    manager = task_manager(paths)
+    manager = task_manager_for(paths, [entry.name for entry in entries])
     tasks: dict[str, LoadedTask] = {}
     owner: dict[str, str] = {}
     for entry in entries:

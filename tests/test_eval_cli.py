@@ -81,7 +81,7 @@ def test_missing_model_directory_is_named(tmp_path, toy_task_dir):
 
 def test_a_checkpoint_without_weights_is_refused_before_the_task_index(eval_models, toy_task_dir, tmp_path, monkeypatch):
     weightless = shutil.copytree(eval_models["base"], tmp_path / "weightless", ignore=shutil.ignore_patterns("*.safetensors*"))
-    monkeypatch.setattr(tasks, "task_manager", lambda *args: pytest.fail("the task index was built first"))
+    monkeypatch.setattr(tasks, "task_manager", lambda *args, **kwargs: pytest.fail("the task index was built first"))
     result = run(weightless, "--tasks", TOY_TASK, "--include-path", toy_task_dir)
     assert result.exit_code == 2 and f"model directory {weightless} has no weights" in result.output
 

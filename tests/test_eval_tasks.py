@@ -12,6 +12,7 @@ from mergetune.errors import MergetuneError
 from mergetune.eval import EvalConfig
 from mergetune.eval.evaluator import load_tasks
 from mergetune.eval.local_data import local_task_configs
+from mergetune.eval import tasks as task_module
 from mergetune.eval.tasks import SuiteTask, suite_tasks
 
 pytest_plugins = ["eval_fixtures"]  # session fixtures shared by every test_eval_* module
@@ -67,6 +68,26 @@ def test_one_fewshot_count_for_all_keeps_tasks_that_pin_zero_at_zero(benchmarks_
 def test_user_task_directories_join_the_suite(toy_task_dir):
     tasks = load_tasks(EvalConfig(tasks=(TOY_TASK,), include_paths=(toy_task_dir,)))
     assert tasks[TOY_TASK].metric == "acc" and len(tasks[TOY_TASK].leaves[TOY_TASK].eval_docs) == 12
+
+
+@pytest.mark.parametrize(
+    ("names", "with_lm_evals_tasks"),
+    [
+        ((TOY_TASK,), False),  # the user's own task
+        (("arc_easy", "winogrande"), False),  # local copies of single tasks
+        ((TOY_TASK, "mmlu"), True),  # a group: lm-eval's, over the local subjects
+        ((TOY_TASK, "lambada_openai"), True),  # a task only lm-eval has (loading it would need the hub)
+    ],
+)
+def test_lm_evals_task_index_is_built_only_for_names_the_include_paths_do_not_hold_as_tasks(
+    names, with_lm_evals_tasks, toy_task_dir, benchmarks_dir, monkeypatch
+):
+    """Indexing lm-eval's ~15k configs takes seconds in every new process (each study worker); a study of its own
+    tasks, or of local copies of single benchmarks, needs none of them (and loads them: the tests above)."""
+    full_index, own_index = object(), task_module.task_manager
+    monkeypatch.setattr(task_module, "task_manager", lambda paths, defaults=True: own_index(paths, False) if not defaults else full_index)
+    chosen = task_module.task_manager_for(task_module.include_paths(benchmarks_dir, (toy_task_dir,)), names)
+    assert (chosen is full_index) is with_lm_evals_tasks
 
 
 def test_generation_tasks_are_refused_by_name(toy_task_dir):
