@@ -60,7 +60,8 @@ def run_lm_eval(model_dir: Path, data_dir: Path, tasks, doc_ids, num_fewshot: in
     ]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    if completed.returncode != 0:  # pytest.fail, not assert: this module is not rewritten (above)
+        pytest.fail(f"lm_eval exited {completed.returncode}:\n{completed.stderr[-4000:]}")
     results_file = max(out.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
     samples = {}
     for path in out.rglob("samples_*.jsonl"):

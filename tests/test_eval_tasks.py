@@ -10,9 +10,9 @@ import pytest
 from eval_fixtures import TOY_GENERATE_TASK, TOY_TASK
 from mergetune.errors import MergetuneError
 from mergetune.eval import EvalConfig
+from mergetune.eval import tasks as task_module
 from mergetune.eval.evaluator import load_tasks
 from mergetune.eval.local_data import local_task_configs
-from mergetune.eval import tasks as task_module
 from mergetune.eval.tasks import SuiteTask, suite_tasks
 
 pytest_plugins = ["eval_fixtures"]  # session fixtures shared by every test_eval_* module
@@ -85,7 +85,11 @@ def test_lm_evals_task_index_is_built_only_for_names_the_include_paths_do_not_ho
     """Indexing lm-eval's ~15k configs takes seconds in every new process (each study worker); a study of its own
     tasks, or of local copies of single benchmarks, needs none of them (and loads them: the tests above)."""
     full_index, own_index = object(), task_module.task_manager
-    monkeypatch.setattr(task_module, "task_manager", lambda paths, defaults=True: own_index(paths, False) if not defaults else full_index)
+
+    def without_lm_evals_index(paths, defaults=True):  # the full index takes seconds; only which one is chosen counts
+        return full_index if defaults else own_index(paths, False)
+
+    monkeypatch.setattr(task_module, "task_manager", without_lm_evals_index)
     chosen = task_module.task_manager_for(task_module.include_paths(benchmarks_dir, (toy_task_dir,)), names)
     assert (chosen is full_index) is with_lm_evals_tasks
 
