@@ -1,6 +1,6 @@
 """Suites and lm-eval task loading: what gets scored, with lm-eval's own task definitions.
 
-Indexing lm-eval's ~15k task configs takes seconds (14 s on a 2-core CPU), so
+Indexing lm-eval's ~15k task configs takes seconds (10-14 s on a 2-core CPU), so
 one `TaskManager` is built per process (per set of include paths) and shared by
 every evaluator, and tasks that are all plain tasks of the include paths (a
 study of its own tasks, local copies of single benchmarks) are loaded from an
