@@ -34,7 +34,7 @@ def model_card(recipe: Recipe, plan: "MergePlan", recipe_yaml: str, seed: Option
         "",
         "# Merged model",
         "",
-        f"Built with [mergetune](https://github.com/) using the **{plan.method.pretty_name}** merge method"
+        f"Built with mergetune using the **{plan.method.pretty_name}** merge method"
         + (f" ([reference]({plan.method.reference}))" if plan.method.reference else "")
         + ".",
         "",
@@ -52,7 +52,8 @@ def model_card(recipe: Recipe, plan: "MergePlan", recipe_yaml: str, seed: Option
         "",
         "## Configuration",
         "",
-        "This recipe reproduces the merge with `mergetune merge` or `mergekit-yaml`:",
+        "This recipe reproduces the merge with `mergetune merge` or "
+        + ("`mergekit-multi` (one stage per YAML document):" if "\n---\n" in recipe_yaml else "`mergekit-yaml`:"),
         "",
         "```yaml",
         recipe_yaml.rstrip().replace("```", "ʼʼʼ"),

@@ -68,7 +68,13 @@ class SourceCache:
         return self.opened[reference]
 
 
-def resolve_chat_template(value: str, sources: Mapping[str, TensorSource]) -> str:
+#: Templates mergekit 0.1.5 ships by name; mergetune carries only ChatML's text.
+MERGEKIT_TEMPLATE_NAMES = ("alpaca", "chatml", "exaone", "llama3", "mistral")
+
+
+def resolve_chat_template(value: str, sources: Mapping[str, TensorSource]) -> Optional[str]:
+    """The template text the recipe's `chat_template` names, or None ('auto' with no template among the inputs,
+    where mergekit writes none either)."""
     if value == "auto":
         found = []
         for source in sources.values():
@@ -81,10 +87,16 @@ def resolve_chat_template(value: str, sources: Mapping[str, TensorSource]) -> st
             if jinja and jinja.exists():
                 found.append(jinja.read_text(encoding="utf-8").strip())
         if not found:
-            raise MergetuneError("chat_template: 'auto' but none of the input models has a chat template")
+            log.warning("chat_template: 'auto' but none of the input models has a chat template; none is written")
+            return None
         return Counter(found).most_common(1)[0][0]
     if value == "chatml":
         return CHATML
+    if value in MERGEKIT_TEMPLATE_NAMES:
+        raise MergetuneError(
+            f"chat_template: '{value}' is one of mergekit's built-in templates; mergetune ships only 'chatml': "
+            "give the template's Jinja text, or 'auto' to take the input models' own"
+        )
     if "{" not in value:
         raise MergetuneError(f"chat_template: '{value}' is neither a Jinja template, 'auto' nor 'chatml'")
     return value

@@ -8,7 +8,9 @@ model) is a separate step; the search re-plans each candidate in milliseconds.
 Layout rules, as mergekit's: a `models:` recipe is one slice over every layer of
 every model (the base is appended if it is not listed); each output slice's
 layers get `t = i / (n - 1)` for gradients; embeddings come from the first
-slice's sources and the final norm / lm_head from the last slice's, with t = 0.
+slice's sources and the final norm / lm_head from the last slice's (no more of
+them than the first slice has), with t = 0. Only weights are planned: buffers that
+transformers recomputes (`NOT_WEIGHTS`) are left out, as mergekit leaves them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<suffix>.+)$")
+#: Buffers older checkpoints saved that transformers recomputes from the config (rotary frequencies);
+#: mergekit 0.1.5 plans only its architectures' weights, so they are not merged or written.
+NOT_WEIGHTS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -99,6 +104,8 @@ def layout_of(source: TensorSource) -> LayerLayout:
     layers: dict[int, list[str]] = {}
     rest = []
     for name in source.names():
+        if NOT_WEIGHTS.search(name):
+            continue
         match = LAYER_PATTERN.match(name)
         if match:
             prefix = prefix or match["prefix"]
@@ -187,6 +194,25 @@ def _expected_count(count: int, minimum: int, maximum: Optional[int]) -> Optiona
 
 
 # --------------------------------------------------------------------- planning
+
+
+def _post_sources(first: OutputSlice, last: OutputSlice, base_index: Optional[int]) -> tuple[OutputSlice, Optional[int]]:
+    """The slice the final norm and lm_head are merged from: the last slice, cut to the first slice's source count.
+
+    mergekit 0.1.5 (`MergePlanner.plan_module`) zips the last slice's models with
+    one input per first-slice source, so a last slice with more sources than the
+    first contributes only its leading ones to these tensors.
+    """
+    count = len(first.sources)
+    if len(last.sources) <= count:
+        return last, base_index
+    if base_index is not None and base_index >= count:
+        raise MergetuneError(
+            f"last slice: mergekit 0.1.5 merges the final norm and lm_head from its first {count} source(s) "
+            f"(as many as the first slice has), which leaves out its base model {last.sources[base_index].model}; "
+            f"list the base among its first {count} source(s)"
+        )
+    return last.model_copy(update={"sources": last.sources[:count]}), base_index
 
 
 class Planner:
@@ -291,11 +317,24 @@ class Planner:
                     ]
                     ops.append(self._op(f"{out_prefix}.{out_layer}.{suffix}", inputs, base_index, out_slice, t, None))
                 out_layer += 1
-        for name in self._non_layer_names(last, "post"):
-            ops.append(self._op(name, [(s, name) for s in last.sources], bases[-1], last, 0.0, vocab))
+        post, post_base = _post_sources(first, last, bases[-1])
+        if len(post.sources) < len(last.sources):
+            plan_warnings = [
+                f"the final norm and lm_head are merged from the last slice's first {len(post.sources)} source(s) "
+                f"({', '.join(s.model for s in post.sources)}), as many as the first slice has, as mergekit 0.1.5 does"
+            ]
+        else:
+            plan_warnings = []
+        plan_warnings += [
+            f"slice {index}: residual_weight is ignored (mergekit 0.1.5 reads it nowhere either)"
+            for index, out_slice in enumerate(slices)
+            if out_slice.residual_weight is not None
+        ]
+        for name in self._non_layer_names(post, "post"):
+            ops.append(self._op(name, [(s, name) for s in post.sources], post_base, post, 0.0, vocab))
         config = self._output_config(donor, out_layer, vocab)
         plan = MergePlan(self.recipe, self.method, ops, config, donor)
-        plan.warnings.extend(self._unmatched_filters(ops))
+        plan.warnings.extend(plan_warnings + self._unmatched_filters(ops))
         for warning in plan.warnings:
             log.info(warning)
         return plan

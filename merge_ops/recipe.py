@@ -54,6 +54,8 @@ class OutputSlice(Strict):
     sources: list[InputSlice]
     base_model: Optional[str] = None
     parameters: Optional[Parameters] = None
+    #: Accepted for mergekit's schema; mergekit 0.1.5 declares it and reads it nowhere, and neither does mergetune.
+    residual_weight: Optional[float] = None
 
     @field_validator("sources")
     @classmethod
@@ -61,6 +63,15 @@ class OutputSlice(Strict):
         if not value:
             raise ValueError("a slice needs at least one source")
         return value
+
+
+class TokenizerSection(Strict):
+    """mergekit's `tokenizer:` section. Its `source` is `tokenizer_source` (mergekit's default: union);
+    added tokens' embeddings and vocabulary padding are not supported."""
+
+    source: str = "union"
+    tokens: Optional[dict[str, Any]] = None
+    pad_to_multiple_of: Optional[int] = None
 
 
 class Recipe(Strict):
@@ -75,7 +86,14 @@ class Recipe(Strict):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSection] = None  # folded into tokenizer_source when the recipe is read
     chat_template: Optional[str] = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype_name(cls, value: Optional[str]) -> Optional[str]:
+        """mergekit reads `torch.bfloat16` as `bfloat16`."""
+        return value.removeprefix("torch.") if value is not None else None
 
     @field_validator("name")
     @classmethod
@@ -89,6 +107,20 @@ class Recipe(Strict):
     def _models_or_slices(self) -> "Recipe":
         if bool(self.models) == bool(self.slices):
             raise ValueError("exactly one of 'models' or 'slices' must be given (and not empty)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_tokenizer_setting(self) -> "Recipe":
+        if self.tokenizer is None:
+            return self
+        if self.tokenizer_source is not None:
+            raise ValueError("give either tokenizer_source or tokenizer, not both (as mergekit requires)")
+        if self.tokenizer.tokens or self.tokenizer.pad_to_multiple_of:
+            raise ValueError(
+                "tokenizer.tokens and tokenizer.pad_to_multiple_of are not supported; "
+                "tokenizer.source (or tokenizer_source) alone is"
+            )
+        self.tokenizer_source, self.tokenizer = self.tokenizer.source, None
         return self
 
     def referenced_models(self) -> list[str]:

@@ -293,6 +293,12 @@ def resolve_model_directory(reference: str) -> Path:
         return path.resolve()
     if path.exists():
         raise MergetuneError(f"model {reference}: is a file, expected a model directory")
+    if "+" in reference:
+        raise MergetuneError(f"model {reference}: LoRA adapters (model+adapter) are not supported; merge the adapter first")
+    if "@" in reference:
+        raise MergetuneError(
+            f"model {reference}: revisions (model@revision) are not supported; give a local directory or a plain hub id"
+        )
     if reference.startswith((".", "/", "~")) or reference.count("/") != 1:
         raise MergetuneError(f"model {reference}: no such directory (and not a hub id of the form org/name)")
     from huggingface_hub import snapshot_download

@@ -54,6 +54,29 @@ def test_chat_template_is_written_into_the_tokenizer(family_f32, tmp_path):
     assert "<|im_start|>" in json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
 
 
+def test_auto_chat_template_without_one_among_the_inputs_merges_without_a_template_as_mergekit_does(
+    family_f32, tmp_path, caplog
+):
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(write_recipe(tmp_path, slerp(family_f32, chat_template="auto"))), str(out)])
+    assert result.exit_code == 0, result.output
+    assert "none of the input models has a chat template" in caplog.text
+    assert not (out / "chat_template.jinja").exists()
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+
+
+def test_the_model_card_names_the_mergekit_command_that_reads_its_recipe(family_f32, tmp_path):
+    single = tmp_path / "single"
+    assert runner.invoke(app, ["merge", str(write_recipe(tmp_path, slerp(family_f32))), str(single)]).exit_code == 0
+    assert "`mergekit-yaml`" in (single / "README.md").read_text()
+    stages = yaml.safe_dump_all([{"name": "first", **slerp(family_f32)}, slerp({**family_f32, "model_a": "first"})])
+    multi = tmp_path / "multi"
+    result = runner.invoke(app, ["merge", str(write_recipe(tmp_path, stages)), str(multi)])
+    assert result.exit_code == 0, result.output
+    card = (multi / "README.md").read_text()
+    assert "`mergekit-multi`" in card and "`mergekit-yaml`" not in card
+
+
 def corrupt_copy(paths, tmp_path: Path) -> dict:
     broken = tmp_path / "broken"
     shutil.copytree(paths["model_a"], broken)
@@ -118,6 +141,15 @@ HOSTILE = [
     ("not yaml", lambda p, d: "merge_method: [slerp", "not valid YAML"),
     ("not a mapping", lambda p, d: "- just\n- a list\n", "a recipe must be a mapping"),
     ("models and slices", lambda p, d: {**slerp(p), "slices": [{"sources": [{"model": "x", "layer_range": [0, 1]}]}]}, "exactly one of 'models' or 'slices'"),
+    ("a LoRA adapter", lambda p, d: slerp({**p, "model_a": f"{p['model_a']}+{p['model_b']}"}), "LoRA adapters (model+adapter) are not supported"),
+    ("a hub revision", lambda p, d: slerp({**p, "model_a": "org/model@main"}), "revisions (model@revision) are not supported"),
+    ("a mergekit template name", lambda p, d: slerp(p, chat_template="llama3"), "'llama3' is one of mergekit's built-in templates"),
+    (
+        "tokenizer section with added tokens",
+        lambda p, d: slerp(p, tokenizer={"source": "base", "tokens": {"<x>": {"source": "base"}}}),
+        "tokenizer.tokens and tokenizer.pad_to_multiple_of are not supported",
+    ),
+    ("both tokenizer settings", lambda p, d: slerp(p, tokenizer_source="base", tokenizer={"source": "base"}), "either tokenizer_source or tokenizer"),
 ]
 
 

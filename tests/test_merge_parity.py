@@ -9,6 +9,7 @@ is specified in test_merge_engine.py.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,37 @@ RECIPES = {
             {"sources": [{"model": "model_a", "layer_range": [0, 3]}]},
             {"sources": [{"model": "model_b", "layer_range": [1, 4]}]},
         ],
+    },
+    "linear_last_slice_wider": {
+        # The final norm and lm_head come from the last slice's first source only: mergekit pairs
+        # as many of its models as the first slice has sources.
+        "merge_method": "linear",
+        "slices": [
+            {"sources": [{"model": "model_a", "layer_range": [0, 2], "parameters": {"weight": 1.0}}]},
+            {
+                "sources": [
+                    {"model": "model_b", "layer_range": [2, 4], "parameters": {"weight": 0.3}},
+                    {"model": "model_c", "layer_range": [2, 4], "parameters": {"weight": 0.7}},
+                ]
+            },
+        ],
+    },
+    "linear_mergekit_spellings": {
+        # mergekit's other ways to say the same: a `torch.` dtype name, the `tokenizer:` section,
+        # a slice's residual_weight (declared by mergekit, read nowhere).
+        "merge_method": "linear",
+        "base_model": "model_a",
+        "slices": [
+            {
+                "sources": [
+                    {"model": "model_a", "layer_range": [0, 4], "parameters": {"weight": 0.4}},
+                    {"model": "model_b", "layer_range": [0, 4], "parameters": {"weight": 0.6}},
+                ],
+                "residual_weight": 0.3,
+            }
+        ],
+        "dtype": "torch.float32",
+        "tokenizer": {"source": "base"},
     },
     "passthrough_scaled": {
         "merge_method": "passthrough",
@@ -394,3 +426,48 @@ def test_different_vocabularies_without_tokenizer_source_name_the_tensor(family_
     )
     with pytest.raises(MergetuneError, match="tensor model.embed_tokens.weight: shape .* set tokenizer_source"):
         run_mergetune(yaml.safe_dump(recipe), tmp_path / "out")
+
+
+def test_rotary_frequency_buffers_of_older_checkpoints_are_not_merged_like_mergekit(family_bf16_tied, tmp_path):
+    """Checkpoints saved by older transformers hold `rotary_emb.inv_freq` buffers; mergekit writes only weights."""
+    from safetensors.torch import load_file, save_file
+
+    paths = {}
+    for name in ("model_a", "model_b"):
+        paths[name] = shutil.copytree(family_bf16_tied[name], tmp_path / name)
+        (weights,) = paths[name].glob("*.safetensors")
+        state = load_file(weights)
+        layers = {int(key.split(".")[2]) for key in state if key.startswith("model.layers.")}
+        state.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(8) for i in layers})
+        save_file(state, weights, metadata={"format": "pt"})
+    recipe = with_paths(RECIPES["linear"], paths)
+    theirs = load_state(run_mergekit(recipe, tmp_path / "mergekit"))
+    ours = load_state(run_mergetune(yaml.safe_dump(recipe), tmp_path / "mergetune"))
+    assert not any("inv_freq" in name for name in ours)
+    assert_same_tensors(ours, theirs)
+
+
+def test_a_last_slice_whose_base_mergekit_would_leave_out_of_the_final_tensors_is_refused(family_f32, tmp_path):
+    from mergetune.errors import MergetuneError
+
+    recipe = with_paths(
+        {
+            "merge_method": "ties",
+            "base_model": "base",
+            "slices": [
+                {"sources": [{"model": "base", "layer_range": [0, 2]}, {"model": "model_a", "layer_range": [0, 2]}]},
+                {
+                    "sources": [
+                        {"model": "model_a", "layer_range": [2, 4]},
+                        {"model": "model_b", "layer_range": [2, 4]},
+                        {"model": "base", "layer_range": [2, 4]},
+                    ]
+                },
+            ],
+            "parameters": {"weight": 0.5, "density": 0.5},
+        },
+        family_f32,
+    )
+    with pytest.raises(MergetuneError, match=r"last slice: .* first 2 source\(s\) .* leaves out its base model"):
+        run_mergetune(yaml.safe_dump(recipe), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

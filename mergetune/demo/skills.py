@@ -371,9 +371,9 @@ def _fingerprint(settings: DemoSettings) -> dict:
 def build_demo_models(cache_dir: str | Path, settings: DemoSettings = DemoSettings()) -> dict[str, Path]:
     """The demo's checkpoints in `cache_dir`: "base" and one specialist per skill ("arithmetic", "capitals").
 
-    Built once (about 75 s on a 2-core CPU with the default settings); a later
-    call with the same settings and data (the stamp file) returns the cached
-    directories. Seeds and deterministic kernels make a rebuild identical on the
+    Built once (75–135 s on the 2-core CPUs this project has used, with the default
+    settings); a later call with the same settings and data (the stamp file) returns
+    the cached directories. Seeds and deterministic kernels make a rebuild identical on the
     same machine and thread count.
     """
     cache_dir = Path(cache_dir).expanduser().resolve()
