@@ -68,6 +68,8 @@ def load_tasks(config: EvalConfig) -> dict[str, LoadedTask]:
     for entry in entries:
         for loaded in load_task(manager, entry, config.num_fewshot):
             for leaf in loaded.leaves:
+                if leaf in owner and owner[leaf] == loaded.name:
+                    raise MergetuneError(f"task {leaf!r} is listed twice")
                 if leaf in owner:
                     raise MergetuneError(f"task {leaf!r} is part of both {owner[leaf]!r} and {loaded.name!r}")
                 owner[leaf] = loaded.name

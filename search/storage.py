@@ -71,7 +71,7 @@ def local_file(study: Study) -> Optional[Path]:
     path = journal_path(study)
     if path is not None or dialect(study.storage_url) != "sqlite":
         return path
-    name = study.storage_url.split("://", 1)[1].removeprefix("/")  # SQLAlchemy reads a relative name from the cwd
+    name = study.storage_url.split("://", 1)[1].removeprefix("/")  # absolute unless ":memory:" (`anchored_sqlite_url`)
     return Path(name).resolve() if name and name != ":memory:" else None
 
 

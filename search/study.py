@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Callable, Optional, Protocol
 
+from mergetune.errors import MergetuneError
 from mergetune.search.leaderboard import Leaderboard, build_leaderboard
 from mergetune.search.runner import StudyRunner
 from mergetune.search.storage import open_storage
@@ -59,6 +60,8 @@ def run_study(
     spec = study.spec
     n_trials = n_trials or spec.budget.n_trials
     timeout = timeout or spec.budget.timeout
+    if n_trials is None and timeout is None:  # the first method would never end, and no other would start
+        raise MergetuneError(f"{study.path}: budget: give n_trials or timeout (or --n-trials / --timeout)")
     say(f"study {spec.name}: methods {', '.join(spec.methods)}; storage {study.storage_display}")
     storage = open_storage(study)  # before loading models: a storage that doesn't answer fails fast
     runner = StudyRunner(Workspace.open(study, say=say), storage, max_failures)

@@ -10,10 +10,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, Field, create_model, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from mergetune.errors import MergetuneError
@@ -35,6 +35,16 @@ Space = create_model(
 )
 
 
+def _distinct(values: list[str]) -> list[str]:
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise ValueError(f"listed more than once: {', '.join(repeated)}")
+    return values
+
+
+Names = Annotated[list[str], AfterValidator(_distinct)]  # a list where a repeat is a mistake, not a weight
+
+
 def _registered(registry: Registry, value: str) -> str:
     if value not in registry:
         raise ValueError(registry.unknown(value))
@@ -44,7 +54,7 @@ def _registered(registry: Registry, value: str) -> str:
 class Final(Strict):
     """The finalists' evaluation: more documents, none of them seen by the search."""
 
-    tasks: list[str] = Field(
+    tasks: Names = Field(
         default_factory=list,
         description="tasks the finalists are scored on (e.g. held-out facts or another benchmark); "
         "default: the search tasks' documents the search did not use",
@@ -88,7 +98,7 @@ class EstimatorSettings(Strict):
 
 class Evaluation(Strict):
     suite: Optional[str] = None
-    tasks: list[str] = Field(default_factory=list)
+    tasks: Names = Field(default_factory=list)
     include_paths: list[str] = Field(default_factory=list)
     data_dir: Optional[str] = None
     num_fewshot: Optional[int] = Field(None, ge=0)
@@ -171,7 +181,7 @@ class StudySpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     models: list[str] = Field(min_length=2)
     base_model: Optional[str] = None
-    methods: list[str] = Field(default_factory=lambda: ["slerp", "dare_ties"], min_length=1)
+    methods: Names = Field(default_factory=lambda: ["slerp", "dare_ties"], min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     space: Space = Space()
     evaluation: Evaluation
@@ -280,8 +290,23 @@ class Study(BaseModel):
     @property
     def storage_url(self) -> str:
         if self.spec.storage:
-            return self.spec.storage
+            return anchored_sqlite_url(self.spec.storage, self.directory)
         return f"sqlite:///{(self.directory / (self.spec.name + '.db')).resolve()}"
+
+
+def anchored_sqlite_url(url: str, directory: Path) -> str:
+    """A SQLite URL with a relative file name (`sqlite:///study.db`) made absolute from `directory`.
+
+    SQLAlchemy would read the name from the current directory, so the same study run from
+    another folder would silently start a new database; journal paths resolve from the
+    study file's folder too (`storage.journal_path`).
+    """
+    scheme, separator, rest = url.partition(":///")
+    name, question, query = rest.partition("?")
+    relative = name and not name.startswith(("/", "file:")) and name != ":memory:"
+    if not separator or scheme.split("+", 1)[0].lower() != "sqlite" or not relative:
+        return url
+    return f"{scheme}:///{(directory / Path(name).expanduser()).resolve()}{question}{query}"
 
 
 def _hash(definition: dict) -> str:

@@ -219,3 +219,18 @@ def test_a_worker_on_another_host_is_dead_once_its_heartbeat_is_silent_past_the_
     time.sleep(3)
     assert Reaper(grace_period=2).reap(study) == [0]
     assert study.trials[0].user_attrs["fail_reason"] == f"{DIED} (no heartbeat for 2 s)"
+
+
+def test_a_relative_sqlite_file_is_the_study_folders_from_any_working_directory(tmp_path, monkeypatch):
+    """Run from elsewhere, `storage: sqlite:///sub/t.db` still names the study's database, not a new one in the cwd."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    path = folder / "study.yaml"
+    path.write_text("name: t\nmodels: [a, b]\nmethods: [slerp]\nevaluation: {tasks: [x]}\nstorage: sqlite:///sub/t.db\n")
+    (folder / "sub").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    optuna.create_study(storage=open_storage(load_study(path)), study_name="t")
+    assert (folder / "sub" / "t.db").is_file()
+    assert not list(elsewhere.iterdir())

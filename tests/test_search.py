@@ -19,7 +19,9 @@ from typer.testing import CliRunner
 from mergetune.cli import app
 from mergetune.demo.tiny import load_state
 from mergetune.search.leaderboard import build_leaderboard
-from mergetune.search.trials import final_records, optuna_study_name
+from mergetune.search.storage import heartbeat
+from mergetune.search.trials import final_records, optuna_study_name, set_worker
+from mergetune.search.workers import DIED, Reaper
 from mergetune.demo.study import tiny_study
 from mergetune.search.study_file import Evaluation, load_study
 from mergetune.demo.skills import HELDOUT_TASKS, SEARCH_TASKS, write_task_dir
