@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import typer
 from rich.console import Console
@@ -53,16 +53,34 @@ def _check_output_dir(path: Path, what: str) -> None:
         raise MergetuneError(f"{what} {path}: {existing} is a file, not a directory")
 
 
+def _check_output_file(path: Path, option: str, protected: Mapping[str, Path]) -> None:
+    """Before any work: what `check_output_file` checks, and that renaming a new file onto `path` destroys
+    neither a `protected` file (the study's own, as `protected_files` names them) nor a special file (a device,
+    a pipe), which would become a regular one."""
+    check_output_file(path, option)
+    target = path.resolve()
+    for what, kept in protected.items():
+        if target == kept.resolve():
+            shown = "" if str(path) == str(target) else f" ({target})"
+            raise MergetuneError(f"{option} {path}: is the {what}{shown}; writing there would destroy it, choose another file")
+    if path.exists() and not path.is_file():
+        raise MergetuneError(f"{option} {path}: is not a regular file (a device, a pipe or a socket); choose a file name")
+
+
 def _write_file(path: Path, text: str, option: str) -> None:
     """Write `text` to `path` whole or not at all: a temporary file beside it, renamed into place."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    try:
+    temporary: Optional[str] = None
+    try:  # creating the temporary file fails too where `path` can't be written (read-only, /proc)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)
     except OSError as error:  # a full disk, a lost mount
-        Path(temporary).unlink(missing_ok=True)
-        raise MergetuneError(f"{option} {path}: cannot write it: {error.strerror or error}; nothing was written") from None
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+        raise MergetuneError(
+            f"{option} {path}: cannot write it: {error.strerror or error}; nothing was written there"
+        ) from None
 
 
 def _check_evaluation(study: Study) -> None:
@@ -171,14 +189,15 @@ def leaderboard_command(
     storage: Optional[str] = storage_option(),
 ) -> None:
     """Rank a study's trials by held-out score; compare the best SLERP and DARE TIES."""
+    from mergetune.search.export import protected_files
     from mergetune.search.leaderboard import build_leaderboard, to_csv, to_json, to_markdown
     from mergetune.search.storage import open_storage
 
     _check_count("--top", top)
+    study = _load(study_file, storage)
     for option, path in (("--json", json_out), ("--csv", csv_out)):
         if path:
-            check_output_file(path, option)
-    study = _load(study_file, storage)
+            _check_output_file(path, option, protected_files(study))
     board = build_leaderboard(study, open_storage(study, create=False))
     if markdown:
         typer.echo(to_markdown(board, top))

@@ -113,7 +113,8 @@ def score_table(board: Leaderboard, row: Row) -> str:
 
 
 def protected_files(study: Study) -> dict[str, Path]:
-    """What an export must never overwrite besides the models: the study file and its storage."""
+    """What a command's output (an export, besides its input models; a leaderboard file) must never overwrite:
+    the study file and its storage."""
     files = {"study file": study.path}
     storage = local_file(study)
     if storage is not None:

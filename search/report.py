@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -169,20 +168,21 @@ def write_report(study: Study, out_dir: Path, storage=None) -> Path:
     """Draw the report in a hidden folder beside `out_dir`, then move it into place: a failure (a full disk,
     a study without trials) leaves no half-drawn report."""
     board = build_leaderboard(study, storage)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp's folder is private; the report is not
-    try:
-        _draw(study, board, staging, storage)
-        if out_dir.exists():
-            for file in staging.iterdir():
-                os.replace(file, out_dir / file.name)
-        else:
-            staging.rename(out_dir)
+    try:  # creating the hidden folder fails too where `out_dir` can't be written (read-only, /proc)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(
+            prefix=f".{out_dir.name}.partial-", dir=out_dir.parent, ignore_cleanup_errors=True
+        ) as folder:
+            staging = Path(folder)
+            staging.chmod(0o755)  # mkdtemp's folder is private; the report is not
+            _draw(study, board, staging, storage)
+            if out_dir.exists():
+                for file in staging.iterdir():
+                    os.replace(file, out_dir / file.name)
+            else:
+                staging.rename(out_dir)
     except OSError as error:
-        raise MergetuneError(f"cannot write the report to {out_dir}: {error.strerror or error}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        raise MergetuneError(f"cannot write {out_dir}: {error.strerror or error}; nothing was written there") from None
     return out_dir / "index.html"
 
 

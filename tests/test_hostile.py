@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -643,9 +644,7 @@ def test_hostile_input_gives_one_clear_message(case, make, message, family_f32, 
     args = make(inputs)
     before = checksums(tmp_path, *family_f32.values())
     result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert message.format(tmp=tmp_path, family=family_f32["model_a"].parent) in result.output
-    assert result.output.count("error: ") == 1 and "Traceback" not in result.output
+    assert_one_message(result, message.format(tmp=tmp_path, family=family_f32["model_a"].parent))
     assert PASSWORD not in result.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*.partial-*"))
     after = checksums(tmp_path, *family_f32.values())
@@ -709,3 +708,50 @@ def test_model_names_cannot_rewrite_the_model_cards_front_matter(family_f32):
     card = model_card(hostile, plan, "merge_method: slerp", None)
     front_matter = card.split("---")[1]
     assert "license: evil" not in front_matter and "<b>" not in card
+
+
+def study_copy(stored: Path, directory: Path) -> Path:
+    """A copy of a stored study (its file and the SQLite database beside it) that a test may put at risk."""
+    return Path(shutil.copytree(stored.parent, directory / "study")) / stored.name
+
+
+def assert_one_message(result, message: str) -> None:
+    """Exit 2 with `message`, said once, and no traceback."""
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert result.output.count("error: ") == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option", ["--json", "--csv"])
+@pytest.mark.parametrize("what, name", [("study file", "study.yaml"), ("study storage", "tiny.db")])
+def test_leaderboard_refuses_to_write_over_the_study_file_or_its_storage(option, what, name, failing_study, tmp_path):
+    study = study_copy(failing_study, tmp_path)
+    before = checksums(study.parent)
+    result = runner.invoke(app, ["leaderboard", str(study), option, str(study.parent / name)])
+    assert_one_message(result, f"{option} {study.parent / name}: is the {what}; writing there would destroy it")
+    assert checksums(study.parent) == before
+    assert sum(t.state in COUNTED for t in stored_trials(study)) == N
+
+
+def test_leaderboard_refuses_to_replace_a_special_file_with_a_regular_one(failing_study, tmp_path):
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    result = runner.invoke(app, ["leaderboard", str(failing_study), "--csv", str(pipe)])
+    assert_one_message(result, f"--csv {pipe}: is not a regular file (a device, a pipe or a socket)")
+    assert stat.S_ISFIFO(pipe.lstat().st_mode) and not list(tmp_path.glob(".*.partial-*"))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, a folder nobody can create files in")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["leaderboard", "{study}", "--json", "/proc/board.json"], "--json /proc/board.json: cannot write it: "),
+        (["leaderboard", "{study}", "--csv", "/proc/board.csv"], "--csv /proc/board.csv: cannot write it: "),
+        (["report", "{study}", "/proc/report"], "cannot write /proc/report: "),
+    ],
+    ids=["leaderboard --json", "leaderboard --csv", "report"],
+)
+def test_an_output_in_a_folder_that_cannot_be_written_gives_one_message(args, message, failing_study):
+    result = runner.invoke(app, [arg.format(study=failing_study) for arg in args])
+    assert_one_message(result, message)
+    assert "; nothing was written there" in result.output
