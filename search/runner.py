@@ -116,9 +116,7 @@ class StudyRunner:
         deadline = None if timeout is None else time.monotonic() + timeout
         with storage_errors(self.workspace.study.storage_url):
             while True:
-                reaped = self.reaper.reap(optuna_study)
-                if reaped:
-                    log.warning("%s: trial(s) %s of dead workers failed and queued again", method, reaped)
+                self.reaper.reap(optuna_study)  # says what it failed, and what it waits for
                 stored = optuna_study.get_trials(deepcopy=False)
                 done = sum(trial.state in COUNTED for trial in stored)
                 if progress:
@@ -133,10 +131,22 @@ class StudyRunner:
                 run.outcomes.append(self.run_trial(optuna_study, method, n_trials))
 
     def run_trial(self, optuna_study: optuna.Study, method: str, target: Optional[int] = None) -> TrialOutcome:
-        """One trial, start to stored end; a failure is stored with its reason and counted, not raised."""
+        """One trial, start to stored end; a failure is stored with its reason and counted, not raised.
+
+        A Ctrl-C at any moment after `ask` created the trial fails it as interrupted (one that already
+        ended keeps its end): left RUNNING without a worker, the next run would wait out the grace period for it.
+        """
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Heartbeat of storage")  # we record heartbeats ourselves
             trial = optuna_study.ask()
+        try:
+            return self._run_asked(optuna_study, trial, method, target)
+        except KeyboardInterrupt:
+            self._finish(optuna_study, trial, TrialState.FAIL, reason="interrupted")
+            raise
+
+    def _run_asked(self, optuna_study: optuna.Study, trial: optuna.Trial, method: str, target: Optional[int]) -> TrialOutcome:
+        """`run_trial` once the trial exists: claimed by this worker, admitted or stood down, evaluated, stored."""
         started = time.perf_counter()
         with heartbeat(storage_of(optuna_study), trial_id(trial)):
             trials.set_worker(trial, self.worker.as_attr())
@@ -146,9 +156,6 @@ class StudyRunner:
                 return TrialOutcome(trial.number, TrialState.FAIL, None, 0.0, 0, reason)
             try:
                 state, value, docs_scored = self._evaluate(optuna_study, trial, method)
-            except KeyboardInterrupt:
-                self._finish(optuna_study, trial, TrialState.FAIL, reason="interrupted")
-                raise
             except UpdateFinishedTrialError:  # declared dead meanwhile: its retry runs elsewhere
                 return self._dropped(trial, started)
             except Exception as error:

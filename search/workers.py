@@ -7,13 +7,16 @@ storage; they agree through the storage alone:
   study ends with exactly the requested number of completed (or pruned) trials;
 - a worker that dies mid-trial is noticed by the others — by its process id on the
   same host, by its silent heartbeat from elsewhere — and its trial is failed and
-  its parameters queued again, once, by whoever noticed first (`Reaper`).
+  its parameters queued again, once, by whoever noticed first (`Reaper`); a trial
+  no worker has named itself for may be one being started elsewhere this moment, so
+  it is failed only after the grace period, and the wait is logged, not silent.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import os
 import socket
 import time
@@ -31,6 +34,8 @@ from optuna.trial import FrozenTrial, TrialState
 from mergetune.search import trials
 from mergetune.search.optuna_adapter import stale_trial_ids, storage_of, trial_id, was_enqueued
 from mergetune.search.storage import heartbeat_interval
+
+log = logging.getLogger(__name__)
 
 COUNTED = trials.COUNTED
 AHEAD = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -97,7 +102,7 @@ def admitted(optuna_study: optuna.Study, trial: optuna.Trial, target: int) -> bo
 
 
 class Reaper:
-    """Fails the running trials of dead workers — once, whoever notices first — and queues their parameters again.
+    """Fails the running trials of dead workers — once, whoever notices first — and queues their parameters again (if any).
 
     A worker is dead when its process is gone from this machine, when its heartbeat
     has been silent past the grace period (RDB storages, any host), or when its trial
@@ -110,18 +115,36 @@ class Reaper:
         self._unnamed_since: dict[int, float] = {}  # trial id → when first seen running without a worker
 
     def reap(self, optuna_study: optuna.Study) -> list[int]:
-        """Numbers of the trials this call failed (and queued again when they had parameters)."""
+        """Numbers of the trials this call failed; each is logged, saying whether its parameters were queued again.
+
+        A trial without a worker that this reaper had not seen before is logged too, once, with how long it waits
+        for it: otherwise a worker whose last trial to wait for is such a one would sit silent the whole grace period.
+        """
         running = optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         stale = stale_trial_ids(optuna_study) if heartbeat_interval(storage_of(optuna_study)) else set()
         now = time.monotonic()
-        self._unnamed_since = {
-            trial_id(t): self._unnamed_since.get(trial_id(t), now) for t in running if trials.worker_attr(t) is None
-        }
+        seen = self._unnamed_since
+        self._unnamed_since = {trial_id(t): seen.get(trial_id(t), now) for t in running if trials.worker_attr(t) is None}
         reaped = []
         for trial in running:
             reason = self._cause_of_death(trial, stale, now)
-            if reason and self._fail(optuna_study, trial, reason):
-                self._requeue(optuna_study, trial_id(trial))
+            if reason is None and trial_id(trial) in self._unnamed_since.keys() - seen.keys():
+                log.warning(
+                    "%s: trial %d is running but no worker has named itself for it; if none does within %g s "
+                    "(storage_options.grace_period), its worker is taken to have died as it started and it is failed",
+                    optuna_study.study_name,
+                    trial.number,
+                    self.grace_period,
+                )
+            elif reason and self._fail(optuna_study, trial, reason):
+                queued = self._requeue(optuna_study, trial_id(trial))
+                log.warning(
+                    "%s: trial %d failed: %s; %s",
+                    optuna_study.study_name,
+                    trial.number,
+                    reason,
+                    "its parameters are queued again" if queued else "it had chosen no parameters: a fresh trial takes its place",
+                )
                 reaped.append(trial.number)
         return reaped
 
@@ -146,12 +169,14 @@ class Reaper:
             return False
 
     @staticmethod
-    def _requeue(optuna_study: optuna.Study, failed_id: int) -> None:
+    def _requeue(optuna_study: optuna.Study, failed_id: int) -> bool:
+        """Queue the failed trial's parameters again; False if it died before choosing any (a new trial takes its place)."""
         failed = storage_of(optuna_study).get_trial(failed_id)
         if not failed.params and not was_enqueued(failed):
-            return  # it died before choosing parameters: nothing to retry, a new trial takes its place
+            return False
         retry = copy.deepcopy(failed)
         retry.user_attrs = trials.retried_attrs(failed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             RetryHeartbeatStaleTrialCallback()(optuna_study, retry)
+        return True

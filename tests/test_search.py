@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import optuna
 import pytest
@@ -377,6 +380,9 @@ def test_a_different_study_definition_under_the_same_name_is_refused(finished_st
         ({"pruning": "hyperband"}, "unknown pruner 'hyperband'; known: successive_halving, estimator, none"),
         ({"backend": "server"}, "backend 'server' cannot score candidates built in memory"),
         ({"budget": {"n_trials": 0}}, "budget.n_trials: Input should be greater than or equal to 1"),
+        ({"budget": {"n_trials": None}}, "budget: give n_trials or timeout"),
+        ({"methods": ["slerp", "dare_ties", "slerp"]}, "methods: Value error, listed more than once: slerp"),
+        ({"evaluation": {"tasks": ["demo_capitals", "demo_capitals"]}}, "evaluation.tasks: Value error, listed more than once: demo_capitals"),
         ({"evaulation": {}}, "evaulation: unknown field"),
         ({"space": {"dare_ties": {"density": {"low": 0.0, "high": 1.0}}}}, "density must lie in (0, 1]"),
         ({"evaluation": {"first_limit": 5}}, "first_limit (5) must be at most half of limit (8)"),
@@ -570,3 +576,80 @@ def test_a_declared_space_the_declaration_contradicts_is_refused_before_models_l
     path = write_study(tmp_path, family_f32, task_dir, methods=methods, base_model=str(family_f32["base"]), space=space)
     result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def interrupted_then_run_again(
+    path: Path, target: str, ctrl_c: Callable, monkeypatch, caplog
+) -> tuple[list[optuna.trial.FrozenTrial], list[optuna.trial.FrozenTrial]]:
+    """The study run with `target` replaced by `ctrl_c` (which raises KeyboardInterrupt), then run again to its end:
+    the stored trials after each; on the second run the reaper says nothing (no trial left to wait for or fail)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(target, ctrl_c)
+        result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 130 and "interrupted" in result.output, result.output
+    interrupted = trials(path, "slerp")
+    with caplog.at_level(logging.WARNING, logger="mergetune.search.workers"):
+        result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [r.getMessage() for r in caplog.records if r.name == "mergetune.search.workers"] == []
+    return interrupted, trials(path, "slerp")
+
+
+def test_a_ctrl_c_as_a_trial_starts_fails_it_as_interrupted_and_the_next_run_goes_straight_on(
+    family_f32, task_dir, tmp_path, monkeypatch, caplog
+):
+    """Ctrl-C right after `ask` created trial 2, before its worker named itself: left RUNNING and unnamed, the next
+    run would wait out the grace period for it, then fail it as a dead worker's."""
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 4})
+
+    def ctrl_c_at_trial_2(trial: optuna.Trial, worker: dict) -> None:
+        if trial.number == 2:
+            raise KeyboardInterrupt
+        set_worker(trial, worker)
+
+    before, after = interrupted_then_run_again(path, "mergetune.search.trials.set_worker", ctrl_c_at_trial_2, monkeypatch, caplog)
+    assert len(before) == 3 and before[2].state == TrialState.FAIL and before[2].user_attrs == {"fail_reason": "interrupted"}
+    assert counted(after) == 4 and [(t.number, t.user_attrs.get("fail_reason")) for t in after if t.state == TrialState.FAIL] == [
+        (2, "interrupted")
+    ]
+    assert [t.user_attrs for t in after[:2]] == [t.user_attrs for t in before[:2]]
+
+
+def test_a_ctrl_c_just_after_a_trial_was_stored_keeps_it_as_it_ended(family_f32, task_dir, tmp_path, monkeypatch, caplog):
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 4})
+
+    @contextlib.contextmanager
+    def ctrl_c_as_trial_2_ends(storage, trial_id: int):
+        with heartbeat(storage, trial_id):
+            yield
+        if storage.get_trial(trial_id).number == 2:
+            raise KeyboardInterrupt
+
+    before, after = interrupted_then_run_again(path, "mergetune.search.runner.heartbeat", ctrl_c_as_trial_2_ends, monkeypatch, caplog)
+    assert len(before) == 3 and before[2].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert "fail_reason" not in before[2].user_attrs
+    assert counted(after) == 4 and not [t for t in after if t.state == TrialState.FAIL]
+    assert after[2].user_attrs == before[2].user_attrs and after[2].value == before[2].value  # not scored again
+
+
+@pytest.mark.parametrize(
+    "chose_parameters, then", [(False, "it had chosen no parameters: a fresh trial takes its place"), (True, "its parameters are queued again")]
+)
+def test_a_trial_no_worker_named_itself_for_is_failed_after_the_grace_period_and_the_wait_is_said_once(
+    chose_parameters, then, caplog
+):
+    """Such a trial may be another worker's, asked a moment ago (not to be stolen), or one whose worker died as it
+    started; the reaper cannot tell until the grace period has passed, and says so instead of waiting silently."""
+    study = optuna.create_study()
+    trial = study.ask()
+    if chose_parameters:
+        trial.suggest_float("x", 0, 1)
+    reaper = Reaper(grace_period=0.5)
+    with caplog.at_level(logging.WARNING, logger="mergetune.search.workers"):
+        assert reaper.reap(study) == [] and reaper.reap(study) == []
+        time.sleep(0.6)
+        assert reaper.reap(study) == [0]
+    waiting, reaped = [r.getMessage() for r in caplog.records if r.name == "mergetune.search.workers"]
+    assert "trial 0 is running but no worker has named itself for it; if none does within 0.5 s" in waiting
+    assert reaped.endswith(f"trial 0 failed: {DIED} (before it named itself); {then}")
+    assert [t.state for t in study.trials] == [TrialState.FAIL] + [TrialState.WAITING] * chose_parameters
