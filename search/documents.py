@@ -74,7 +74,12 @@ def choose_documents(evaluator: "Evaluator", spec: StudySpec) -> Documents:
         remaining = {leaf: sorted(set(everything[leaf]) - set(search.get(leaf, []))) for leaf in loaded.leaves}
         total = sum(len(ids) for ids in remaining.values())
         if total == 0:
-            raise MergetuneError(f"task {name}: every document is used by the search; lower evaluation.limit")
+            size = sum(len(everything[leaf]) for leaf in loaded.leaves)
+            raise MergetuneError(
+                f"evaluation.final: task {name}: the search scores all {size} of its documents (evaluation.limit "
+                f"{evaluation.limit}), none is left to score the finalists on; lower evaluation.limit below {size} "
+                "or name other tasks in evaluation.final.tasks"
+            )
         wanted = min(evaluation.final.limit or total, total)
         for leaf, ids in remaining.items():
             share = len(ids) if wanted == total else max(1, round(wanted * len(ids) / total)) if ids else 0

@@ -399,6 +399,10 @@ def test_a_different_study_definition_under_the_same_name_is_refused(finished_st
             "evaluation.estimator only makes sense with pruning: estimator (this study has pruning: successive_halving)",
         ),
         ({"pruning": "estimator", "evaluation": {"estimator": {"chunk": 0}}}, "evaluation.estimator.chunk: Input should be greater than 0"),
+        (
+            {"pruning": False, "evaluation": {"limit": 40, "first_limit": None, "final": {"tasks": [], "finalists": 2}}},
+            "the search scores all 40 of its documents",
+        ),
     ],
 )
 def test_bad_study_files_get_one_clear_message(change, message, family_f32, task_dir, tmp_path):
