@@ -128,6 +128,20 @@ def open_storage(study: Study, create: bool = True) -> BaseStorage:
             ) from None
 
 
+def open_existing_storage(study: Study) -> Optional[BaseStorage]:
+    """The study's storage when there is one to open (a database server, or its file exists), else None
+    once it is known that its file could be created.
+
+    A first run creates its storage file only after the models have loaded (`open_storage`), so a run
+    that fails before (a missing model, a full GPU, Ctrl-C) leaves no empty database behind.
+    """
+    path = local_file(study)
+    if path is not None and not path.exists():
+        _check_local_file(study, path, create=True)
+        return None
+    return open_storage(study)
+
+
 def _parse_url(engine_url: str, url: str) -> None:
     """Parse a database URL before connecting, so a malformed one (a port that isn't a number) is one message."""
     try:

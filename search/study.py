@@ -14,7 +14,8 @@ from typing import Callable, Optional, Protocol
 from mergetune.errors import MergetuneError
 from mergetune.search.leaderboard import Leaderboard, build_leaderboard
 from mergetune.search.runner import StudyRunner
-from mergetune.search.storage import open_storage
+from mergetune.search.setup import check_stored_definitions
+from mergetune.search.storage import open_existing_storage, open_storage
 from mergetune.search.study_file import Study
 from mergetune.search.workspace import Workspace
 
@@ -63,8 +64,14 @@ def run_study(
     if n_trials is None and timeout is None:  # the first method would never end, and no other would start
         raise MergetuneError(f"{study.path}: budget: give n_trials or timeout (or --n-trials / --timeout)")
     say(f"study {spec.name}: methods {', '.join(spec.methods)}; storage {study.storage_display}")
-    storage = open_storage(study)  # before loading models: a storage that doesn't answer fails fast
-    runner = StudyRunner(Workspace.open(study, say=say), storage, max_failures)
+    # Before loading models: a storage that doesn't answer, or holds a study made from another
+    # file, fails fast; a storage file that doesn't exist yet is created only once they have loaded.
+    storage = open_existing_storage(study)
+    if storage is not None:
+        check_stored_definitions(study, storage)
+    workspace = Workspace.open(study, say=say)
+    storage = storage or open_storage(study)
+    runner = StudyRunner(workspace, storage, max_failures)
     for method in spec.methods:
         progress.start(method, n_trials or 0)
         deadline = None if timeout is None else time.monotonic() + timeout

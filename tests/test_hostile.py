@@ -423,6 +423,11 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         lambda i: run("export", str(study := i.request.getfixturevalue("failing_study")), str(study.parent), "--overwrite"),
         "contains the study file",
     ),
+    (
+        "export over the study's task folder",
+        lambda i: run("export", str(i.request.getfixturevalue("failing_study")), str(i.tasks), "--overwrite"),
+        "is the task folder {tasks} (evaluation.include_paths)",
+    ),
     # Numbers that would put NaN or inf into the weights.
     (
         "NaN in a gradient",
@@ -644,11 +649,12 @@ def test_hostile_input_gives_one_clear_message(case, make, message, family_f32, 
     args = make(inputs)
     before = checksums(tmp_path, *family_f32.values())
     result = runner.invoke(app, args)
-    assert_one_message(result, message.format(tmp=tmp_path, family=family_f32["model_a"].parent))
+    assert_one_message(result, message.format(tmp=tmp_path, family=family_f32["model_a"].parent, tasks=tiny_tasks))
     assert PASSWORD not in result.output
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*.partial-*"))
     after = checksums(tmp_path, *family_f32.values())
     assert {path: after.get(path) for path in before} == before  # every input untouched
+    assert sorted(after.keys() - before.keys()) == []  # and nothing new: no output, no empty study storage
 
 
 def checksums(*roots: Path) -> dict[Path, tuple]:
