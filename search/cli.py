@@ -111,7 +111,7 @@ def print_leaderboard(board, top: Optional[int] = None, console: Optional[Consol
     headers, cells = table_rows(board, top)
     table = Table(title=f"study {board.study}: ranked by held-out score", show_lines=False)
     for header in headers:
-        table.add_column(header, justify="right" if header not in ("method", "origin") else "left")
+        table.add_column(header, justify="right" if header not in ("method", "origin", "scored on") else "left")
     for row in cells:
         table.add_row(*row)
     console.print(table)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class ExportResult:
     row: Row
     output: Path
-    note: Optional[str] = None  # what differs from the scored candidate, when it could not be re-merged alike
+    note: Optional[str] = None  # picked by search score, or what differs from the scored candidate (re-merged unlike it)
 
 
 def export_device(
@@ -82,6 +82,17 @@ def pick_row(board: Leaderboard, method: Optional[str], trial: Optional[int]) ->
     return (finalists or rows)[0]
 
 
+def search_score_note(row: Row, method: Optional[str], trial: Optional[int]) -> Optional[str]:
+    """What to say when the exported trial was picked by its search score: no finalist had a held-out one."""
+    if trial is not None or row.final is not None:
+        return None
+    return (
+        f"picked {row.method} trial {row.trial} by its search score: no {method + ' ' if method else ''}trial has a "
+        "held-out score yet "
+        "(the study stopped before scoring its finalists; `mergetune study run` again scores them)"
+    )
+
+
 def score_table(board: Leaderboard, row: Row) -> str:
     """The model card's benchmark section: held-out scores, search scores, and the comparisons."""
     shown = row.final or row.search
@@ -114,11 +125,16 @@ def score_table(board: Leaderboard, row: Row) -> str:
 
 def protected_files(study: Study) -> dict[str, Path]:
     """What a command's output (an export, besides its input models; a leaderboard file) must never overwrite:
-    the study file and its storage."""
+    the study file, its storage and the task folders it scores from."""
     files = {"study file": study.path}
     storage = local_file(study)
     if storage is not None:
         files["study storage"] = storage
+    evaluation = study.spec.evaluation
+    for path in evaluation.include_paths:
+        files[f"task folder {path} (evaluation.include_paths)"] = Path(study.resolve(path))
+    if evaluation.data_dir:
+        files[f"task data folder {evaluation.data_dir} (evaluation.data_dir)"] = Path(study.resolve(evaluation.data_dir))
     return files
 
 
@@ -145,7 +161,7 @@ def export_trial(
     randomized = any(validate_recipe(stage).randomized for stage in recipe_file.stages)
     device, note = export_device(row.device, device, torch.cuda.is_available(), randomized)
     drawn = draws_note(row.draws, DRAWS, randomized)
-    note = "; ".join(part for part in (note, drawn) if part) or None
+    note = "; ".join(part for part in (search_score_note(row, method, trial), note, drawn) if part) or None
     merge_recipe_file(
         recipe_file,
         out_dir,

@@ -91,6 +91,7 @@ class Leaderboard:
     rows: list[Row]
     comparisons: list[Comparison] = field(default_factory=list)
     races: list[Races] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # what a partial study lacks, method by method
 
     def best(self, method: str) -> Optional[Row]:
         finalists = [row for row in self.rows if row.method == method and row.final is not None]
@@ -148,7 +149,7 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
         row.rank = position
         per_method[row.method] = per_method.get(row.method, 0) + 1
         row.method_rank = per_method[row.method]
-    board = Leaderboard(study.spec.name, rows, races=races_found)
+    board = Leaderboard(study.spec.name, rows, races=races_found, missing=missing_parts(stored, rows))
     for method in study.spec.methods:
         best = board.best(method)
         hand = next((r for r in rows if r.method == method and r.baseline and r.final is not None), None)
@@ -172,6 +173,23 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
             )
         )
     return board
+
+
+def missing_parts(stored: dict[str, Optional[optuna.Study]], rows: list[Row]) -> list[str]:
+    """What a partial study lacks, so that a board ranked partly by search score says so: methods with no
+    completed trial yet, and methods whose finalists were not scored on held-out documents."""
+    lines = []
+    for method, optuna_study in stored.items():
+        mine = [row for row in rows if row.method == method]
+        if not mine:
+            where = "no trials stored" if optuna_study is None else "no completed trial yet"
+            lines.append(f"{method}: {where}; it is missing from this board")
+        elif all(row.final is None for row in mine):
+            lines.append(
+                f"{method}: no held-out scores yet (the run stopped before its finalists were scored), so its "
+                f"{len(mine)} completed trial(s) show search scores and rank below every finalist; `mergetune study run` again scores them"
+            )
+    return lines
 
 
 def first_estimate(trial: StoredTrial) -> Optional[tuple[float, int]]:
@@ -249,7 +267,7 @@ def table_rows(board: Leaderboard, top: Optional[int] = None) -> tuple[list[str]
     """Column headers and cells shared by the terminal, Markdown and CSV renderings."""
     tasks = board.tasks()
     proxies = {name for row in board.rows for name, task in (row.final or row.search).tasks.items() if task.proxy}
-    headers = ["rank", "method", "trial", "origin"] + [f"{t} (proxy)" if t in proxies else t for t in tasks]
+    headers = ["rank", "method", "trial", "origin", "scored on"] + [f"{t} (proxy)" if t in proxies else t for t in tasks]
     headers += ["final avg", "± se", "search avg", "gap"]
     estimated = any(row.estimate for row in board.rows)
     if estimated:
@@ -259,6 +277,7 @@ def table_rows(board: Leaderboard, top: Optional[int] = None) -> tuple[list[str]
         shown = row.final or row.search
         cells.append(
             [str(row.rank), row.method, str(row.trial), "baseline" if row.baseline else "search"]
+            + ["held-out" if row.final else "search"]  # which documents the task columns' scores come from
             + [_percent(shown.tasks[t].value) if t in shown.tasks else "" for t in tasks]
             + [
                 _percent(row.final.average) if row.final else "—",
@@ -272,12 +291,12 @@ def table_rows(board: Leaderboard, top: Optional[int] = None) -> tuple[list[str]
 
 
 def comparison_lines(board: Leaderboard) -> list[str]:
-    """The paired comparisons, then what the estimator did (if the study used it)."""
+    """The paired comparisons, what the estimator did (if the study used it), then what a partial study lacks."""
     return [
         f"{c.label}: {100 * c.difference.mean:+.2f} points "
         f"(95% CI {100 * c.difference.low:+.2f} … {100 * c.difference.high:+.2f}, {c.difference.n_docs} paired documents)"
         for c in board.comparisons
-    ] + [races.line() for races in board.races]
+    ] + [races.line() for races in board.races] + board.missing
 
 
 def to_markdown(board: Leaderboard, top: Optional[int] = None) -> str:
@@ -323,4 +342,5 @@ def to_json(board: Leaderboard) -> dict[str, Any]:
             for c in board.comparisons
         ],
         "races": [asdict(races) for races in board.races],
+        "missing": board.missing,
     }

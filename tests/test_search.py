@@ -6,6 +6,8 @@ import contextlib
 import json
 import logging
 import math
+import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -293,7 +295,30 @@ def test_leaderboard_outputs_markdown_json_and_csv(finished_study, tmp_path):
     assert "best slerp − best dare_ties" in result.output
     data = json.loads(out_json.read_text())
     assert data["rows"][0]["rank"] == 1 and data["rows"][0]["final"] is not None
-    assert out_csv.read_text().startswith("rank,method,trial,origin")
+    assert out_csv.read_text().startswith("rank,method,trial,origin,scored on")
+    assert data["missing"] == []
+
+
+def test_a_partial_study_says_what_it_lacks_and_export_that_it_picked_by_search_score(finished_study, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(finished_study.parent, partial)
+    with contextlib.closing(sqlite3.connect(partial / "tiny.db")) as db, db:  # dare_ties stopped before its finalists
+        db.execute(
+            "DELETE FROM study_user_attributes WHERE key LIKE 'final.%' "
+            "AND study_id = (SELECT study_id FROM studies WHERE study_name = 'tiny.dare_ties')"
+        )
+    board = runner.invoke(app, ["leaderboard", str(partial / "study.yaml"), "--markdown"])
+    assert board.exit_code == 0, board.output
+    completed = sum(t.state == TrialState.COMPLETE for t in trials(finished_study, "dare_ties"))
+    said = f"dare_ties: no held-out scores yet (the run stopped before its finalists were scored), so its {completed} "
+    assert said + "completed trial(s) show search scores" in board.output
+    rows = [line.split(" | ") for line in board.output.splitlines() if line.startswith("| ") and "rank" not in line]
+    assert {(row[1], row[4]) for row in rows} == {("slerp", "held-out"), ("slerp", "search"), ("dare_ties", "search")}
+
+    result = runner.invoke(app, ["export", str(partial / "study.yaml"), str(tmp_path / "out"), "--method", "dare_ties"])
+    assert result.exit_code == 0, result.output
+    assert "by its search score: no dare_ties trial has a held-out score yet" in result.output
+    assert "Scores on search documents" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_exported_slerp_recipe_reproduces_in_mergekit_tensor_for_tensor(finished_study, tmp_path):
@@ -368,6 +393,7 @@ def test_a_different_study_definition_under_the_same_name_is_refused(finished_st
     result = runner.invoke(app, ["study", "run", str(other), "--quiet"])
     assert result.exit_code == 2
     assert "different study file" in result.output and "space.slerp.control_points: stored 3, this file 4" in result.output
+    assert "model(s)" not in result.output  # refused before any model loads
 
 
 @pytest.mark.parametrize(
