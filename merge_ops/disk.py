@@ -32,7 +32,7 @@ from mergetune.merge_ops.sources import (
     read_json_object,
 )
 from mergetune.merge_ops.stages import final_stage
-from mergetune.merge_ops.vocab import tokenizer_donor
+from mergetune.merge_ops.vocab import tokenizer_directory, tokenizer_donor
 from mergetune.merge_ops.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorEntry, atomic_directory
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ def write_side_files(
     donor_dir = sources[plan.donor].directory
     if donor_dir and (donor_dir / "generation_config.json").exists():
         shutil.copy(donor_dir / "generation_config.json", directory / "generation_config.json")
-    tokenizer_source = sources[tokenizer_donor(recipe, plan)]
-    tokenizer_dir = tokenizer_source.directory
+    tokenizer_source = tokenizer_donor(recipe, plan)
+    tokenizer_dir = tokenizer_directory(tokenizer_source, sources)
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).exists():
@@ -126,7 +126,7 @@ def write_side_files(
     if chat_template is not None:
         (directory / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
         if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").exists():
-            tokenizer_config = read_json_object(tokenizer_dir / "tokenizer_config.json", f"model {tokenizer_source.label}")
+            tokenizer_config = read_json_object(tokenizer_dir / "tokenizer_config.json", f"model {tokenizer_source}")
             tokenizer_config["chat_template"] = chat_template
             (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
     (directory / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
@@ -230,13 +230,16 @@ def merge_recipe_file(
         log.warning("no --seed given for a random method; using seed %d (recorded in the model card)", seed)
     cache = SourceCache(allow_pickle)
     stage_names = set(recipe_file.stage_names())
-    # tokenizer_source must be one of these models (vocab.vocab_alignment says so if not).
     inputs = {
         f"input model {ref}": cache.get(ref).directory
         for stage in recipe_file.stages
         for ref in stage.referenced_models()
         if ref not in stage_names
     }
+    for stage in recipe_file.stages:  # a model whose tokenizer alone is taken is an input too
+        donor = stage.tokenizer_source
+        if donor not in (None, "base", *stage_names) and f"input model {donor}" not in inputs:
+            inputs[f"tokenizer source {donor}"] = tokenizer_directory(donor, {})
     check_output_apart(out_dir, {**inputs, **(protected or {})})
     warnings: list[str] = []
     try:

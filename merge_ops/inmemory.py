@@ -26,7 +26,7 @@ from mergetune.merge_ops.plan import MergePlan, TensorOp
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
 from mergetune.merge_ops.sources import MemorySource, TensorSource
 from mergetune.merge_ops.stages import final_stage, plan_stage
-from mergetune.merge_ops.vocab import tokenizer_donor
+from mergetune.merge_ops.vocab import tokenizer_directory, tokenizer_donor
 from mergetune.merge_ops.writer import all_finite, not_finite
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ class InMemoryBuilder:
                 tensors[op.output] = torch.empty(op.shape, dtype=op.dtype, device=self.device)
                 self._build_into(tensors[op.output], op, plan, sources, seed)
             # It carries its tokenizer donor's files, as the disk merge's stage directory does.
-            directory = sources[tokenizer_donor(stage, plan)].directory
+            directory = tokenizer_directory(tokenizer_donor(stage, plan), sources)
             return MemorySource(stage.name, tensors, plan.config, directory)
 
         return final_stage(stages, self.sources.get, build_intermediate)

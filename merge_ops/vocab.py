@@ -20,7 +20,7 @@ import torch
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.plan import MergePlan, TensorInput
 from mergetune.merge_ops.recipe import Recipe
-from mergetune.merge_ops.sources import TensorSource
+from mergetune.merge_ops.sources import TensorSource, resolve_model_directory
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,10 @@ def vocab_alignment(recipe: Recipe, sources: Mapping[str, TensorSource]) -> Opti
     donor = recipe.base_model if choice == "base" else choice
     if donor is None:
         raise MergetuneError("tokenizer_source: 'base' needs a base_model")
-    if donor not in sources:
-        raise MergetuneError(f"tokenizer_source: {donor} is not one of the recipe's models")
     vocabs = {name: tokenizer_vocab(source.directory, name) for name, source in sources.items()}
     sizes = {name: int(source.config.get("vocab_size", len(vocabs[name]))) for name, source in sources.items()}
-    return VocabAlignment.build(vocabs[donor], vocabs, sizes, recipe.base_model)
+    output_vocab = vocabs[donor] if donor in sources else tokenizer_vocab(tokenizer_directory(donor, sources), donor)
+    return VocabAlignment.build(output_vocab, vocabs, sizes, recipe.base_model)
 
 
 def tokenizer_donor(recipe: Recipe, plan: MergePlan) -> str:
@@ -120,3 +119,14 @@ def tokenizer_donor(recipe: Recipe, plan: MergePlan) -> str:
     if choice and choice != "base":
         return choice
     return recipe.base_model or plan.donor
+
+
+def tokenizer_directory(reference: str, sources: Mapping[str, TensorSource]) -> Optional[Path]:
+    """Where `reference`'s tokenizer files are: a merged model's folder, or, as mergekit allows, that of a
+    model merged nowhere (`tokenizer_source: org/other`) whose tokenizer alone the output takes."""
+    if reference in sources:
+        return sources[reference].directory
+    try:
+        return resolve_model_directory(reference)
+    except MergetuneError as error:
+        raise MergetuneError(f"tokenizer_source: {error}") from None

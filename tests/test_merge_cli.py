@@ -150,6 +150,7 @@ HOSTILE = [
         "tokenizer.tokens and tokenizer.pad_to_multiple_of are not supported",
     ),
     ("both tokenizer settings", lambda p, d: slerp(p, tokenizer_source="base", tokenizer={"source": "base"}), "either tokenizer_source or tokenizer"),
+    ("tokenizer source missing", lambda p, d: slerp(p, tokenizer_source=str(d / "nowhere")), "tokenizer_source: model /"),
 ]
 
 
@@ -163,6 +164,16 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(case, make, messag
     assert "Traceback" not in result.output
     assert not out.exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_overwrite_never_replaces_a_tokenizer_source_that_is_merged_nowhere(family_f32, tmp_path):
+    donor = shutil.copytree(family_f32["model_b"], tmp_path / "donor")
+    before = sorted(p.name for p in donor.iterdir())
+    recipe = write_recipe(tmp_path, slerp(family_f32, tokenizer_source=str(donor)))
+    result = runner.invoke(app, ["merge", str(recipe), str(donor), "--overwrite"])
+    assert result.exit_code == 2, result.output
+    assert f"output directory {donor} is the tokenizer source {donor}" in result.output
+    assert sorted(p.name for p in donor.iterdir()) == before
 
 
 def test_missing_recipe_file_is_named(tmp_path):

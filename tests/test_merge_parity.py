@@ -9,6 +9,7 @@ is specified in test_merge_engine.py.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -415,6 +416,31 @@ def test_different_vocabularies_are_aligned_like_mergekit(family_other_vocab, tm
     theirs = load_state(run_mergekit(recipe, tmp_path / "mergekit"))
     ours = load_state(run_mergetune(yaml.safe_dump(recipe), tmp_path / "mergetune"))
     assert_same_tensors(ours, theirs)
+
+
+def test_a_tokenizer_source_merged_nowhere_gives_its_vocabulary_like_mergekit(family_other_vocab, tmp_path):
+    """tokenizer_source may name a model the recipe does not merge: its tokenizer alone is taken, and every
+    merged model's embedding rows are re-indexed to it."""
+    from transformers import AutoTokenizer
+
+    recipe = with_paths(
+        {
+            "merge_method": "linear",
+            "base_model": "base",
+            "models": [
+                {"model": "base", "parameters": {"weight": 0.5}},
+                {"model": "model_a", "parameters": {"weight": 0.5}},
+            ],
+        },
+        family_other_vocab,
+    )
+    recipe["tokenizer_source"] = str(family_other_vocab["model_x"])
+    theirs_dir = run_mergekit(recipe, tmp_path / "mergekit")
+    ours_dir = run_mergetune(yaml.safe_dump(recipe), tmp_path / "mergetune")
+    assert_same_tensors(load_state(ours_dir), load_state(theirs_dir))
+    vocab = AutoTokenizer.from_pretrained(str(family_other_vocab["model_x"])).get_vocab()
+    assert AutoTokenizer.from_pretrained(str(ours_dir)).get_vocab() == vocab
+    assert json.loads((ours_dir / "config.json").read_text())["vocab_size"] == len(vocab)
 
 
 def test_different_vocabularies_without_tokenizer_source_name_the_tensor(family_other_vocab, tmp_path):
