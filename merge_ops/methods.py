@@ -41,10 +41,13 @@ class ParamSpec:
     value_type: Any
     scope: Scope
     default: Any = REQUIRED
-    # Closed/open interval the values must lie in, checked when a recipe is validated.
+    # The interval the parameter means something in: search spaces must lie inside it. mergekit merges
+    # values outside it all the same, so a recipe may hold them (merged alike, with a warning), except
+    # below `refuse_below`, where mergekit fails and so is a recipe refused.
     low: Optional[float] = None
     high: Optional[float] = None
     low_inclusive: bool = True
+    refuse_below: Optional[float] = None
 
     @property
     def required(self) -> bool:
@@ -680,14 +683,20 @@ def ramplus_tl(inputs: MergeInputs, r: float = 0.1, alpha: float = 0.2, epsilon:
 # -------------------------------------------------------------------------- registry
 
 
-def _task_arithmetic_params(normalize: bool, rescale: bool, extra: tuple[ParamSpec, ...] = ()):
+def _task_arithmetic_params(
+    normalize: bool, rescale: bool, extra: tuple[ParamSpec, ...] = (), random_mask: bool = False
+) -> tuple[ParamSpec, ...]:
     return (
         ParamSpec("int8_mask", bool, Scope.SHARED, False),
         ParamSpec("normalize", bool, Scope.SHARED, normalize),
         ParamSpec("rescale", bool, Scope.SHARED, rescale),
         ParamSpec("lambda", float, Scope.SHARED, 1.0),
         ParamSpec("weight", float, Scope.NON_BASE),
-        ParamSpec("density", float, Scope.NON_BASE, 1.0, low=0.0, high=1.0, low_inclusive=False),
+        # A random mask draws each entry with probability `density`: a negative one is no probability.
+        ParamSpec(
+            "density", float, Scope.NON_BASE, 1.0, low=0.0, high=1.0, low_inclusive=False,
+            refuse_below=0.0 if random_mask else None,
+        ),
         *extra,
     )
 
@@ -707,7 +716,7 @@ def _task_arithmetic_method(
         pretty_name=pretty,
         merge=task_arithmetic_family(sparsifier, consensus),
         # mergekit accepts `density` for plain task arithmetic too; it has no effect there.
-        params=_task_arithmetic_params(normalize, rescale, extra),
+        params=_task_arithmetic_params(normalize, rescale, extra, random_mask=sparsifier is sparsify.bernoulli),
         base=BasePolicy.REQUIRED,
         randomized=sparsifier in (sparsify.bernoulli, sparsify.della_magprune),
         reference=reference,

@@ -20,12 +20,12 @@ import functools
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
 from mergetune.errors import MergetuneError
-from mergetune.merge_ops.methods import METHODS, REQUIRED, BasePolicy, MethodSpec, Scope
+from mergetune.merge_ops.methods import METHODS, REQUIRED, BasePolicy, MethodSpec, ParamSpec, Scope
 from mergetune.merge_ops.parameters import (
     check_value,
     coercer,
@@ -149,6 +149,34 @@ def validate_recipe(recipe: Recipe) -> MethodSpec:
         raise MergetuneError(
             f"unknown merge_method '{recipe.merge_method}'; supported: {', '.join(sorted(METHODS))}"
         )
+    for where, name, spec, value, number in _values(recipe, method):
+        if spec.refuse_below is not None and isinstance(number, (int, float)) and number < spec.refuse_below:
+            raise MergetuneError(
+                f"{where}.{name}: {value!r} is below {spec.refuse_below}: {method.name} cannot merge it "
+                f"(mergekit 0.1.5 fails on it too); its range is {spec.range_text()}"
+            )
+    for dtype_field in ("dtype", "out_dtype"):
+        value = getattr(recipe, dtype_field)
+        if value is not None and value not in DTYPES:
+            raise MergetuneError(f"{dtype_field}: '{value}' is not one of {', '.join(DTYPES)}")
+    if recipe.tokenizer_source == "union":
+        raise MergetuneError("tokenizer_source: 'union' is not supported; use 'base' or a model path")
+    return method
+
+
+def range_warnings(recipe: Recipe, method: MethodSpec) -> list[str]:
+    """Values outside a parameter's range that mergekit 0.1.5 merges all the same (a SLERP `t` of 1.3
+    extrapolates, a TIES `density` of 0 keeps nothing): merged as it merges them, and said."""
+    return [
+        f"{where}.{name}: {value!r} is outside {spec.range_text()}; merged as mergekit 0.1.5 merges it"
+        for where, name, spec, value, number in _values(recipe, method)
+        if spec.low is not None and isinstance(number, (int, float)) and spec.out_of_range(number)
+    ]
+
+
+def _values(recipe: Recipe, method: MethodSpec) -> Iterator[tuple[str, str, ParamSpec, Any, Any]]:
+    """Every parameter value of the recipe, checked for name, type and finiteness:
+    (where, parameter, its spec, the value as written, the value the merge uses)."""
     for where, parameters in _parameter_scopes(recipe):
         for name, setting in (parameters or {}).items():
             spec = method.param(name)
@@ -162,16 +190,7 @@ def validate_recipe(recipe: Recipe) -> MethodSpec:
                 problem = check_value(coerce, value)
                 if problem:
                     raise MergetuneError(f"{where}.{name}: {value!r} is not valid: {problem}")
-                number = coerce(value)  # range-check what the merge will use: a quoted "1.5" is 1.5
-                if spec.low is not None and isinstance(number, (int, float)) and spec.out_of_range(number):
-                    raise MergetuneError(f"{where}.{name}: {value!r} is outside {spec.range_text()}")
-    for dtype_field in ("dtype", "out_dtype"):
-        value = getattr(recipe, dtype_field)
-        if value is not None and value not in DTYPES:
-            raise MergetuneError(f"{dtype_field}: '{value}' is not one of {', '.join(DTYPES)}")
-    if recipe.tokenizer_source == "union":
-        raise MergetuneError("tokenizer_source: 'union' is not supported; use 'base' or a model path")
-    return method
+                yield where, name, spec, value, coerce(value)  # what the merge uses: a quoted "1.5" is 1.5
 
 
 def _parameter_scopes(recipe: Recipe):
@@ -334,7 +353,7 @@ class Planner:
             ops.append(self._op(name, [(s, name) for s in post.sources], post_base, post, 0.0, vocab))
         config = self._output_config(donor, out_layer, vocab)
         plan = MergePlan(self.recipe, self.method, ops, config, donor)
-        plan.warnings.extend(plan_warnings + self._unmatched_filters(ops))
+        plan.warnings.extend(plan_warnings + range_warnings(self.recipe, self.method) + self._unmatched_filters(ops))
         for warning in plan.warnings:
             log.info(warning)
         return plan

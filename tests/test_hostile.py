@@ -515,9 +515,9 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         "name: Value error, a stage name must be a plain name, not a path: '../victim'",
     ),
     (
-        "quoted number out of range",
-        lambda i: run("merge", i.recipe(parameters={"t": "1.5"}), str(i.tmp / "out")),
-        "parameters.t: '1.5' is outside [0.0, 1.0]",
+        "quoted number mergekit cannot merge",
+        lambda i: run("merge", i.recipe(merge_method="dare_ties", parameters={"weight": 1, "density": "-0.5"}), str(i.tmp / "out")),
+        "parameters.density: '-0.5' is below 0.0: dare_ties cannot merge it",
     ),
     ("shard size inf", lambda i: run("merge", i.recipe(), str(i.tmp / "out"), "--shard-size", "inf"), "--shard-size: must be a finite"),
     (

@@ -336,6 +336,79 @@ def test_recipe_matches_mergekit(name, family, request, tmp_path):
     assert_same_tensors(ours, theirs)
 
 
+OUT_OF_RANGE = {  # values outside a parameter's range that mergekit 0.1.5 merges into finite tensors
+    "slerp t extrapolated": {
+        "merge_method": "slerp",
+        "base_model": "base",
+        "models": [{"model": "base"}, {"model": "model_a"}],
+        "parameters": {"t": [-0.2, 1.3]},
+    },
+    "ties density 0 and 1.5": {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.5, "density": 0}},
+            {"model": "model_b", "parameters": {"weight": 0.5, "density": 1.5}},
+        ],
+    },
+    "dare_ties density 0 and 1.5": {
+        "merge_method": "dare_ties",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.5, "density": 0}},
+            {"model": "model_b", "parameters": {"weight": 0.5, "density": 1.5}},
+        ],
+    },
+    "breadcrumbs gamma 1.5": {
+        "merge_method": "breadcrumbs",
+        "base_model": "base",
+        "models": [
+            {"model": "model_a", "parameters": {"weight": 0.5, "density": 0.5, "gamma": 1.5}},
+            {"model": "model_b", "parameters": {"weight": 0.5, "density": 0.5, "gamma": -0.1}},
+        ],
+    },
+    "sce select_topk 1.5": {
+        "merge_method": "sce",
+        "base_model": "base",
+        "models": [{"model": "base"}, {"model": "model_a"}, {"model": "model_b"}],
+        "parameters": {"select_topk": 1.5},
+    },
+    "ramplus_tl r and alpha outside [0, 1]": {
+        "merge_method": "ramplus_tl",
+        "base_model": "base",
+        "models": [{"model": "base"}, {"model": "model_a"}, {"model": "model_b"}],
+        "parameters": {"r": 1.5, "alpha": -0.1},
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(OUT_OF_RANGE))
+def test_values_outside_a_parameter_s_range_merge_as_in_mergekit_with_a_warning(name, family_f32, tmp_path):
+    recipe = with_paths(OUT_OF_RANGE[name], family_f32)
+    theirs = load_state(run_mergekit(recipe, tmp_path / "mergekit"))
+    result = merge_recipe_file(parse_recipes(yaml.safe_dump(recipe)), tmp_path / "mergetune", seed=0)
+    assert_same_tensors(load_state(tmp_path / "mergetune"), theirs)
+    assert any("is outside" in warning and "merged as mergekit 0.1.5 merges it" in warning for warning in result.warnings)
+
+
+def test_a_negative_dare_density_is_refused_where_mergekit_fails(family_f32, tmp_path):
+    from mergetune.errors import MergetuneError
+
+    recipe = with_paths(
+        {
+            "merge_method": "dare_ties",
+            "base_model": "base",
+            "models": [{"model": "model_a", "parameters": {"weight": 1.0, "density": -0.1}}],
+        },
+        family_f32,
+    )
+    with pytest.raises(RuntimeError, match="p_in >= 0"):
+        run_mergekit(recipe, tmp_path / "mergekit")
+    with pytest.raises(MergetuneError, match=r"density: -0.1 is below 0.0: dare_ties cannot merge it"):
+        run_mergetune(yaml.safe_dump(recipe), tmp_path / "mergetune")
+    assert not (tmp_path / "mergetune").exists()
+
+
 def test_stack_layer_layout_and_config(family_f32, tmp_path):
     """A passthrough stack of 3 + 3 layers has 6 layers, renumbered, and says so in config.json."""
     recipe = with_paths(RECIPES["passthrough_stack"], family_f32)
