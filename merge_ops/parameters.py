@@ -105,6 +105,26 @@ def filters_of(setting: ParameterSetting) -> list[str]:
     return []
 
 
+def shadowed_filters(setting: ParameterSetting) -> list[tuple[str, str]]:
+    """Entries of a filter list that never apply, each described with the earlier entry that matches every
+    tensor they would (the first match wins, here as in mergekit): a repeated filter, `self_attn.q_proj`
+    after `self_attn`, anything after an entry without a filter."""
+    if not isinstance(setting, list):
+        return []
+    conditions = [item for item in setting if isinstance(item, ConditionalParameter)]
+    patterns = ["" if item.filter in (None, "*") else item.filter for item in conditions]  # "": every name
+    found = []
+    for index, pattern in enumerate(patterns):
+        earlier = next((other for other in patterns[:index] if other in pattern), None)
+        if earlier is not None:
+            found.append((_entry(pattern), _entry(earlier)))
+    return found
+
+
+def _entry(pattern: str) -> str:
+    return f"filter '{pattern}'" if pattern else "entry without a filter"
+
+
 def check_value(coerce: Coerce, value: Any) -> Optional[str]:
     """None if `value` has the parameter's type and is finite, else the reason.
 

@@ -33,6 +33,7 @@ from mergetune.merge_ops.parameters import (
     filters_of,
     numeric_leaves,
     resolve,
+    shadowed_filters,
 )
 from mergetune.merge_ops.recipe import InputSlice, OutputSlice, Parameters, Recipe
 from mergetune.merge_ops.sources import TensorSource
@@ -353,7 +354,7 @@ class Planner:
             ops.append(self._op(name, [(s, name) for s in post.sources], post_base, post, 0.0, vocab))
         config = self._output_config(donor, out_layer, vocab)
         plan = MergePlan(self.recipe, self.method, ops, config, donor)
-        plan.warnings.extend(plan_warnings + range_warnings(self.recipe, self.method) + self._unmatched_filters(ops))
+        plan.warnings.extend(plan_warnings + range_warnings(self.recipe, self.method) + self._filter_warnings(ops))
         for warning in plan.warnings:
             log.info(warning)
         return plan
@@ -457,7 +458,8 @@ class Planner:
             )
         return value
 
-    def _unmatched_filters(self, ops: list[TensorOp]) -> list[str]:
+    def _filter_warnings(self, ops: list[TensorOp]) -> list[str]:
+        """Filters that match no tensor, and filter-list entries an earlier entry hides."""
         names = [op.output for op in ops] + [item.name for op in ops for item in op.inputs]
         warnings = []
         for where, parameters in _parameter_scopes(self.recipe):
@@ -465,6 +467,8 @@ class Planner:
                 for text in filters_of(setting):
                     if not any(text in tensor for tensor in names):
                         warnings.append(f"{where}.{name}: filter '{text}' matches no tensor")
+                for entry, earlier in shadowed_filters(setting):
+                    warnings.append(f"{where}.{name}: the {entry} never applies: the earlier {earlier} matches first")
         return warnings
 
     def _output_config(self, donor: str, num_layers: int, vocab: Optional["VocabAlignment"]) -> dict[str, Any]:

@@ -187,6 +187,20 @@ def test_filter_that_matches_nothing_warns_but_merges(family_f32, tmp_path):
     assert "filter 'attention_sink' matches no tensor" in result.output
 
 
+def test_filter_entries_an_earlier_entry_hides_warn_but_merge(family_f32, tmp_path):
+    t = [
+        {"filter": "self_attn", "value": 0.1},
+        {"filter": "self_attn.q_proj", "value": 0.9},  # every such tensor matches self_attn first
+        {"value": 0.5},
+        {"filter": "mlp", "value": 0.3},  # the entry without a filter matches everything first
+    ]
+    result = runner.invoke(app, ["merge", str(write_recipe(tmp_path, slerp(family_f32, parameters={"t": t}))), str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "parameters.t: the filter 'self_attn.q_proj' never applies: the earlier filter 'self_attn' matches first" in result.output
+    assert "parameters.t: the filter 'mlp' never applies: the earlier entry without a filter matches first" in result.output
+    assert "'self_attn' never applies" not in result.output
+
+
 def test_existing_output_is_refused_unless_overwrite(family_f32, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
