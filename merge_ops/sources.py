@@ -8,6 +8,7 @@ earlier stage of a multi-stage recipe, or weights already resident on a GPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap: a longer "header" is damage
+FINGERPRINT_SAMPLE_BYTES = 64  # read at a tensor's start and middle for `CheckpointSource.fingerprint`
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -182,6 +184,35 @@ class CheckpointSource:
         if name in self._pickled:
             return self._pickled[name].dtype
         return self._stored[name].dtype
+
+    def fingerprint(self) -> str:
+        """A digest of every tensor's name, shape, dtype and a few bytes at its start and middle.
+
+        Equal for the same checkpoint however it is sharded, different for another fine-tune of the
+        same shape (its weights differ everywhere), and read in milliseconds even for a 70B, where a
+        hash of every byte would read the whole model once more.
+        """
+        digest = hashlib.sha256()
+        for name in sorted(self.names()):
+            digest.update(f"{name}|{list(self.shape(name))}|{self.dtype(name)}|".encode())
+            digest.update(self._samples(name))
+        return digest.hexdigest()[:16]
+
+    def _samples(self, name: str) -> bytes:
+        if name in self._pickled:
+            raw = self._pickled[name].reshape(-1).view(torch.uint8)
+            middle = raw.numel() // 2
+            return bytes(raw[:FINGERPRINT_SAMPLE_BYTES].tolist()) + bytes(raw[middle : middle + FINGERPRINT_SAMPLE_BYTES].tolist())
+        stored = self._stored[name]
+        size = stored.end - stored.start
+        descriptor = self._descriptor(stored.shard)
+        try:
+            return b"".join(
+                os.pread(descriptor, min(FINGERPRINT_SAMPLE_BYTES, size - offset), stored.start + offset)
+                for offset in (0, size // 2)
+            )
+        except OSError as error:
+            raise MergetuneError(f"model {self.label}: cannot read tensor {name} from {stored.shard}: {error}") from None
 
     def get(self, name: str, device: str = "cpu") -> torch.Tensor:
         if name in self._pickled:

@@ -104,7 +104,9 @@ class StudyRunner:
         """The method's Optuna study, opened once per runner: whoever opens it again is another worker to
         Optuna's storage, and samples with a seed of its own instead of the study's (`search.setup`)."""
         if method not in self._studies:
-            self._studies[method] = open_optuna_study(self.workspace.study, method, self.storage)
+            self._studies[method] = open_optuna_study(
+                self.workspace.study, method, self.storage, self.workspace.fingerprints
+            )
         return self._studies[method]
 
     def run_method(

@@ -28,8 +28,11 @@ from mergetune.search.workers import Worker
 DEFINITION_WAIT_SECONDS = 10.0  # how long a worker waits for the study's creator to store the definition
 
 
-def open_optuna_study(study: Study, method: str, storage: Optional[BaseStorage] = None) -> optuna.Study:
-    """The method's Optuna study, created or continued; refuses one made from a different study file."""
+def open_optuna_study(
+    study: Study, method: str, storage: Optional[BaseStorage] = None, fingerprints: Optional[dict[str, str]] = None
+) -> optuna.Study:
+    """The method's Optuna study, created or continued; refuses one made from a different study file, or
+    (given this worker's model `fingerprints`) from other checkpoints under the same model names."""
     spec = study.spec
     storage = storage or open_storage(study)
     name = trials.optuna_study_name(spec, method)
@@ -45,20 +48,43 @@ def open_optuna_study(study: Study, method: str, storage: Optional[BaseStorage] 
             sampler = make_sampler(spec.sampler, Worker.this().seed(spec.seed))
             optuna_study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
             check_definition(optuna_study, spec)
+            if fingerprints is not None:
+                check_models(optuna_study, fingerprints)
         else:
             trials.set_definition(optuna_study, spec)
+            if fingerprints is not None:
+                trials.set_model_fingerprints(optuna_study, fingerprints)
             if spec.baselines:
                 optuna_study.enqueue_trial(SEARCHABLE.get(method).baseline(spec), user_attrs=trials.baseline_attrs(method))
     return optuna_study
 
 
-def check_stored_definitions(study: Study, storage: BaseStorage) -> None:
-    """Refuse a study file whose methods' stored studies were made from a different one, before any model
-    loads: on a 70B that refusal would otherwise come minutes later. Studies not created yet pass."""
+def check_stored_definitions(study: Study, storage: BaseStorage, fingerprints: dict[str, str]) -> None:
+    """Refuse a study file whose methods' stored studies were made from a different one, or from other
+    checkpoints, before any model loads: on a 70B that refusal would otherwise come minutes later.
+    Studies not created yet pass."""
     for method in study.spec.methods:
         optuna_study = trials.load_optuna_study(study, method, storage)
         if optuna_study is not None and trials.stored_definition_hash(optuna_study.user_attrs) is not None:
             refuse_other_definition(optuna_study, study.spec)
+            check_models(optuna_study, fingerprints)
+
+
+def check_models(optuna_study: optuna.Study, fingerprints: dict[str, str]) -> None:
+    """Refuse a worker whose checkpoint under one of the study's model names holds other weights than the
+    study was started with (a re-trained fine-tune, another host's copy): its trials would mix two merges
+    under one name. A study stored before fingerprints were takes this worker's."""
+    stored = trials.stored_model_fingerprints(optuna_study)
+    if stored is None:
+        trials.set_model_fingerprints(optuna_study, fingerprints)
+        return
+    for model, fingerprint in fingerprints.items():
+        if stored.get(model, fingerprint) != fingerprint:
+            raise MergetuneError(
+                f"model {model}: its weights here (fingerprint {fingerprint}) are not those study "
+                f"'{optuna_study.study_name}' was started with (fingerprint {stored[model]}); every worker and every "
+                "run must merge the same checkpoints: restore that one, or use another study name or storage"
+            )
 
 
 def check_definition(optuna_study: optuna.Study, spec: StudySpec) -> None:

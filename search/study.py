@@ -17,7 +17,7 @@ from mergetune.search.runner import StudyRunner
 from mergetune.search.setup import check_stored_definitions
 from mergetune.search.storage import open_existing_storage, open_storage
 from mergetune.search.study_file import Study
-from mergetune.search.workspace import Workspace
+from mergetune.search.workspace import Workspace, model_fingerprints, open_models
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,14 @@ def run_study(
     if n_trials is None and timeout is None:  # the first method would never end, and no other would start
         raise MergetuneError(f"{study.path}: budget: give n_trials or timeout (or --n-trials / --timeout)")
     say(f"study {spec.name}: methods {', '.join(spec.methods)}; storage {study.storage_display}")
-    # Before loading models: a storage that doesn't answer, or holds a study made from another
-    # file, fails fast; a storage file that doesn't exist yet is created only once they have loaded.
+    # Before loading models: a storage that doesn't answer, or holds a study made from another file
+    # or other checkpoints, fails fast; a storage file that doesn't exist yet is created only once
+    # they have loaded.
     storage = open_existing_storage(study)
+    sources = open_models(study)  # headers only
     if storage is not None:
-        check_stored_definitions(study, storage)
-    workspace = Workspace.open(study, say=say)
+        check_stored_definitions(study, storage, model_fingerprints(study, sources))
+    workspace = Workspace.open(study, say=say, sources=sources)
     storage = storage or open_storage(study)
     runner = StudyRunner(workspace, storage, max_failures)
     for method in spec.methods:

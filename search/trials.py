@@ -63,6 +63,10 @@ key                      written by, when                            read by
 ``definition``           setup, by the worker that created the       setup (to say what differs)
                          study: what the trials mean
 ``definition_hash``      setup, with ``definition``                  setup (refuse another study file), demo
+``model_fingerprints``   setup, with ``definition`` (or by the       setup (refuse a worker whose checkpoint
+                         first worker to run an older study): each   under a model's name has other weights)
+                         model as the study file names it, to
+                         `CheckpointSource.fingerprint`
 ``final.<number>``       finalists, once per trial (whichever        leaderboard (held-out score), export,
                          worker gets there): held-out evidence       benchmarks
 =======================  ==========================================  =========================================
@@ -99,6 +103,7 @@ RETRIED = (BASELINE,)  # what a dead worker's trial passes on to its retry; the 
 
 DEFINITION = "definition"
 DEFINITION_HASH = "definition_hash"
+MODEL_FINGERPRINTS = "model_fingerprints"
 FINAL_PREFIX = "final."
 
 FAIL_REASON_CHARS = 2000
@@ -143,6 +148,15 @@ def stored_definition_hash(attrs: dict[str, Any]) -> Optional[str]:
 
 def stored_definition(optuna_study: optuna.Study) -> dict[str, Any]:
     return optuna_study.user_attrs.get(DEFINITION, {})
+
+
+def set_model_fingerprints(optuna_study: optuna.Study, fingerprints: dict[str, str]) -> None:
+    optuna_study.set_user_attr(MODEL_FINGERPRINTS, fingerprints)
+
+
+def stored_model_fingerprints(optuna_study: optuna.Study) -> Optional[dict[str, str]]:
+    """Each model's fingerprint when the study was started; None for a study stored before they were."""
+    return optuna_study.user_attrs.get(MODEL_FINGERPRINTS)
 
 
 # --- written by the worker that runs the trial ------------------------------------------------------

@@ -29,7 +29,7 @@ from mergetune.merge_ops.inmemory import InMemoryBuilder
 from mergetune.merge_ops.methods import METHODS
 from mergetune.merge_ops.plan import DTYPES, MergePlan
 from mergetune.merge_ops.recipe import Recipe, recipe_from_dict
-from mergetune.merge_ops.sources import TensorSource, open_source
+from mergetune.merge_ops.sources import CheckpointSource, TensorSource, open_source
 from mergetune.merge_ops.stages import plan_stage
 from mergetune.search.documents import Documents, choose_documents, final_only_tasks
 from mergetune.search.memory import cache_fits, plan_engine, plan_live
@@ -55,16 +55,19 @@ class Workspace:
     builder: CandidateBuilder
     evaluator: Evaluator
     documents: Documents
+    fingerprints: Optional[dict[str, str]] = None  # each model as the study file names it (`model_fingerprints`)
 
     @classmethod
-    def open(cls, study: Study, say: Callable[[str], None] = log.info) -> "Workspace":
+    def open(
+        cls, study: Study, say: Callable[[str], None] = log.info, sources: Optional[dict[str, CheckpointSource]] = None
+    ) -> "Workspace":
+        """Load what the study's trials share; `sources` are the study's models already opened (`open_models`)."""
         spec = study.spec
         check_device(spec.device)
         for method in spec.methods:
             SEARCHABLE.get(method).check(spec)
-        listed = [*spec.models, *([spec.base_model] if spec.base_model else [])]
-        references = list(dict.fromkeys(study.resolve(m) for m in listed))
-        sources = {reference: open_source(reference) for reference in references}
+        sources = sources or open_models(study)
+        references = list(sources)
         # The scored model takes its shape from the first method's hand-written recipe.
         first = SEARCHABLE.get(spec.methods[0])
         first_recipe = recipe_from_dict(first.recipe(first.baseline(spec), spec, study.resolve))
@@ -111,7 +114,24 @@ class Workspace:
                 shared_prefix=spec.evaluation.shared_prefix,
             )
             builder = live
-        return cls(study, builder, evaluator, choose_documents(evaluator, spec))
+        return cls(study, builder, evaluator, choose_documents(evaluator, spec), model_fingerprints(study, sources))
+
+
+def listed_models(study: Study) -> list[str]:
+    """The study's models as its file names them, base model last."""
+    spec = study.spec
+    return list(dict.fromkeys([*spec.models, *([spec.base_model] if spec.base_model else [])]))
+
+
+def open_models(study: Study) -> dict[str, CheckpointSource]:
+    """The study's models by resolved reference, opened: headers read and checked, no weights loaded."""
+    references = dict.fromkeys(study.resolve(model) for model in listed_models(study))
+    return {reference: open_source(reference) for reference in references}
+
+
+def model_fingerprints(study: Study, sources: Mapping[str, CheckpointSource]) -> dict[str, str]:
+    """Each model's `CheckpointSource.fingerprint`, by the name the study file gives it (as its definition does)."""
+    return {model: sources[study.resolve(model)].fingerprint() for model in listed_models(study)}
 
 
 SLOW_DTYPE = 2.0  # a dtype this many times slower than float32 is worth a warning

@@ -396,6 +396,50 @@ def test_a_different_study_definition_under_the_same_name_is_refused(finished_st
     assert "model(s)" not in result.output  # refused before any model loads
 
 
+def test_a_worker_whose_checkpoint_under_a_model_s_name_holds_other_weights_is_refused(family_f32, task_dir, tmp_path):
+    models = {name: shutil.copytree(family_f32[name], tmp_path / "models" / name) for name in ("base", "model_a", "model_b")}
+    path = write_study(tmp_path, models, task_dir, methods=["slerp"], budget={"n_trials": 1})
+    assert runner.invoke(app, ["study", "run", str(path), "--quiet"]).exit_code == 0
+    study = load_study(path)
+    stored = optuna.load_study(study_name="tiny.slerp", storage=study.storage_url).user_attrs["model_fingerprints"]
+    assert sorted(stored) == sorted(map(str, models.values()))
+
+    shutil.rmtree(models["model_a"])  # model_a re-trained: the same shapes, other weights
+    shutil.copytree(family_f32["model_c"], models["model_a"])
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet", "--n-trials", "2"])
+    assert result.exit_code == 2
+    assert f"model {models['model_a']}: its weights here (fingerprint " in result.output
+    assert f"are not those study 'tiny.slerp' was started with (fingerprint {stored[str(models['model_a'])]})" in result.output
+    assert "model(s)" not in result.output  # refused before any model loads
+    assert counted(trials(path, "slerp")) == 1
+
+    shutil.rmtree(models["model_a"])
+    shutil.copytree(family_f32["model_a"], models["model_a"], dirs_exist_ok=True)
+    with contextlib.closing(sqlite3.connect(tmp_path / "tiny.db")) as db, db:  # as an older mergetune stored it
+        db.execute("DELETE FROM study_user_attributes WHERE key = 'model_fingerprints'")
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet", "--n-trials", "2"])
+    assert result.exit_code == 0, result.output
+    assert optuna.load_study(study_name="tiny.slerp", storage=study.storage_url).user_attrs["model_fingerprints"] == stored
+
+
+def test_a_checkpoint_s_fingerprint_follows_its_weights_not_its_sharding(family_f32, tmp_path):
+    from mergetune.merge_ops.sources import open_source
+    from safetensors.torch import save_file
+
+    state = load_state(family_f32["model_a"])
+    whole = shutil.copytree(family_f32["model_a"], tmp_path / "whole", ignore=shutil.ignore_patterns("*.safetensors*"))
+    save_file(state, str(whole / "model.safetensors"))
+    fingerprint = open_source(str(family_f32["model_a"])).fingerprint()
+    assert len(list(family_f32["model_a"].glob("*.safetensors"))) > 1  # sharded there, one file here
+    assert open_source(str(whole)).fingerprint() == fingerprint
+    name = "model.layers.1.mlp.up_proj.weight"
+    state[name] = state[name].clone()
+    state[name].view(-1)[state[name].numel() // 2] += 1e-3  # one weight, at a place the fingerprint reads
+    save_file(state, str(whole / "model.safetensors"))
+    assert open_source(str(whole)).fingerprint() != fingerprint
+    assert open_source(str(family_f32["model_b"])).fingerprint() != fingerprint
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
