@@ -1,7 +1,8 @@
 """Exporting a trial: its mergekit recipe, the merged model, and a model card with its scores.
 
-Choosing the trial and writing its card read only the storage; the merge engine
-(and torch with it) loads only when the model is written.
+Choosing the trial and writing its card read only the storage; the models (and
+torch with them) are read once the trial is chosen: first to check that they hold
+the weights the study scored, then to merge.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from optuna.storages import BaseStorage
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.card import escape_markdown
 from mergetune.merge_ops.recipe import parse_recipes
+from mergetune.search import trials
 from mergetune.search.leaderboard import Leaderboard, Row, build_leaderboard, comparison_lines
 from mergetune.search.storage import local_file
 from mergetune.search.study_file import Study
@@ -123,6 +125,24 @@ def score_table(board: Leaderboard, row: Row) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_scored_weights(study: Study, row: Row, storage: Optional[BaseStorage]) -> None:
+    """Refuse to re-merge a trial from checkpoints whose weights are not those the study scored: the model
+    would not be the scored candidate, and its card would carry another model's scores."""
+    from mergetune.merge_ops.sources import open_source
+
+    stored = trials.stored_model_fingerprints(trials.load_optuna_study(study, row.method, storage))
+    if stored is None:  # a study stored before fingerprints were
+        return
+    current = {model: open_source(study.resolve(model)).fingerprint() for model in stored}
+    trials.refuse_changed_models(
+        stored,
+        current,
+        "the study scored",
+        f"the export would not be the candidate it scored. Restore that checkpoint, or merge trial {row.trial}'s "
+        "recipe (`mergetune leaderboard --json`: rows[].recipe) knowingly with `mergetune merge`",
+    )
+
+
 def protected_files(study: Study) -> dict[str, Path]:
     """What a command's output (an export, besides its input models; a leaderboard file) must never overwrite:
     the study file, its storage and the task folders it scores from."""
@@ -157,6 +177,7 @@ def export_trial(
 
     board = build_leaderboard(study, storage)
     row = pick_row(board, method, trial)
+    check_scored_weights(study, row, storage)
     recipe_file = parse_recipes(row.recipe, source=f"{study.spec.name} trial {row.trial}")
     randomized = any(validate_recipe(stage).randomized for stage in recipe_file.stages)
     device, note = export_device(row.device, device, torch.cuda.is_available(), randomized)

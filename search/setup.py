@@ -78,13 +78,12 @@ def check_models(optuna_study: optuna.Study, fingerprints: dict[str, str]) -> No
     if stored is None:
         trials.set_model_fingerprints(optuna_study, fingerprints)
         return
-    for model, fingerprint in fingerprints.items():
-        if stored.get(model, fingerprint) != fingerprint:
-            raise MergetuneError(
-                f"model {model}: its weights here (fingerprint {fingerprint}) are not those study "
-                f"'{optuna_study.study_name}' was started with (fingerprint {stored[model]}); every worker and every "
-                "run must merge the same checkpoints: restore that one, or use another study name or storage"
-            )
+    trials.refuse_changed_models(
+        stored,
+        fingerprints,
+        f"study '{optuna_study.study_name}' was started with",
+        "every worker and every run must merge the same checkpoints: restore that one, or use another study name or storage",
+    )
 
 
 def check_definition(optuna_study: optuna.Study, spec: StudySpec) -> None:

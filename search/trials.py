@@ -64,9 +64,9 @@ key                      written by, when                            read by
                          study: what the trials mean
 ``definition_hash``      setup, with ``definition``                  setup (refuse another study file), demo
 ``model_fingerprints``   setup, with ``definition`` (or by the       setup (refuse a worker whose checkpoint
-                         first worker to run an older study): each   under a model's name has other weights)
-                         model as the study file names it, to
-                         `CheckpointSource.fingerprint`
+                         first worker to run an older study): each   under a model's name has other weights),
+                         model as the study file names it, to        export (refuse to re-merge other weights
+                         `CheckpointSource.fingerprint`              than the study scored)
 ``final.<number>``       finalists, once per trial (whichever        leaderboard (held-out score), export,
                          worker gets there): held-out evidence       benchmarks
 =======================  ==========================================  =========================================
@@ -157,6 +157,16 @@ def set_model_fingerprints(optuna_study: optuna.Study, fingerprints: dict[str, s
 def stored_model_fingerprints(optuna_study: optuna.Study) -> Optional[dict[str, str]]:
     """Each model's fingerprint when the study was started; None for a study stored before they were."""
     return optuna_study.user_attrs.get(MODEL_FINGERPRINTS)
+
+
+def refuse_changed_models(stored: dict[str, str], current: dict[str, str], since: str, remedy: str) -> None:
+    """One message naming the first model whose weights here are not those `since` says, with both fingerprints."""
+    for model, fingerprint in current.items():
+        if stored.get(model, fingerprint) != fingerprint:
+            raise MergetuneError(
+                f"model {model}: its weights here (fingerprint {fingerprint}) are not those {since} "
+                f"(fingerprint {stored[model]}); {remedy}"
+            )
 
 
 # --- written by the worker that runs the trial ------------------------------------------------------

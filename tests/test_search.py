@@ -412,6 +412,10 @@ def test_a_worker_whose_checkpoint_under_a_model_s_name_holds_other_weights_is_r
     assert f"are not those study 'tiny.slerp' was started with (fingerprint {stored[str(models['model_a'])]})" in result.output
     assert "model(s)" not in result.output  # refused before any model loads
     assert counted(trials(path, "slerp")) == 1
+    exported = runner.invoke(app, ["export", str(path), str(tmp_path / "out")])
+    assert exported.exit_code == 2
+    assert f"model {models['model_a']}: its weights here (fingerprint " in exported.output
+    assert "are not those the study scored" in exported.output and not (tmp_path / "out").exists()
 
     shutil.rmtree(models["model_a"])
     shutil.copytree(family_f32["model_a"], models["model_a"], dirs_exist_ok=True)
