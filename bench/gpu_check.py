@@ -31,10 +31,10 @@ from mergetune.eval import EvalConfig, Evaluator
 from mergetune.merge_ops.disk import merge_recipe_file
 from mergetune.merge_ops.inmemory import InMemoryBuilder
 from mergetune.merge_ops.recipe import parse_recipes
-from mergetune.merge_ops.sources import open_source
+from mergetune.merge_ops.sources import open_source, resident_bytes
 from mergetune.search.memory import plan_live
 from mergetune.devices import device_memory
-from mergetune.search.workspace import checkpoint_bytes, plan_bytes
+from mergetune.search.workspace import plan_bytes
 
 MISTRAL = TinySpec(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
                    num_key_value_heads=8, max_position_embeddings=4096)
@@ -138,7 +138,7 @@ def check_memory_plan(models: dict[str, Path], device: str, rows: list) -> None:
     from mergetune.merge_ops.plan import plan_merge
 
     free, total = device_memory(device)
-    plan = plan_live(device, free, total, sum(map(checkpoint_bytes, sources.values())), plan_bytes(plan_merge(recipe, sources)))
+    plan = plan_live(device, free, total, sum(map(resident_bytes, sources.values())), plan_bytes(plan_merge(recipe, sources)))
     predicted = plan.sources + plan.model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

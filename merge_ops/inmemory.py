@@ -15,7 +15,7 @@ per entry at most), whose sort is most of such a candidate's cost.
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ from mergetune.merge_ops.execute import compute_rankings, compute_task_vectors, 
 from mergetune.merge_ops.methods import Reuse, Scratch, SlerpGeometry, slerp_coefficients, slerp_geometry, slerp_into
 from mergetune.merge_ops.plan import MergePlan, TensorOp
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
-from mergetune.merge_ops.sources import MemorySource, TensorSource
+from mergetune.merge_ops.sources import MemorySource, TensorSource, resident_bytes
 from mergetune.merge_ops.stages import final_stage, plan_stage
 from mergetune.merge_ops.vocab import tokenizer_directory, tokenizer_donor
 from mergetune.merge_ops.writer import all_finite, not_finite
@@ -95,9 +95,20 @@ class InMemoryBuilder:
         device: str = "cpu",
         dtype: Optional[torch.dtype] = None,
         cache_task_vectors: bool = False,
+        progress: Optional[Callable[[int, int], None]] = None,
     ) -> "InMemoryBuilder":
-        """Resident sources and a live model shaped like `recipe`'s output."""
-        resident = {name: MemorySource.resident(source, device) for name, source in sources.items()}
+        """Resident sources and a live model shaped like `recipe`'s output; `progress(bytes loaded, bytes in
+        all)` as the sources load (minutes for a 70B)."""
+        total = sum(resident_bytes(source) for source in sources.values())
+        done = 0
+
+        def loaded(count: int) -> None:
+            nonlocal done
+            done += count
+            if progress is not None:
+                progress(done, total)
+
+        resident = {name: MemorySource.resident(source, device, loaded) for name, source in sources.items()}
         config = plan_stage(recipe, resident).config
         return cls(resident, live_model(config, device, dtype), device, cache_task_vectors)
 

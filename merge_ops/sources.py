@@ -16,7 +16,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
 from mergetune.errors import MergetuneError
@@ -243,6 +243,11 @@ class CheckpointSource:
             os.close(descriptor)
 
 
+def resident_bytes(source: TensorSource) -> int:
+    """What a source takes once resident: every tensor in its stored dtype."""
+    return sum(math.prod(source.shape(name)) * source.dtype(name).itemsize for name in source.names())
+
+
 class MemorySource:
     """Tensors already in memory: an earlier stage's output, or sources kept resident for a search."""
 
@@ -259,9 +264,15 @@ class MemorySource:
         self.directory = directory
 
     @classmethod
-    def resident(cls, source: TensorSource, device: str = "cpu") -> "MemorySource":
-        """Load every tensor of `source` onto `device` once."""
-        tensors = {name: source.get(name, device) for name in source.names()}
+    def resident(
+        cls, source: TensorSource, device: str = "cpu", loaded: Optional[Callable[[int], None]] = None
+    ) -> "MemorySource":
+        """Load every tensor of `source` onto `device` once; `loaded(bytes)` after each (for progress)."""
+        tensors = {}
+        for name in source.names():
+            tensors[name] = source.get(name, device)
+            if loaded is not None:
+                loaded(tensors[name].numel() * tensors[name].element_size())
         return cls(source.label, tensors, source.config, source.directory)
 
     def names(self) -> list[str]:

@@ -125,6 +125,7 @@ class BarProgress:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.bars: dict = {}
+        self.load_bar = None
 
     def start(self, method: str, total: int) -> None:
         from tqdm import tqdm
@@ -141,6 +142,15 @@ class BarProgress:
 
     def finish(self, method: str) -> None:
         self.bars.pop(method).close()
+
+    def loading(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.load_bar is None:
+            self.load_bar = tqdm(total=total, desc="loading models", unit="B", unit_scale=True, file=sys.stderr, disable=self.quiet)
+        self.load_bar.update(done - self.load_bar.n)
+        if done >= total:
+            self.load_bar.close()
 
 
 def run_with_progress(

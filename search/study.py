@@ -34,6 +34,9 @@ class StudyProgress(Protocol):
     def finish(self, method: str) -> None:
         """`method`'s trials are over; its finalists are scored next."""
 
+    def loading(self, done: int, total: int) -> None:
+        """`done` of the source models' `total` bytes are loaded (a live backend: minutes for a 70B)."""
+
 
 class QuietProgress:
     def start(self, method: str, total: int) -> None:
@@ -43,6 +46,9 @@ class QuietProgress:
         pass
 
     def finish(self, method: str) -> None:
+        pass
+
+    def loading(self, done: int, total: int) -> None:
         pass
 
 
@@ -71,7 +77,7 @@ def run_study(
     sources = open_models(study)  # headers only
     if storage is not None:
         check_stored_definitions(study, storage, model_fingerprints(study, sources))
-    workspace = Workspace.open(study, say=say, sources=sources)
+    workspace = Workspace.open(study, say=say, sources=sources, loading=progress.loading)
     storage = storage or open_storage(study)
     runner = StudyRunner(workspace, storage, max_failures)
     for method in spec.methods:

@@ -29,7 +29,7 @@ from mergetune.merge_ops.inmemory import InMemoryBuilder
 from mergetune.merge_ops.methods import METHODS
 from mergetune.merge_ops.plan import DTYPES, MergePlan
 from mergetune.merge_ops.recipe import Recipe, recipe_from_dict
-from mergetune.merge_ops.sources import CheckpointSource, TensorSource, open_source
+from mergetune.merge_ops.sources import CheckpointSource, TensorSource, open_source, resident_bytes
 from mergetune.merge_ops.stages import plan_stage
 from mergetune.search.documents import Documents, choose_documents, final_only_tasks
 from mergetune.search.memory import cache_fits, plan_engine, plan_live
@@ -59,9 +59,14 @@ class Workspace:
 
     @classmethod
     def open(
-        cls, study: Study, say: Callable[[str], None] = log.info, sources: Optional[dict[str, CheckpointSource]] = None
+        cls,
+        study: Study,
+        say: Callable[[str], None] = log.info,
+        sources: Optional[dict[str, CheckpointSource]] = None,
+        loading: Optional[Callable[[int, int], None]] = None,
     ) -> "Workspace":
-        """Load what the study's trials share; `sources` are the study's models already opened (`open_models`)."""
+        """Load what the study's trials share; `sources` are the study's models already opened (`open_models`),
+        `loading(bytes loaded, bytes in all)` is called as a live backend loads them."""
         spec = study.spec
         check_device(spec.device)
         for method in spec.methods:
@@ -73,7 +78,7 @@ class Workspace:
         first_recipe = recipe_from_dict(first.recipe(first.baseline(spec), spec, study.resolve))
         config = eval_config(study)
         merged = plan_stage(first_recipe, sources)  # shapes only: nothing is loaded yet
-        sources_bytes = sum(checkpoint_bytes(source) for source in sources.values())
+        sources_bytes = sum(resident_bytes(source) for source in sources.values())
         if spec.backend in engine_backend_names():
             options = spec.engine.model_dump(exclude_none=True)
             if torch.cuda.is_available():  # the engine's first GPU, whatever this worker's `device` says
@@ -102,7 +107,8 @@ class Workspace:
                 log.info("task vectors (and rankings) %s between candidates (%.1f GB)", state, cache / 1e9)
             say(f"loading {len(references)} model(s) onto {spec.device}")
             live = InMemoryBuilder.for_recipe(
-                first_recipe, sources, device=spec.device, dtype=DTYPES[spec.dtype], cache_task_vectors=keep
+                first_recipe, sources, device=spec.device, dtype=DTYPES[spec.dtype], cache_task_vectors=keep,
+                progress=loading,
             )
             from transformers import AutoTokenizer
 
@@ -186,11 +192,6 @@ def task_vector_bytes(study: Study, merged: MergePlan) -> int:
     if any(method.ranking is not None for method in methods):
         cost += len(spec.models) * RANKING_BYTES * sum(math.prod(op.shape) for op in merged.ops)
     return cost
-
-
-def checkpoint_bytes(source: TensorSource) -> int:
-    """What a source takes once resident: every tensor in its stored dtype."""
-    return sum(math.prod(source.shape(name)) * source.dtype(name).itemsize for name in source.names())
 
 
 def plan_bytes(plan: MergePlan) -> int:

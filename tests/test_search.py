@@ -426,6 +426,26 @@ def test_a_worker_whose_checkpoint_under_a_model_s_name_holds_other_weights_is_r
     assert optuna.load_study(study_name="tiny.slerp", storage=study.storage_url).user_attrs["model_fingerprints"] == stored
 
 
+def test_a_study_reports_its_models_loading_byte_by_byte_until_all_are_resident(family_f32, task_dir, tmp_path):
+    from mergetune.merge_ops.sources import open_source, resident_bytes
+    from mergetune.search.study import QuietProgress, run_study
+
+    class Recorder(QuietProgress):
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, int]] = []
+
+        def loading(self, done: int, total: int) -> None:
+            self.calls.append((done, total))
+
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 1})
+    recorder = Recorder()
+    run_study(load_study(path), progress=recorder)
+    everything = sum(resident_bytes(open_source(str(family_f32[name]))) for name in ("base", "model_a", "model_b"))
+    done = [d for d, _ in recorder.calls]
+    assert {total for _, total in recorder.calls} == {everything}
+    assert done == sorted(done) and done[-1] == everything and len(done) > 3
+
+
 def test_a_checkpoint_s_fingerprint_follows_its_weights_not_its_sharding(family_f32, tmp_path):
     from mergetune.merge_ops.sources import open_source
     from safetensors.torch import save_file
