@@ -95,8 +95,9 @@ def search_score_note(row: Row, method: Optional[str], trial: Optional[int]) -> 
     )
 
 
-def score_table(board: Leaderboard, row: Row) -> str:
-    """The model card's benchmark section: held-out scores, search scores, and the comparisons."""
+def score_table(board: Leaderboard, row: Row, fingerprints: Optional[dict[str, str]] = None) -> str:
+    """The model card's benchmark section: held-out scores, search scores, the comparisons, and the input
+    models' fingerprints (`CheckpointSource.fingerprint`) the scores belong to."""
     shown = row.final or row.search
     label = "held-out" if row.final else "search"
     lines = [
@@ -122,17 +123,21 @@ def score_table(board: Leaderboard, row: Row) -> str:
     comparisons = comparison_lines(board)
     if comparisons:
         lines += [""] + [f"- {escape_markdown(line)}" for line in comparisons]
+    if fingerprints:
+        lines += ["", "The scores belong to these input weights (mergetune's fingerprint of each checkpoint):", ""]
+        lines += [f"- {escape_markdown(model)}: `{fingerprint}`" for model, fingerprint in fingerprints.items()]
     return "\n".join(lines) + "\n"
 
 
-def check_scored_weights(study: Study, row: Row, storage: Optional[BaseStorage]) -> None:
+def check_scored_weights(study: Study, row: Row, storage: Optional[BaseStorage]) -> dict[str, str]:
     """Refuse to re-merge a trial from checkpoints whose weights are not those the study scored: the model
-    would not be the scored candidate, and its card would carry another model's scores."""
+    would not be the scored candidate, and its card would carry another model's scores. Returns the
+    fingerprints checked (none for a study stored before fingerprints were)."""
     from mergetune.merge_ops.sources import open_source
 
     stored = trials.stored_model_fingerprints(trials.load_optuna_study(study, row.method, storage))
-    if stored is None:  # a study stored before fingerprints were
-        return
+    if stored is None:
+        return {}
     current = {model: open_source(study.resolve(model)).fingerprint() for model in stored}
     trials.refuse_changed_models(
         stored,
@@ -141,6 +146,7 @@ def check_scored_weights(study: Study, row: Row, storage: Optional[BaseStorage])
         f"the export would not be the candidate it scored. Restore that checkpoint, or merge trial {row.trial}'s "
         "recipe (`mergetune leaderboard --json`: rows[].recipe) knowingly with `mergetune merge`",
     )
+    return current
 
 
 def protected_files(study: Study) -> dict[str, Path]:
@@ -177,7 +183,7 @@ def export_trial(
 
     board = build_leaderboard(study, storage)
     row = pick_row(board, method, trial)
-    check_scored_weights(study, row, storage)
+    fingerprints = check_scored_weights(study, row, storage)
     recipe_file = parse_recipes(row.recipe, source=f"{study.spec.name} trial {row.trial}")
     randomized = any(validate_recipe(stage).randomized for stage in recipe_file.stages)
     device, note = export_device(row.device, device, torch.cuda.is_available(), randomized)
@@ -190,7 +196,7 @@ def export_trial(
         device=device,
         overwrite=overwrite,
         progress=progress,
-        card_extra=score_table(board, row),
+        card_extra=score_table(board, row, fingerprints),
         protected=protected_files(study),
     )
     return ExportResult(row, out_dir, note)

@@ -331,6 +331,9 @@ def test_exported_slerp_recipe_reproduces_in_mergekit_tensor_for_tensor(finished
     assert result.exit_code == 0, result.output
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "demo_arithmetic" in card
+    stored = optuna.load_study(study_name="tiny.slerp", storage=load_study(finished_study).storage_url)
+    for model, fingerprint in stored.user_attrs["model_fingerprints"].items():
+        assert f"- {model}: `{fingerprint}`" in card
     config = MergeConfiguration.model_validate(yaml.safe_load((out / "mergekit_config.yml").read_text()))
     run_merge(config, str(tmp_path / "mergekit"), MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
     ours, theirs = load_state(out), load_state(tmp_path / "mergekit")
