@@ -19,12 +19,15 @@ Sharing the study with other workers (admission, dead-worker reaping) is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import optuna
 import torch
@@ -84,6 +87,30 @@ def failure_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+@dataclass
+class HeldInterrupt:
+    received: bool = False
+
+
+@contextlib.contextmanager
+def held_interrupt() -> Iterator[HeldInterrupt]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and say so afterwards, instead of raising in the
+    middle of it. Only the main thread receives signals; elsewhere the block runs as it is."""
+    held = HeldInterrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+
+    def hold(signum: int, frame: object) -> None:
+        held.received = True
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield held
+    finally:  # None: a handler not set from Python, which Python cannot set back
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
 class StudyRunner:
     """Runs one method's trials to the study's budget, then its finalists, in one workspace."""
 
@@ -137,11 +164,14 @@ class StudyRunner:
 
         A Ctrl-C at any moment after `ask` created the trial fails it as interrupted (one that already
         ended keeps its end): left RUNNING without a worker, the next run would wait out the grace period for it.
+        One during `ask` itself, between creating the trial and returning it, is held until `ask` returns.
         """
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), held_interrupt() as interrupt:
             warnings.filterwarnings("ignore", message="Heartbeat of storage")  # we record heartbeats ourselves
             trial = optuna_study.ask()
         try:
+            if interrupt.received:
+                raise KeyboardInterrupt
             return self._run_asked(optuna_study, trial, method, target)
         except KeyboardInterrupt:
             self._finish(optuna_study, trial, TrialState.FAIL, reason="interrupted")

@@ -6,7 +6,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -714,6 +716,27 @@ def test_a_ctrl_c_as_a_trial_starts_fails_it_as_interrupted_and_the_next_run_goe
         (2, "interrupted")
     ]
     assert [t.user_attrs for t in after[:2]] == [t.user_attrs for t in before[:2]]
+
+
+def test_a_ctrl_c_inside_ask_is_held_until_the_trial_exists_and_then_fails_it_as_interrupted(
+    family_f32, task_dir, tmp_path, monkeypatch, caplog
+):
+    """SIGINT while Optuna's `ask` has created trial 2 but not yet returned it: raised there, it would leave the
+    trial RUNNING and unnamed, for the next run to wait out the grace period."""
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 4})
+    ask = optuna.Study.ask
+
+    def ask_with_ctrl_c_at_trial_2(self, *args, **kwargs):
+        trial = ask(self, *args, **kwargs)
+        if trial.number == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the signal is handled here, inside `ask`
+        return trial
+
+    before, after = interrupted_then_run_again(path, "optuna.Study.ask", ask_with_ctrl_c_at_trial_2, monkeypatch, caplog)
+    assert len(before) == 3 and before[2].state == TrialState.FAIL and before[2].user_attrs == {"fail_reason": "interrupted"}
+    assert counted(after) == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
 
 
 def test_a_ctrl_c_just_after_a_trial_was_stored_keeps_it_as_it_ended(family_f32, task_dir, tmp_path, monkeypatch, caplog):
