@@ -199,17 +199,16 @@ class CheckpointSource:
         return digest.hexdigest()[:16]
 
     def _samples(self, name: str) -> bytes:
+        """FINGERPRINT_SAMPLE_BYTES of the tensor's bytes at its start and at its middle."""
         if name in self._pickled:
             raw = self._pickled[name].reshape(-1).view(torch.uint8)
-            middle = raw.numel() // 2
-            return bytes(raw[:FINGERPRINT_SAMPLE_BYTES].tolist()) + bytes(raw[middle : middle + FINGERPRINT_SAMPLE_BYTES].tolist())
+            return b"".join(bytes(raw[at : at + FINGERPRINT_SAMPLE_BYTES].tolist()) for at in (0, raw.numel() // 2))
         stored = self._stored[name]
         size = stored.end - stored.start
         descriptor = self._descriptor(stored.shard)
         try:
             return b"".join(
-                os.pread(descriptor, min(FINGERPRINT_SAMPLE_BYTES, size - offset), stored.start + offset)
-                for offset in (0, size // 2)
+                os.pread(descriptor, min(FINGERPRINT_SAMPLE_BYTES, size - at), stored.start + at) for at in (0, size // 2)
             )
         except OSError as error:
             raise MergetuneError(f"model {self.label}: cannot read tensor {name} from {stored.shard}: {error}") from None

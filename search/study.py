@@ -17,7 +17,7 @@ from mergetune.search.runner import StudyRunner
 from mergetune.search.setup import check_stored_definitions
 from mergetune.search.storage import open_existing_storage, open_storage
 from mergetune.search.study_file import Study
-from mergetune.search.workspace import Workspace, model_fingerprints, open_models
+from mergetune.search.workspace import Workspace, open_models
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,10 @@ def run_study(
     # or other checkpoints, fails fast; a storage file that doesn't exist yet is created only once
     # they have loaded.
     storage = open_existing_storage(study)
-    sources = open_models(study)  # headers only
+    models = open_models(study)  # headers only
     if storage is not None:
-        check_stored_definitions(study, storage, model_fingerprints(study, sources))
-    workspace = Workspace.open(study, say=say, sources=sources, loading=progress.loading)
+        check_stored_definitions(study, storage, models.fingerprints)
+    workspace = Workspace.open(study, say=say, models=models, loading=progress.loading)
     storage = storage or open_storage(study)
     runner = StudyRunner(workspace, storage, max_failures)
     for method in spec.methods:

@@ -62,16 +62,17 @@ class Workspace:
         cls,
         study: Study,
         say: Callable[[str], None] = log.info,
-        sources: Optional[dict[str, CheckpointSource]] = None,
+        models: Optional["OpenedModels"] = None,
         loading: Optional[Callable[[int, int], None]] = None,
     ) -> "Workspace":
-        """Load what the study's trials share; `sources` are the study's models already opened (`open_models`),
+        """Load what the study's trials share; `models` are the study's models already opened (`open_models`),
         `loading(bytes loaded, bytes in all)` is called as a live backend loads them."""
         spec = study.spec
         check_device(spec.device)
         for method in spec.methods:
             SEARCHABLE.get(method).check(spec)
-        sources = sources or open_models(study)
+        models = models or open_models(study)
+        sources = models.sources
         references = list(sources)
         # The scored model takes its shape from the first method's hand-written recipe.
         first = SEARCHABLE.get(spec.methods[0])
@@ -120,24 +121,23 @@ class Workspace:
                 shared_prefix=spec.evaluation.shared_prefix,
             )
             builder = live
-        return cls(study, builder, evaluator, choose_documents(evaluator, spec), model_fingerprints(study, sources))
+        return cls(study, builder, evaluator, choose_documents(evaluator, spec), models.fingerprints)
 
 
-def listed_models(study: Study) -> list[str]:
-    """The study's models as its file names them, base model last."""
+@dataclass
+class OpenedModels:
+    """The study's models opened (headers read and checked, no weights loaded) and fingerprinted, once."""
+
+    sources: dict[str, CheckpointSource]  # by resolved reference
+    fingerprints: dict[str, str]  # `CheckpointSource.fingerprint` by the name the study file gives (as its definition)
+
+
+def open_models(study: Study) -> OpenedModels:
+    """The study's models (base model last), each opened once even if listed twice."""
     spec = study.spec
-    return list(dict.fromkeys([*spec.models, *([spec.base_model] if spec.base_model else [])]))
-
-
-def open_models(study: Study) -> dict[str, CheckpointSource]:
-    """The study's models by resolved reference, opened: headers read and checked, no weights loaded."""
-    references = dict.fromkeys(study.resolve(model) for model in listed_models(study))
-    return {reference: open_source(reference) for reference in references}
-
-
-def model_fingerprints(study: Study, sources: Mapping[str, CheckpointSource]) -> dict[str, str]:
-    """Each model's `CheckpointSource.fingerprint`, by the name the study file gives it (as its definition does)."""
-    return {model: sources[study.resolve(model)].fingerprint() for model in listed_models(study)}
+    listed = list(dict.fromkeys([*spec.models, *([spec.base_model] if spec.base_model else [])]))
+    sources = {reference: open_source(reference) for reference in dict.fromkeys(map(study.resolve, listed))}
+    return OpenedModels(sources, {model: sources[study.resolve(model)].fingerprint() for model in listed})
 
 
 SLOW_DTYPE = 2.0  # a dtype this many times slower than float32 is worth a warning
