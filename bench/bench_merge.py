@@ -327,7 +327,7 @@ def main() -> None:
         cache = f" (cache {memory['task_vector_cache_mb']:.0f})" if memory["task_vector_cache_mb"] else ""
         print(f"| {label} | {mergekit['seconds']:.1f} + {memory['reload_seconds']:.1f} | {builds} | {naive / steady:.1f}x | "
               f"{100 * floor / steady:.0f}% | {memory['peak_rss_mb']:.0f}{cache} |")
-    print(f"\nOne-time setup of the in-memory builder (sources resident + live model): "
+    print("\nOne-time setup of the in-memory builder (sources resident + live model): "
           + ", ".join(f"{label}: {memory['setup_seconds']:.1f}s" for label, _, memory in memory_rows))
 
 

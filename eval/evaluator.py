@@ -19,6 +19,7 @@ from typing import Any
 
 from lm_eval.api.task import Task
 
+from mergetune import interrupts
 from mergetune.errors import MergetuneError
 from mergetune.eval.backends import get_backend_class
 from mergetune.eval.backends.base import Backend
@@ -74,6 +75,7 @@ def load_tasks(config: EvalConfig) -> dict[str, LoadedTask]:
                     raise MergetuneError(f"task {leaf!r} is part of both {owner[leaf]!r} and {loaded.name!r}")
                 owner[leaf] = loaded.name
             tasks[loaded.name] = loaded
+        interrupts.check()
     return tasks
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
+from mergetune import interrupts
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.card import model_card
 from mergetune.merge_ops.execute import check_device, fetch_inputs, run_op
@@ -160,6 +161,7 @@ def merge_stage(
             upcoming = deque(reader.submit(fetch_inputs, op, fetch, device) for op in plan.ops[:PREFETCH])
             pending_write = None
             for index, op in enumerate(plan.ops):
+                interrupts.check()
                 tensors = upcoming.popleft().result()
                 if index + PREFETCH < len(plan.ops):
                     upcoming.append(reader.submit(fetch_inputs, plan.ops[index + PREFETCH], fetch, device))

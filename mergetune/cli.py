@@ -15,6 +15,7 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 
+from mergetune import interrupts
 from mergetune.errors import MergetuneError
 
 app = typer.Typer(
@@ -33,7 +34,8 @@ def user_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with interrupts.noticed():
+                return func(*args, **kwargs)
         except MergetuneError as error:
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None

@@ -19,15 +19,12 @@ Sharing the study with other workers (admission, dead-worker reaping) is
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import optuna
 import torch
@@ -36,6 +33,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from mergetune import interrupts
 from mergetune.errors import MergetuneError
 from mergetune.eval.evidence import Record, combine, record_from_result, summarize
 from mergetune.merge_ops.recipe import recipe_from_dict
@@ -87,30 +85,6 @@ def failure_reason(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-@dataclass
-class HeldInterrupt:
-    received: bool = False
-
-
-@contextlib.contextmanager
-def held_interrupt() -> Iterator[HeldInterrupt]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block and say so afterwards, instead of raising in the
-    middle of it. Only the main thread receives signals; elsewhere the block runs as it is."""
-    held = HeldInterrupt()
-    if threading.current_thread() is not threading.main_thread():
-        yield held
-        return
-
-    def hold(signum: int, frame: object) -> None:
-        held.received = True
-
-    previous = signal.signal(signal.SIGINT, hold)
-    try:
-        yield held
-    finally:  # None: a handler not set from Python, which Python cannot set back
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-
-
 class StudyRunner:
     """Runs one method's trials to the study's budget, then its finalists, in one workspace."""
 
@@ -145,6 +119,7 @@ class StudyRunner:
         deadline = None if timeout is None else time.monotonic() + timeout
         with storage_errors(self.workspace.study.storage_url):
             while True:
+                interrupts.check()
                 self.reaper.reap(optuna_study)  # says what it failed, and what it waits for
                 stored = optuna_study.get_trials(deepcopy=False)
                 done = sum(trial.state in COUNTED for trial in stored)
@@ -166,7 +141,7 @@ class StudyRunner:
         ended keeps its end): left RUNNING without a worker, the next run would wait out the grace period for it.
         One during `ask` itself, between creating the trial and returning it, is held until `ask` returns.
         """
-        with warnings.catch_warnings(), held_interrupt() as interrupt:
+        with warnings.catch_warnings(), interrupts.held() as interrupt:
             warnings.filterwarnings("ignore", message="Heartbeat of storage")  # we record heartbeats ourselves
             trial = optuna_study.ask()
         try:
@@ -323,6 +298,7 @@ class StudyRunner:
                 chosen = chosen[offset:] + chosen[:offset]
             done = []
             for trial in chosen:
+                interrupts.check()
                 if trials.has_final(optuna_study, trial.number):
                     continue
                 say(f"{method}: final evaluation of trial {trial.number}")

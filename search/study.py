@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Callable, Optional, Protocol
 
+from mergetune import interrupts
 from mergetune.errors import MergetuneError
 from mergetune.search.leaderboard import Leaderboard, build_leaderboard
 from mergetune.search.runner import StudyRunner
@@ -78,6 +79,7 @@ def run_study(
     if storage is not None:
         check_stored_definitions(study, storage, models.fingerprints)
     workspace = Workspace.open(study, say=say, models=models, loading=progress.loading)
+    interrupts.check()  # one lost while the tasks loaded: before the storage file is created
     storage = storage or open_storage(study)
     runner = StudyRunner(workspace, storage, max_failures)
     for method in spec.methods:

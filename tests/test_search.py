@@ -739,6 +739,35 @@ def test_a_ctrl_c_inside_ask_is_held_until_the_trial_exists_and_then_fails_it_as
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
 
 
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_while_tasks_load_still_stops_the_study(
+    family_f32, task_dir, tmp_path, monkeypatch
+):
+    """Python prints a KeyboardInterrupt raised inside a `__del__` or weakref callback (garbage collected in datasets
+    or lm-eval as the tasks load) as "Exception ignored" and goes on: the study ran to its budget and exited 0."""
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 4})
+    from mergetune.eval import evaluator
+
+    load_task = evaluator.load_task
+
+    class Collected:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.2)  # the signal is handled here, inside __del__, where Python drops the KeyboardInterrupt
+
+    def load_task_then_collect(*args, **kwargs):
+        loaded = list(load_task(*args, **kwargs))
+        Collected()  # collected at once
+        return loaded
+
+    monkeypatch.setattr(evaluator, "load_task", load_task_then_collect)
+    hook = sys.unraisablehook
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 130 and result.output.strip().splitlines()[-1] == "interrupted", result.output
+    assert "Traceback" not in result.output and "Exception ignored" not in result.output, result.output
+    assert not (tmp_path / "tiny.db").exists()  # stopped before the storage file was created
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and sys.unraisablehook is hook
+
+
 def test_a_ctrl_c_just_after_a_trial_was_stored_keeps_it_as_it_ended(family_f32, task_dir, tmp_path, monkeypatch, caplog):
     path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 4})
 
