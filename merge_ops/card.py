@@ -12,6 +12,8 @@ if TYPE_CHECKING:  # the card's text helpers serve the read side, which must not
     from mergetune.merge_ops.plan import MergePlan
 
 
+RECIPE_FILE = "mergekit_config.yml"  # the recipe beside every merged model, under mergekit's name
+
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -20,7 +22,20 @@ def escape_markdown(text: str) -> str:
     return html.escape(" ".join(text.split())).replace("|", "\\|").replace("`", "\\`")
 
 
+def reproduce_command(recipe_file: str, seed: Optional[int], stages: bool) -> str:
+    """How to rebuild these tensors. A seed means random masks (DARE, DELLA, ...): only mergetune draws them
+    the same way again, where mergekit merges the same recipe with masks of its own drawing."""
+    mergekit = "`mergekit-multi` (one stage per YAML document)" if stages else f"`mergekit-yaml {recipe_file} OUT`"
+    if seed is None:
+        return f"`mergetune merge {recipe_file} OUT` or {mergekit}"
+    return (
+        f"`mergetune merge {recipe_file} OUT --seed {seed}` on the same device type (CPU or CUDA); "
+        f"{mergekit} merges the same recipe with random masks of its own, so other tensors"
+    )
+
+
 def model_card(recipe: Recipe, plan: "MergePlan", recipe_yaml: str, seed: Optional[int], extra: str = "") -> str:
+    """The card; `seed` is None unless some stage draws random masks (`merge_recipe_file`)."""
     models = recipe.referenced_models()
     front = ["---", "library_name: transformers", "tags:", "- merge", "- mergetune", "- mergekit"]
     # Only names shaped like hub ids go into the YAML front matter (a stray newline or colon would rewrite it).
@@ -47,13 +62,14 @@ def model_card(recipe: Recipe, plan: "MergePlan", recipe_yaml: str, seed: Option
     lines += [
         "",
         f"Output: {plan.config.get('num_hidden_layers', '?')} layers, {len(plan.ops)} tensors"
-        + (f", random seed {seed}" if seed is not None and plan.method.randomized else "")
+        + (f", random seed {seed}" if seed is not None else "")
         + ".",
         "",
         "## Configuration",
         "",
-        "This recipe reproduces the merge with `mergetune merge` or "
-        + ("`mergekit-multi` (one stage per YAML document):" if "\n---\n" in recipe_yaml else "`mergekit-yaml`:"),
+        f"This recipe (`{RECIPE_FILE}`) reproduces the merge with "
+        + reproduce_command(RECIPE_FILE, seed, "\n---\n" in recipe_yaml)
+        + ":",
         "",
         "```yaml",
         recipe_yaml.rstrip().replace("```", "ʼʼʼ"),

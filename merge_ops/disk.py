@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional
 
 from mergetune import interrupts
 from mergetune.errors import MergetuneError
-from mergetune.merge_ops.card import model_card
+from mergetune.merge_ops.card import RECIPE_FILE, model_card
 from mergetune.merge_ops.execute import check_device, fetch_inputs, run_op
 from mergetune.merge_ops.plan import MergePlan, validate_recipe
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
@@ -38,7 +38,6 @@ from mergetune.merge_ops.writer import DEFAULT_SHARD_BYTES, ShardedWriter, Tenso
 
 log = logging.getLogger(__name__)
 
-RECIPE_FILE = "mergekit_config.yml"
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -227,7 +226,9 @@ def merge_recipe_file(
     check_device(device)
     for stage in recipe_file.stages:
         validate_recipe(stage)
-    if seed is None and any(_randomized(stage) for stage in recipe_file.stages):
+    if not any(_randomized(stage) for stage in recipe_file.stages):
+        seed = None  # it would change nothing: not in the card, not in the command that reproduces the merge
+    elif seed is None:
         seed = secrets.randbelow(2**31)
         log.warning("no --seed given for a random method; using seed %d (recorded in the model card)", seed)
     cache = SourceCache(allow_pickle)

@@ -231,7 +231,6 @@ def export_command(
     storage: Optional[str] = storage_option(),
 ) -> None:
     """Write a trial's mergekit recipe, the merged model and a model card with its scores."""
-    from mergetune.merge_ops.disk import RECIPE_FILE
     from mergetune.search.export import export_trial
     from mergetune.search.storage import open_storage
 
@@ -241,8 +240,7 @@ def export_command(
     if result.note:
         typer.secho(f"warning: {result.note}", fg=typer.colors.YELLOW, err=True)
     typer.echo(
-        f"exported {result.row.method} trial {result.row.trial} to {out_dir} "
-        f"(recipe: {out_dir / RECIPE_FILE}; reproduce with `mergekit-yaml {out_dir / RECIPE_FILE} OUT`)"
+        f"exported {result.row.method} trial {result.row.trial} to {out_dir}; reproduce with {result.reproduce}"
     )
 
 

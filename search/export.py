@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Optional
 from optuna.storages import BaseStorage
 
 from mergetune.errors import MergetuneError
-from mergetune.merge_ops.card import escape_markdown
+from mergetune.merge_ops.card import RECIPE_FILE, escape_markdown, reproduce_command
 from mergetune.merge_ops.recipe import parse_recipes
 from mergetune.search import trials
 from mergetune.search.leaderboard import Leaderboard, Row, build_leaderboard, comparison_lines
@@ -30,6 +30,7 @@ class ExportResult:
     row: Row
     output: Path
     note: Optional[str] = None  # picked by search score, or what differs from the scored candidate (re-merged unlike it)
+    reproduce: str = ""  # the command that rebuilds these tensors from the exported recipe (`card.reproduce_command`)
 
 
 def export_device(
@@ -189,7 +190,7 @@ def export_trial(
     device, note = export_device(row.device, device, torch.cuda.is_available(), randomized)
     drawn = draws_note(row.draws, DRAWS, randomized)
     note = "; ".join(part for part in (search_score_note(row, method, trial), note, drawn) if part) or None
-    merge_recipe_file(
+    merged = merge_recipe_file(
         recipe_file,
         out_dir,
         seed=row.seed,
@@ -199,5 +200,6 @@ def export_trial(
         card_extra=score_table(board, row, fingerprints),
         protected=protected_files(study),
     )
-    return ExportResult(row, out_dir, note)
+    reproduce = reproduce_command(str(out_dir / RECIPE_FILE), merged.seed, len(recipe_file.stages) > 1)
+    return ExportResult(row, out_dir, note, reproduce)
 

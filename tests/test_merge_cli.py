@@ -68,7 +68,7 @@ def test_auto_chat_template_without_one_among_the_inputs_merges_without_a_templa
 def test_the_model_card_names_the_mergekit_command_that_reads_its_recipe(family_f32, tmp_path):
     single = tmp_path / "single"
     assert runner.invoke(app, ["merge", str(write_recipe(tmp_path, slerp(family_f32))), str(single)]).exit_code == 0
-    assert "`mergekit-yaml`" in (single / "README.md").read_text()
+    assert "`mergekit-yaml mergekit_config.yml OUT`" in (single / "README.md").read_text()
     stages = yaml.safe_dump_all([{"name": "first", **slerp(family_f32)}, slerp({**family_f32, "model_a": "first"})])
     multi = tmp_path / "multi"
     result = runner.invoke(app, ["merge", str(write_recipe(tmp_path, stages)), str(multi)])

@@ -331,6 +331,8 @@ def test_exported_slerp_recipe_reproduces_in_mergekit_tensor_for_tensor(finished
     out = tmp_path / "export"
     result = runner.invoke(app, ["export", str(finished_study), str(out), "--method", "slerp"])
     assert result.exit_code == 0, result.output
+    recipe = out / "mergekit_config.yml"
+    assert f"reproduce with `mergetune merge {recipe} OUT` or `mergekit-yaml {recipe} OUT`" in result.output
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and "demo_arithmetic" in card
     stored = optuna.load_study(study_name="tiny.slerp", storage=load_study(finished_study).storage_url)
@@ -342,6 +344,21 @@ def test_exported_slerp_recipe_reproduces_in_mergekit_tensor_for_tensor(finished
     assert sorted(ours) == sorted(theirs)
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name])
+
+
+def test_an_exported_dare_ties_trial_names_the_command_and_seed_that_rebuild_its_tensors(finished_study, tmp_path):
+    """DARE's random masks are mergetune's own draws: `mergekit-yaml` would merge the recipe with other masks."""
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["export", str(finished_study), str(out), "--method", "dare_ties"])
+    assert result.exit_code == 0, result.output
+    command = result.output.split("reproduce with `", 1)[1].split("`", 1)[0].split()
+    assert command[:3] == ["mergetune", "merge", str(out / "mergekit_config.yml")] and command[4] == "--seed"
+    assert "--seed" in (out / "README.md").read_text() and "masks of its own" in (out / "README.md").read_text()
+    again = tmp_path / "again"
+    result = runner.invoke(app, [command[1], command[2], str(again), *command[4:]])
+    assert result.exit_code == 0, result.output
+    ours, rebuilt = load_state(out), load_state(again)
+    assert sorted(ours) == sorted(rebuilt) and all(torch.equal(ours[name], rebuilt[name]) for name in ours)
 
 
 def test_report_draws_pictures_and_a_page(finished_study, tmp_path):
