@@ -131,9 +131,10 @@ def demo(
 ) -> None:
     """A whole study offline: tiny specialists, SLERP vs DARE TIES search, leaderboard, export."""
     from mergetune.demo.study import outdated_trials, prepare_demo, storage_file
-    from mergetune.search.cli import print_leaderboard, run_with_progress
+    from mergetune.search.cli import check_count, print_leaderboard, run_with_progress
     from mergetune.search.export import export_trial
 
+    check_count("--n-trials", n_trials)  # before the demo's study file is written with it
     typer.echo(f"building (or reusing) the demo's tiny models and tasks in {out_dir}/")
     study = prepare_demo(out_dir, n_trials)
     if not fresh and outdated_trials(study):

@@ -38,7 +38,7 @@ def _load(path: Path, storage: Optional[str], device: Optional[str] = None) -> S
     return study
 
 
-def _check_count(option: str, value: Optional[float]) -> None:
+def check_count(option: str, value: Optional[float]) -> None:
     """A count or a duration from the command line: a finite number, at least 1 (typer's `min` would print a
     usage panel, not the one-line message every other input error gets)."""
     if value is not None and not (math.isfinite(value) and value >= 1):
@@ -173,7 +173,7 @@ def run_with_progress(
 
 def study_run(
     study_file: Path = typer.Argument(..., help="Study YAML (see studies/)."),
-    n_trials: Optional[int] = typer.Option(None, help="Completed trials per method (overrides the file's budget)."),
+    n_trials: Optional[int] = typer.Option(None, help="Completed (or pruned) trials per method (overrides the file's budget)."),
     timeout: Optional[float] = typer.Option(None, help="Seconds per method (overrides the file's budget)."),
     storage: Optional[str] = storage_option(),
     device: Optional[str] = typer.Option(None, help="This worker's device, e.g. cuda:1 (overrides the file's)."),
@@ -185,7 +185,7 @@ def study_run(
     Start it on several GPUs or hosts with the same --storage to share the work.
     """
     for option, value in (("--n-trials", n_trials), ("--timeout", timeout), ("--max-failures", max_failures)):
-        _check_count(option, value)
+        check_count(option, value)
     board = run_with_progress(_load(study_file, storage, device), n_trials, timeout, quiet, max_failures)
     print_leaderboard(board, top=20)
 
@@ -203,7 +203,7 @@ def leaderboard_command(
     from mergetune.search.leaderboard import build_leaderboard, to_csv, to_json, to_markdown
     from mergetune.search.storage import open_storage
 
-    _check_count("--top", top)
+    check_count("--top", top)
     study = _load(study_file, storage)
     for option, path in (("--json", json_out), ("--csv", csv_out)):
         if path:

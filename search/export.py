@@ -69,8 +69,10 @@ def draws_note(stored: Optional[str], current: str, randomized: bool) -> Optiona
     )
 
 
-def pick_row(board: Leaderboard, method: Optional[str], trial: Optional[int]) -> Row:
-    """A given trial, else the best finalist (of `method`, or overall)."""
+def pick_row(board: Leaderboard, method: Optional[str], trial: Optional[int], methods: list[str]) -> Row:
+    """A given trial, else the best finalist (of `method`, one of the study's `methods`, or overall)."""
+    if method is not None and method not in methods:
+        raise MergetuneError(f"--method {method}: not a method of study {board.study} ({', '.join(methods)})")
     rows = [row for row in board.rows if method is None or row.method == method]
     if method is not None and not rows:
         raise MergetuneError(f"no completed {method} trials in study {board.study}")
@@ -183,7 +185,7 @@ def export_trial(
     from mergetune.merge_ops.sparsify import DRAWS
 
     board = build_leaderboard(study, storage)
-    row = pick_row(board, method, trial)
+    row = pick_row(board, method, trial, study.spec.methods)
     fingerprints = check_scored_weights(study, row, storage)
     recipe_file = parse_recipes(row.recipe, source=f"{study.spec.name} trial {row.trial}")
     randomized = any(validate_recipe(stage).randomized for stage in recipe_file.stages)

@@ -45,3 +45,10 @@ def test_the_demo_beats_both_hand_written_recipes_on_held_out_facts_and_exports_
     assert changed.exit_code == 0, changed.output
     assert "the demo's study has changed since the trials in" in changed.output
     assert BEATS.findall(changed.output) == BEATS.findall(result.output)  # searched afresh, same seeds
+
+
+def test_a_trial_count_below_one_is_refused_before_the_demo_writes_anything(tmp_path):
+    for count in ("0", "-1"):
+        result = runner.invoke(app, ["demo", "--out-dir", str(tmp_path / "demo"), "--n-trials", count])
+        assert result.exit_code == 2 and f"--n-trials: must be a finite number of at least 1, got {count}" in result.output
+        assert not (tmp_path / "demo").exists()

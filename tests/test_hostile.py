@@ -540,6 +540,11 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         lambda i: run("export", str(i.request.getfixturevalue("failing_study")), str(i.tmp / "out"), "--trial", "99"),
         "no completed trial 99",
     ),
+    (
+        "export of a method the study doesn't search",
+        lambda i: run("export", str(i.request.getfixturevalue("failing_study")), str(i.tmp / "out"), "--method", "bogus"),
+        "--method bogus: not a method of study",
+    ),
     # The search and scoring commands (issue #11's second half).
     (
         "storage URL with a port that isn't a number",

@@ -66,7 +66,7 @@ def prepare_demo(out_dir: Path, n_trials: int | None = None) -> Study:
         "base_model": str(models["base"]),
         "evaluation": {**DEMO_STUDY["evaluation"], "include_paths": [str(task_dir)]},
     }
-    if n_trials:
+    if n_trials is not None:
         spec["budget"] = {"n_trials": n_trials}
     path = out_dir / "demo-study.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
