@@ -67,7 +67,7 @@ def load_tasks(config: EvalConfig) -> dict[str, LoadedTask]:
     tasks: dict[str, LoadedTask] = {}
     owner: dict[str, str] = {}
     for entry in entries:
-        for loaded in load_task(manager, entry, config.num_fewshot):
+        for loaded in load_task(manager, entry, config.num_fewshot, config.origins):
             for leaf in loaded.leaves:
                 if leaf in owner and owner[leaf] == loaded.name:
                     raise MergetuneError(f"task {leaf!r} is listed twice")
@@ -111,6 +111,7 @@ class Evaluator:
         *,
         backend: str = "hf",
         checkpoint_dir: str | Path | None = None,
+        tasks: dict[str, LoadedTask] | None = None,
         **backend_options: Any,
     ) -> Evaluator:
         """An evaluator of a live transformers model whose weights will change in place.
@@ -122,7 +123,7 @@ class Evaluator:
         """
         backend_class = get_backend_class(backend)
         backend_class.check_live(checkpoint_dir)
-        tasks = load_tasks(config)  # before any engine starts: configuration errors come first
+        tasks = load_tasks(config) if tasks is None else tasks  # before any engine starts: configuration errors first
         return cls(backend_class.for_live_model(model, tokenizer, checkpoint_dir, **backend_options), config, tasks)
 
     @classmethod
@@ -134,6 +135,7 @@ class Evaluator:
         config: EvalConfig = EvalConfig(),
         *,
         backend: str,
+        tasks: dict[str, LoadedTask] | None = None,
         **backend_options: Any,
     ) -> Evaluator:
         """An evaluator whose backend's engine merges each candidate: `evaluator.backend.build(recipe, seed)`.
@@ -142,7 +144,7 @@ class Evaluator:
         checkpoints the recipes use, loaded by the engine once; `dtype`: the study's.
         """
         backend_class = get_backend_class(backend)
-        tasks = load_tasks(config)  # before any engine starts: configuration errors come first
+        tasks = load_tasks(config) if tasks is None else tasks  # before any engine starts: configuration errors first
         return cls(backend_class.for_candidates(skeleton_dir, list(sources), dtype, **backend_options), config, tasks)
 
     @classmethod

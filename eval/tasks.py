@@ -74,10 +74,15 @@ class Origins:
 
     data_dir: str = "--data-dir"
     include_paths: str = "--include-path"
+    tasks: str = ""  # where task names were given, when not on the command line
 
     @classmethod
     def study_file(cls, path: Path) -> Origins:
-        return cls(f"{path}: evaluation.data_dir", f"{path}: evaluation.include_paths")
+        return cls(
+            f"{path}: evaluation.data_dir",
+            f"{path}: evaluation.include_paths",
+            f"{path}: evaluation (tasks, suite or final.tasks)",
+        )
 
 
 @dataclass
@@ -231,10 +236,11 @@ def _skipped_files_note(manager: TaskManager) -> str:
     return f"; lm-eval skipped task files it could not read: {shown}{more}"
 
 
-def _load(manager: TaskManager, name: str) -> dict:
+def _load(manager: TaskManager, name: str, origins: Origins) -> dict:
     if name not in manager.task_index:
         raise MergetuneError(
-            f"unknown task {name!r}: not an lm-eval task, group or tag, nor in the include paths"
+            (f"{origins.tasks}: " if origins.tasks else "")
+            + f"unknown task {name!r}: not an lm-eval task, group or tag, nor in the include paths"
             + _skipped_files_note(manager)
         )
     try:
@@ -248,13 +254,13 @@ def _load(manager: TaskManager, name: str) -> dict:
         ) from error
 
 
-def load_task(manager: TaskManager, entry: SuiteTask, num_fewshot: int | None) -> list[LoadedTask]:
+def load_task(manager: TaskManager, entry: SuiteTask, num_fewshot: int | None, origins: Origins = Origins()) -> list[LoadedTask]:
     """lm-eval objects for one suite entry, few-shot counts set.
 
     A group with an aggregate metric stays one entry; a tag, or a group without
     aggregation, becomes one entry per leaf task.
     """
-    loaded = _load(manager, entry.name)
+    loaded = _load(manager, entry.name, origins)
     tasks: dict[str, Task] = loaded["tasks"]
     group = loaded.get("groups", {}).get(entry.name)
     for task in tasks.values():

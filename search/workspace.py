@@ -21,6 +21,7 @@ import torch
 
 from mergetune.devices import device_memory, linear_slowdown
 from mergetune.eval import EvalConfig, Evaluator
+from mergetune.eval.evaluator import load_tasks
 from mergetune.eval.backends import engine_backend_names
 from mergetune.eval.tasks import Origins
 from mergetune.merge_ops.disk import write_side_files
@@ -79,6 +80,8 @@ class Workspace:
         first_recipe = recipe_from_dict(first.recipe(first.baseline(spec), spec, study.resolve))
         config = eval_config(study)
         merged = plan_stage(first_recipe, sources)  # shapes only: nothing is loaded yet
+        say("preparing the evaluation tasks")
+        tasks = load_tasks(config)  # a wrong task name or missing data is refused before minutes of loading models
         sources_bytes = sum(resident_bytes(source) for source in sources.values())
         if spec.backend in engine_backend_names():
             options = spec.engine.model_dump(exclude_none=True)
@@ -92,7 +95,9 @@ class Workspace:
                 log.info("memory plan: %s; engine share %g", memory.table(), memory.engine_share)
             say(f"starting the {spec.backend} engine; its workers load {len(references)} model(s)")
             skeleton = write_skeleton(first_recipe, merged, sources)
-            evaluator = Evaluator.for_candidates(skeleton, references, spec.dtype, config, backend=spec.backend, **options)
+            evaluator = Evaluator.for_candidates(
+                skeleton, references, spec.dtype, config, backend=spec.backend, tasks=tasks, **options
+            )
             builder: CandidateBuilder = evaluator.backend
         else:
             warning = slow_dtype_warning(spec.device, spec.dtype)
@@ -115,10 +120,9 @@ class Workspace:
 
             checkpoint_dir = sources[references[0]].directory
             tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
-            say("preparing the evaluation tasks")
             evaluator = Evaluator.from_model(
                 live.model, tokenizer, config, backend=spec.backend, checkpoint_dir=checkpoint_dir,
-                shared_prefix=spec.evaluation.shared_prefix,
+                shared_prefix=spec.evaluation.shared_prefix, tasks=tasks,
             )
             builder = live
         return cls(study, builder, evaluator, choose_documents(evaluator, spec), models.fingerprints)

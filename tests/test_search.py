@@ -160,7 +160,9 @@ def test_finalists_can_be_scored_on_other_tasks_such_as_held_out_facts(family_f3
     (tmp_path / "bad").mkdir()
     bad = write_study(tmp_path / "bad", family_f32, task_dir, evaluation={"final": {"tasks": ["demo_nonexistent"]}})
     result = runner.invoke(app, ["study", "run", str(bad), "--quiet"])
-    assert result.exit_code == 2 and "unknown task 'demo_nonexistent'" in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert f"{bad}: evaluation (tasks, suite or final.tasks): unknown task 'demo_nonexistent'" in result.output
+    assert "loading" not in result.output  # refused before any model loads
 
 
 @pytest.mark.parametrize(
