@@ -394,7 +394,7 @@ class Planner:
                     raise MergetuneError(
                         f"tensor {output}: shape {list(shapes[0])} in {resolved[0].model} ({resolved[0].name}) "
                         f"but {list(item_shape)} in {item.model} ({item.name})"
-                        + (" — set tokenizer_source to merge models with different vocabularies" if "embed" in output or "lm_head" in output else "")
+                        + _shape_hint(output, shapes[0], item_shape)
                     )
         dtypes = [self.sources[item.model].dtype(item.name) for item in resolved]
         if _is_integer_buffer(output, dtypes):
@@ -491,3 +491,9 @@ def plan_merge(
 ) -> MergePlan:
     return Planner(recipe, sources).plan(vocab)
 
+
+def _shape_hint(output: str, first: tuple[int, ...], other: tuple[int, ...]) -> str:
+    """What to do about two shapes that differ: only a vocabulary (an embedding's rows) can be aligned."""
+    if ("embed" in output or "lm_head" in output) and first[1:] == other[1:]:
+        return " — set tokenizer_source to merge models with different vocabularies"
+    return " — the models are not the same architecture (hidden or intermediate sizes differ)"

@@ -111,6 +111,11 @@ def wider_copy(paths, tmp_path: Path) -> dict:
     return {**paths, "model_a": wide}
 
 
+def narrower_copy(paths, tmp_path: Path) -> dict:
+    narrow = build_family(tmp_path / "narrow", names=("base",), spec=TinySpec(hidden_size=32))["base"]
+    return {**paths, "model_a": narrow}
+
+
 HOSTILE = [
     ("unknown method", lambda p, d: slerp(p, merge_method="slurp"), "unknown merge_method 'slurp'"),
     ("unknown parameter", lambda p, d: slerp(p, parameters={"t": 0.5, "temperature": 1}), "unknown parameter 'temperature' for slerp"),
@@ -135,6 +140,12 @@ HOSTILE = [
         "shapes differ",
         lambda p, d: slerp(wider_copy(p, d)),
         "tensor model.layers.0.mlp.down_proj.weight: shape [64, 128] in",
+    ),
+    (
+        "hidden sizes differ (same vocabulary)",
+        lambda p, d: slerp(narrower_copy(p, d)),
+        "/narrow/base (model.embed_tokens.weight) — the models are not the same architecture (hidden or "
+        "intermediate sizes differ)",
     ),
     ("architectures differ", lambda p, d: slerp(other_architecture_copy(p, d)), "different architectures"),
     ("not yaml", lambda p, d: "merge_method: [slerp", "not valid YAML"),
