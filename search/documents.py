@@ -7,6 +7,7 @@ study's seed, so every worker of a study chooses the same ones.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import sys
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Optional
 
 from mergetune.errors import MergetuneError
 from mergetune.search.study_file import StudySpec
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mergetune.eval import Evaluator
@@ -79,6 +82,14 @@ def choose_documents(evaluator: "Evaluator", spec: StudySpec) -> Documents:
                 f"evaluation.final: task {name}: the search scores all {size} of its documents (evaluation.limit "
                 f"{evaluation.limit}), none is left to score the finalists on; lower evaluation.limit below {size} "
                 "or name other tasks in evaluation.final.tasks"
+            )
+        if evaluation.final.limit is not None and total < evaluation.final.limit:
+            size = sum(len(everything[leaf]) for leaf in loaded.leaves)
+            log.warning(
+                "evaluation.final: task %s: only %d documents are left for the finalists, not final.limit %d (the "
+                "search scores %d of its %d): their held-out scores are that much less certain; lower "
+                "evaluation.limit or name other tasks in evaluation.final.tasks",
+                name, total, evaluation.final.limit, size - total, size,
             )
         wanted = min(evaluation.final.limit or total, total)
         for leaf, ids in remaining.items():

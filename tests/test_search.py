@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -163,6 +164,25 @@ def test_finalists_can_be_scored_on_other_tasks_such_as_held_out_facts(family_f3
     assert result.exit_code == 2, result.output
     assert f"{bad}: evaluation (tasks, suite or final.tasks): unknown task 'demo_nonexistent'" in result.output
     assert "loading" not in result.output  # refused before any model loads
+
+
+def test_finalists_left_fewer_documents_than_final_limit_are_scored_on_those_with_a_warning(
+    family_f32, task_dir, tmp_path, caplog
+):
+    path = write_study(
+        tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 1}, evaluation={"final": {"limit": 500}}
+    )
+    with caplog.at_level(logging.WARNING, logger="mergetune.search.documents"):
+        result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    warned = [r.getMessage() for r in caplog.records if r.name == "mergetune.search.documents"]
+    assert len(warned) == len(SEARCH_TASKS), warned
+    for message in warned:
+        left, searched, size = map(int, re.search(
+            r"only (\d+) documents are left for the finalists, not final.limit 500 \(the search scores (\d+) of its (\d+)\)",
+            message,
+        ).groups())
+        assert searched == 8 and left == size - 8
 
 
 @pytest.mark.parametrize(
