@@ -58,13 +58,21 @@ def _check_output_file(path: Path, option: str, protected: Mapping[str, Path]) -
     neither a `protected` file (the study's own, as `protected_files` names them) nor a special file (a device,
     a pipe), which would become a regular one."""
     check_output_file(path, option)
-    target = path.resolve()
-    for what, kept in protected.items():
-        if target == kept.resolve():
-            shown = "" if str(path) == str(target) else f" ({target})"
-            raise MergetuneError(f"{option} {path}: is the {what}{shown}; writing there would destroy it, choose another file")
+    _refuse_protected(path, option, protected)
     if path.exists() and not path.is_file():
         raise MergetuneError(f"{option} {path}: is not a regular file (a device, a pipe or a socket); choose a file name")
+
+
+def _refuse_protected(path: Path, option: str, protected: Mapping[str, Path]) -> None:
+    """`path` is none of the `protected` files and folders, nor inside one of the folders."""
+    target = path.resolve()
+    for what, kept in protected.items():
+        kept = kept.resolve()
+        shown = "" if str(path) == str(target) else f" ({target})"
+        if target == kept:
+            raise MergetuneError(f"{option} {path}: is the {what}{shown}; writing there would destroy it, choose another")
+        if kept.is_dir() and kept in target.parents:
+            raise MergetuneError(f"{option} {path}: is inside the {what}{shown}; writing there would change it, choose another")
 
 
 def _write_file(path: Path, text: str, option: str) -> None:
@@ -250,10 +258,13 @@ def report_command(
     storage: Optional[str] = storage_option(),
 ) -> None:
     """Draw the study: optimisation history, best t-curves, weights/densities, parameter importances."""
-    from mergetune.search.report import write_report
+    from mergetune.search.export import protected_files
+    from mergetune.search.report import check_report_dir, write_report
     from mergetune.search.storage import dashboard_target, open_storage
 
     _check_output_dir(out_dir, "report directory")
     study = _load(study_file, storage)
+    _refuse_protected(out_dir, "report directory", protected_files(study))
+    check_report_dir(out_dir)
     index = write_report(study, out_dir, open_storage(study, create=False))
     typer.echo(f"wrote {index}  (interactive: optuna-dashboard {dashboard_target(study)})")

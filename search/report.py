@@ -164,6 +164,19 @@ def _html_table(board: Leaderboard) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+REPORT_TITLE = " — mergetune report</title>"  # how a report's index.html says it is one, for the next report
+
+
+def check_report_dir(out_dir: Path) -> None:
+    """A report may replace an earlier report's files, not someone's own page in the folder it is drawn into."""
+    index = out_dir / "index.html"
+    if index.is_file() and REPORT_TITLE not in index.read_text(encoding="utf-8", errors="replace"):
+        raise MergetuneError(
+            f"report directory {out_dir}: holds an index.html that is not a mergetune report; the report would "
+            "replace it, choose another directory"
+        )
+
+
 def write_report(study: Study, out_dir: Path, storage=None) -> Path:
     """Draw the report in a hidden folder beside `out_dir`, then move it into place: a failure (a full disk,
     a study without trials) leaves no half-drawn report."""
@@ -209,7 +222,7 @@ def _draw(study: Study, board: Leaderboard, out_dir: Path, storage) -> None:
     comparisons = "".join(f"<li>{html.escape(line)}</li>" for line in comparison_lines(board))
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(study.spec.name)} — mergetune report</title>"
+        f"<title>{html.escape(study.spec.name)}{REPORT_TITLE}"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:600px;margin:6px}</style></head><body>"
         f"<h1>Study {html.escape(study.spec.name)}</h1><h2>Leaderboard</h2>{_html_table(board)}"

@@ -744,6 +744,26 @@ def test_leaderboard_refuses_to_write_over_the_study_file_or_its_storage(option,
     assert sum(t.state in COUNTED for t in stored_trials(study)) == N
 
 
+def test_leaderboard_and_report_leave_the_task_folder_and_someone_else_s_page_alone(failing_study, tiny_tasks, tmp_path):
+    study = study_copy(failing_study, tmp_path)
+    tasks_before = checksums(tiny_tasks)
+    inside = tiny_tasks / "board.json"
+    result = runner.invoke(app, ["leaderboard", str(study), "--json", str(inside)])
+    assert_one_message(result, f"--json {inside}: is inside the task folder {tiny_tasks} (evaluation.include_paths)")
+    result = runner.invoke(app, ["report", str(study), str(tiny_tasks)])
+    assert_one_message(result, f"report directory {tiny_tasks}: is the task folder {tiny_tasks}")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html>mine</html>")
+    result = runner.invoke(app, ["report", str(study), str(site)])
+    assert_one_message(result, f"report directory {site}: holds an index.html that is not a mergetune report")
+    assert [p.name for p in site.iterdir()] == ["index.html"] and (site / "index.html").read_text() == "<html>mine</html>"
+    assert checksums(tiny_tasks) == tasks_before
+    for _ in range(2):  # a report drawn again replaces the earlier one
+        result = runner.invoke(app, ["report", str(study), str(tmp_path / "report")])
+        assert result.exit_code == 0, result.output
+
+
 def test_leaderboard_refuses_to_replace_a_special_file_with_a_regular_one(failing_study, tmp_path):
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
