@@ -67,24 +67,11 @@ def merge(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Merge models as RECIPE says and write the result to OUT_DIR."""
-    from tqdm import tqdm
-
     from mergetune.merge_ops.disk import merge_recipe_file
     from mergetune.merge_ops.recipe import load_recipes
+    from mergetune.search.cli import TensorBars
 
     recipe_file = load_recipes(recipe)
-    bars: dict[str, tqdm] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if quiet:
-            return
-        bar = bars.get(stage)
-        if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="tensor", file=sys.stderr)
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-
     result = merge_recipe_file(
         recipe_file,
         out_dir,
@@ -93,7 +80,7 @@ def merge(
         allow_pickle=allow_pickle,
         overwrite=overwrite,
         shard_bytes=parse_size(shard_size),
-        progress=progress,
+        progress=TensorBars(quiet),
         protected={"recipe file": recipe},
     )
     for warning in result.warnings:

@@ -127,6 +127,24 @@ def print_leaderboard(board, top: Optional[int] = None, console: Optional[Consol
         console.print(line)
 
 
+class TensorBars:
+    """A merge's progress (`merge_ops.disk.Progress`): a tqdm bar of tensors per stage on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = tqdm(total=total, desc=stage, unit="tensor", file=sys.stderr, disable=self.quiet)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+
 class BarProgress:
     """A tqdm bar per method on stderr; tqdm estimates the time left from the trial rate, a timeout adds its own."""
 
@@ -237,6 +255,7 @@ def export_command(
         None, help="Where to merge (default: the device type the trial was built on, when this machine has it)."
     ),
     storage: Optional[str] = storage_option(),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Write a trial's mergekit recipe, the merged model and a model card with its scores."""
     from mergetune.search.export import export_trial
@@ -244,7 +263,10 @@ def export_command(
 
     _check_output_dir(out_dir, "output directory")
     study = _load(study_file, storage)
-    result = export_trial(study, out_dir, method, trial, overwrite, storage=open_storage(study, create=False), device=device)
+    result = export_trial(
+        study, out_dir, method, trial, overwrite, storage=open_storage(study, create=False), device=device,
+        progress=TensorBars(quiet),
+    )
     if result.note:
         typer.secho(f"warning: {result.note}", fg=typer.colors.YELLOW, err=True)
     typer.echo(
