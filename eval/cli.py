@@ -154,7 +154,9 @@ def eval_command(
         seed=seed,
     )
     # from_dir loads the tasks (checking the data and task directories) before the model.
+    typer.echo(f"loading the tasks, then {model_dir} ({backend})", err=True)
     evaluator = Evaluator.from_dir(model_dir, config, backend=backend, **options)
+    typer.echo(f"scoring {', '.join(evaluator.tasks)}", err=True)
     try:
         result = evaluator.score(doc_ids=_doc_ids_to_score(evaluator, doc_ids) if doc_ids else None)
     finally:
