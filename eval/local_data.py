@@ -161,6 +161,20 @@ def missing_split_message(origin: str, data_dir: Path, task: str, split: str, fi
     return f"{origin} {data_dir}: task {task!r} needs its {split!r} split, {file}, which does not exist"
 
 
+def missing_folder_message(origin: str, data_dir: Path, task: str) -> str | None:
+    """What to say when `task` is one the local layout serves but `data_dir` lacks its folder (None otherwise):
+    lm-eval would go to the hub for it, which an offline machine retries for minutes before failing."""
+    named = [d for d in LOCAL_DATASETS if task in d.tasks]
+    dataset = named[0] if named else _MMLU if task == _MMLU_GROUP or task in _mmlu_subject_configs() else None
+    if dataset is None or (data_dir / dataset.folder).is_dir():
+        return None
+    files = ", ".join(f"{split}.jsonl" for split in dataset.splits)
+    return (
+        f"{origin} {data_dir}: has no data for task {task!r} (a folder {data_dir / dataset.folder} with {files}); "
+        "add it, or name only tasks it has"
+    )
+
+
 def check_data_dir(data_dir: str | Path, origin: str = "--data-dir") -> Path:
     """`data_dir` resolved, if it serves at least one task; else one MergetuneError naming what is missing.
 

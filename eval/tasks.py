@@ -28,6 +28,7 @@ from mergetune.eval.local_data import (
     check_data_dir,
     local_task_configs,
     local_task_dir,
+    missing_folder_message,
     missing_split_files,
     missing_split_message,
 )
@@ -200,6 +201,11 @@ def suite_tasks(
                 log.warning("hellaswag is scored on %s: %s", _HELLASWAG_PROXY, PROXY_TASKS[_HELLASWAG_PROXY])
     known = {e.name for e in entries}
     entries += [SuiteTask(name) for name in tasks if name not in known]
+    if data_dir is not None:
+        for entry in entries:
+            missing = missing_folder_message(origins.data_dir, data_dir, entry.name)
+            if missing:
+                raise MergetuneError(missing)
     if not entries:
         raise MergetuneError("nothing to score: give a suite or task names")
     return entries

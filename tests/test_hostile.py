@@ -212,6 +212,14 @@ class Inputs:
             (folder / f"{split}.jsonl").write_text("{}\n")
         return str(self.tmp / "data")
 
+    def data_dir_with_arc_easy_only(self) -> str:
+        """Local data for arc_easy alone (files that need not parse: the check comes first)."""
+        folder = self.tmp / "data" / "arc_easy"
+        folder.mkdir(parents=True)
+        for split in ("train", "validation", "test"):
+            (folder / f"{split}.jsonl").write_text("{}\n")
+        return str(self.tmp / "data")
+
     def data_dir_with_a_garbage_line(self) -> str:
         folder = self.tmp / "data" / "arc_easy"
         folder.mkdir(parents=True)
@@ -572,6 +580,17 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         "eval: --data-dir missing a split file",
         lambda i: run("eval", str(i.family["model_a"]), "--tasks", "arc_easy", "--data-dir", i.data_dir_missing_a_split()),
         "--data-dir {tmp}/data: task 'arc_easy' needs its 'validation' split, {tmp}/data/arc_easy/validation.jsonl",
+    ),
+    (
+        "eval: --data-dir without a folder for one of the suite's tasks",
+        lambda i: run("eval", str(i.family["model_a"]), "--suite", "leaderboard", "--data-dir", i.data_dir_with_arc_easy_only()),
+        "--data-dir {tmp}/data: has no data for task 'arc_challenge' (a folder {tmp}/data/arc_challenge with train.jsonl, "
+        "validation.jsonl, test.jsonl); add it, or name only tasks it has",
+    ),
+    (
+        "study: data_dir without a folder for one of its tasks",
+        lambda i: run("study", "run", i.evaluation(data_dir=i.data_dir_with_arc_easy_only(), tasks=["arc_easy", "winogrande"])),
+        "{tmp}/study.yaml: evaluation.data_dir {tmp}/data: has no data for task 'winogrande' (a folder {tmp}/data/winogrande",
     ),
     (
         "study: data_dir that is a file",
