@@ -25,13 +25,43 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+STRUCTURAL = ("extra_forbidden", "missing")  # a mapping's keys were wrong: the mapping was meant for this model
+SCALAR_TAGS = ("bool", "int", "float", "str")
+
+
+def _is_union_tag(part: object) -> bool:
+    """Pydantic names each alternative of a union in the error's location (`list[Filter]`, `Filter`, `int`);
+    our fields are snake_case, so a type name is one of those tags."""
+    return isinstance(part, str) and (part in SCALAR_TAGS or "[" in part or part[:1].isupper())
+
+
+def _field_path(location: tuple) -> tuple:
+    """The location up to the first union tag: the field whose value matched no alternative."""
+    tags = [index for index, part in enumerate(location) if _is_union_tag(part)]
+    return location[: tags[0]] if tags else location
+
+
+def _shown(location: tuple) -> str:
+    return ".".join(str(part) for part in location if not _is_union_tag(part)) or "(top level)"
+
+
 def describe_validation_error(error: ValidationError, where: str) -> str:
-    """`where: field.path: message; ...`, duplicates removed, the first few kept."""
+    """`where: field.path: message; ...`, duplicates removed, the first few kept.
+
+    Where a value matched none of a union's alternatives, pydantic lists every alternative's failure
+    (not a bool, not a number, ...); if one alternative failed on a mapping's keys (an unknown or missing
+    key), that is the one the user wrote, so only its problems are said."""
+    items = error.errors()
+    structural = [_field_path(item["loc"]) for item in items if item["type"] in STRUCTURAL]
+    items = [
+        item
+        for item in items
+        if item["type"] in STRUCTURAL or _field_path(item["loc"]) not in structural or _field_path(item["loc"]) == item["loc"]
+    ]
     problems = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+    for item in items:
         message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
-        problems.append(f"{location}: {message}")
+        problems.append(f"{_shown(item['loc'])}: {message}")
     unique = list(dict.fromkeys(problems))
     shown = "; ".join(unique[:SHOWN_PROBLEMS]) + ("; ..." if len(unique) > SHOWN_PROBLEMS else "")
     return f"{where}: {shown}"

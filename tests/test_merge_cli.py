@@ -131,6 +131,11 @@ HOSTILE = [
     ),
     ("wrong type", lambda p, d: slerp(p, parameters={"t": "half"}), "parameters.t: 'half' is not valid"),
     ("unknown field", lambda p, d: {**slerp(p), "paramters": {}}, "paramters: unknown field"),
+    (
+        "misspelt key in a filter list (a union: only the alternative written is described)",
+        lambda p, d: slerp(p, parameters={"t": [{"filter": "mlp", "value": 0.3}, {"valu": 0.5}]}),
+        "recipe.yaml: parameters.t.1.value: Field required; parameters.t.1.valu: unknown field\n",
+    ),
     ("missing base", lambda p, d: {k: v for k, v in slerp(p).items() if k != "base_model"}, "slerp needs a base_model"),
     ("missing model dir", lambda p, d: slerp({**p, "model_a": d / "nowhere"}), "nowhere: no such directory"),
     ("corrupt shard", lambda p, d: slerp(corrupt_copy(p, d)), "corrupt or truncated"),
