@@ -37,15 +37,19 @@ def record_from_result(result: "EvalResult") -> Record:
 
 
 def combine(first: Record, second: Record) -> Record:
-    """The union of two records of the same candidate on disjoint documents."""
+    """The union of two records of the same candidate on disjoint documents (a task may be in either or both:
+    a racing schedule's first documents need not cover every task)."""
     tasks = {}
-    for name in first["tasks"].keys() | second["tasks"].keys():
-        a = first["tasks"].get(name) or second["tasks"][name]
-        b = second["tasks"].get(name, {"docs": {}})
-        docs = {leaf: list(rows) for leaf, rows in a["docs"].items()}
-        for leaf, rows in b["docs"].items():
-            docs.setdefault(leaf, []).extend(rows)
-        tasks[name] = {"metric": a["metric"], "proxy": a["proxy"], "docs": docs}
+    for name in sorted(first["tasks"].keys() | second["tasks"].keys()):
+        parts = [record["tasks"][name] for record in (first, second) if name in record["tasks"]]
+        docs: dict[str, list] = {}
+        for part in parts:
+            for leaf, rows in part["docs"].items():
+                docs.setdefault(leaf, []).extend(rows)
+        for leaf, rows in docs.items():
+            if len({doc for doc, _ in rows}) != len(rows):
+                raise ValueError(f"task {leaf}: a document is in both records, which must be disjoint")
+        tasks[name] = {"metric": parts[0]["metric"], "proxy": parts[0]["proxy"], "docs": docs}
     return {"tasks": tasks}
 
 

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from mergetune.cli import app
 from mergetune.demo.tiny import load_state
+from mergetune.eval.evidence import summarize
 from mergetune.search.leaderboard import build_leaderboard
 from mergetune.search.storage import heartbeat
 from mergetune.search.trials import final_records, optuna_study_name, set_worker
@@ -249,6 +250,28 @@ def test_the_estimator_learns_from_completed_trials_and_stops_candidates_that_ca
     result = runner.invoke(app, ["report", str(path), str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "report" / "slerp-estimates.png").stat().st_size > 1000
+
+
+def test_a_race_whose_first_chunks_miss_a_task_scores_each_document_once(family_f32, task_dir, tmp_path):
+    """A chunk of one document covers one task; the other task's documents, scored later, are added to the record,
+    not doubled (they were: such a trial's score counted its first documents of that task twice)."""
+    estimator = {"min_trials": 3, "chunk": 1 / 16, "confidence": 0.99}  # 16 search documents: one per chunk
+    path = write_study(
+        tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 6}, pruning="estimator",
+        evaluation={"first_limit": None, "estimator": estimator},
+    )
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    raced = [t for t in trials(path, "slerp") if "race" in t.user_attrs]
+    assert any(t.state == TrialState.COMPLETE for t in raced)
+    for trial in raced:
+        record = json.loads(trial.user_attrs["record"])
+        rows = {leaf: [doc for doc, _ in docs] for task in record["tasks"].values() for leaf, docs in task["docs"].items()}
+        assert all(len(ids) == len(set(ids)) for ids in rows.values()), rows
+        assert sum(map(len, rows.values())) == trial.user_attrs["docs_scored"]
+        if trial.state == TrialState.COMPLETE:
+            assert {leaf: len(ids) for leaf, ids in rows.items()} == dict.fromkeys(SEARCH_TASKS, 8)
+            assert trial.value == pytest.approx(summarize(record).average)
 
 
 @pytest.mark.parametrize("learn_from", ["study", "method"])
