@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -144,6 +144,11 @@ class MethodSpec:
     # Prunes by magnitude rank: how it ranks a task vector's entries (`sparsify.RANKINGS`), which does not
     # depend on the density; it accepts the rankings precomputed in `Reuse.rankings`.
     ranking: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # For a search over parameter ranges, where values inside the declared ranges fail together (DELLA's
+    # density ± epsilon): the ranges searched unless a study says otherwise, and why a box of ranges
+    # (name → (low, high); a fixed value is (v, v)) holds a combination that cannot merge, or None.
+    search_ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    check_ranges: Optional[Callable[[dict[str, tuple[float, float]]], Optional[str]]] = None
 
     def param(self, name: str) -> Optional[ParamSpec]:
         return next((spec for spec in self.params if spec.name == name), None)
@@ -711,6 +716,7 @@ def _task_arithmetic_method(
     reference: str,
     extra: tuple[ParamSpec, ...] = (),
 ) -> MethodSpec:
+    della = sparsifier is sparsify.della_magprune
     return MethodSpec(
         name=name,
         pretty_name=pretty,
@@ -722,6 +728,8 @@ def _task_arithmetic_method(
         reference=reference,
         uses_task_vectors=True,
         ranking=sparsify.RANKINGS.get(sparsifier),
+        search_ranges=sparsify.DELLA_SEARCH_RANGES if della else {},
+        check_ranges=sparsify.della_ranges_problem if della else None,
     )
 
 

@@ -282,3 +282,25 @@ def compact(ranking: torch.Tensor) -> torch.Tensor:
     if ranking.dtype == torch.int64 and ranking.numel() < 2**31:
         return ranking.to(torch.int32)
     return ranking
+
+
+# Every density in [0.1, 0.9] with every epsilon in [0, 0.09] keeps density ± epsilon inside (0, 1).
+DELLA_SEARCH_RANGES = {"density": (0.1, 0.9), "epsilon": (0.0, 0.09)}
+
+
+def della_ranges_problem(ranges: dict[str, tuple[float, float]]) -> Optional[str]:
+    """Why some density and epsilon of these ranges would fail `della_magprune`'s check (a density of 1 or
+    more, or 0 or less, needs none), or None."""
+    (low, high), top = ranges["density"], ranges["epsilon"][1]
+    inside = (max(low, 0.0), min(high, 1.0))  # the densities that are checked lie strictly between
+    if top <= 0 or inside[0] >= 1 or inside[1] <= 0:
+        return None
+    if inside[1] + top < 1 and inside[0] - top > 0:
+        return None
+    return (
+        f"density {low}…{high} with epsilon up to {top} gives density ± epsilon outside (0, 1), which DELLA "
+        "cannot merge (nor can mergekit); keep epsilon below the lowest density and below 1 − the highest "
+        f"(density below 1), e.g. density {list(DELLA_SEARCH_RANGES['density'])} with epsilon "
+        f"{list(DELLA_SEARCH_RANGES['epsilon'])}"
+    )
+

@@ -281,7 +281,12 @@ class DeclaredMethod(SearchableMethod):
         for param in self.declaration().params:
             if param.name in settings.fixed or param.value_type is not float:
                 continue
-            bounds = settings.parameters.get(param.name) or DEFAULT_RANGES.get(param.name)
+            declared = self.declaration().search_ranges.get(param.name)
+            bounds = (
+                settings.parameters.get(param.name)
+                or (Range(low=declared[0], high=declared[1]) if declared else None)
+                or DEFAULT_RANGES.get(param.name)
+            )
             if bounds is None and param.low is not None and param.high is not None:
                 bounds = Range(low=param.low, high=param.high)
             if bounds is not None:
@@ -319,6 +324,22 @@ class DeclaredMethod(SearchableMethod):
                 f"{where}: {self.name} declares no numeric parameter with a range, so every candidate would be the "
                 f"same; give one a range in {where}.parameters, or score it once outside a search"
             )
+        if declaration.check_ranges is not None:
+            problem = declaration.check_ranges(self._ranges(spec))
+            if problem:
+                raise MergetuneError(f"{where}: {problem}")
+
+    def _ranges(self, spec: "StudySpec") -> dict[str, tuple[float, float]]:
+        """Each numeric parameter's values in this search: its range, or its fixed or default value."""
+        settings: DeclaredSpace = self.settings(spec)
+        ranges = {
+            param.name: (float(param.default), float(param.default))
+            for param in self.declaration().params
+            if not param.required and isinstance(param.default, (int, float)) and not isinstance(param.default, bool)
+        }
+        ranges.update({name: (float(value), float(value)) for name, value in settings.fixed.items() if not isinstance(value, bool)})
+        ranges.update({param.name: (bounds.low, bounds.high) for param, bounds in self._searched(spec)})
+        return ranges
 
     # --- parameters ↔ recipe ------------------------------------------------------------------------
 

@@ -726,12 +726,36 @@ def test_any_mergekit_method_is_searched_from_its_declaration(family_f32, task_d
     assert [entry.get("filter") for entry in merged["density"]] == ["mlp", None] and merged["epsilon"] == 0.05
 
 
+def test_della_s_default_space_proposes_only_candidates_it_can_merge(family_f32, task_dir, tmp_path):
+    """DELLA merges only where density ± epsilon stays inside (0, 1); its declared ranges, searched
+    independently, mostly did not (every trial failed)."""
+    path = write_study(
+        tmp_path, family_f32, task_dir, methods=["della"], base_model=str(family_f32["base"]), budget={"n_trials": 6},
+    )
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    stored = trials(path, "della")
+    assert not [t.user_attrs.get("fail_reason") for t in stored if t.state == TrialState.FAIL]
+    for trial in stored[1:]:  # after the hand-written baseline
+        for model in yaml.safe_load(trial.user_attrs["recipe"])["models"][1:]:
+            density, epsilon = model["parameters"]["density"], model["parameters"]["epsilon"]
+            assert 0 < density - epsilon and density + epsilon < 1
+
+
 @pytest.mark.parametrize(
     "space, message",
     [
         ({"della": {"parameters": {"lambda_": {"low": 0, "high": 1}}}}, "space.della.parameters: della has no parameter lambda_"),
         ({"della": {"parameters": {"density": {"low": 0.5, "high": 1.5}}}}, "density: [0.5, 1.5] is outside della's declared range (0.0, 1.0]"),
         ({"karcher": {}}, "karcher declares no numeric parameter with a range"),
+        (
+            {"della": {"parameters": {"density": {"low": 0.3, "high": 0.8}, "epsilon": {"low": 0.01, "high": 0.5}}}},
+            "space.della: density 0.3…0.8 with epsilon up to 0.5 gives density ± epsilon outside (0, 1)",
+        ),
+        (
+            {"della_linear": {"parameters": {"density": {"low": 0.1, "high": 1.0}}, "fixed": {"epsilon": 0.05}}},
+            "space.della_linear: density 0.1…1.0 with epsilon up to 0.05 gives density ± epsilon outside (0, 1)",
+        ),
     ],
 )
 def test_a_declared_space_the_declaration_contradicts_is_refused_before_models_load(
