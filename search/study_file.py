@@ -173,8 +173,17 @@ class Engine(Strict):
 
 
 class Budget(Strict):
-    n_trials: Optional[int] = Field(30, ge=1, description="completed (or pruned) trials per method")
+    n_trials: Optional[int] = Field(
+        30, ge=1, description="completed (or pruned) trials per method (default 30, none when only a timeout is given)"
+    )
     timeout: Optional[float] = Field(None, gt=0, allow_inf_nan=False, description="seconds per method")
+
+    @model_validator(mode="after")
+    def _timeout_alone(self) -> "Budget":
+        """A budget of a timeout alone runs until it passes, not to the default trial count first."""
+        if self.timeout is not None and "n_trials" not in self.model_fields_set:
+            self.n_trials = None
+        return self
 
 
 class StudySpec(Strict):

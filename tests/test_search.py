@@ -32,7 +32,7 @@ from mergetune.search.storage import heartbeat
 from mergetune.search.trials import final_records, optuna_study_name, set_worker
 from mergetune.search.workers import DIED, Reaper
 from mergetune.demo.study import tiny_study
-from mergetune.search.study_file import Evaluation, load_study
+from mergetune.search.study_file import Budget, Evaluation, load_study
 from mergetune.demo.skills import HELDOUT_TASKS, SEARCH_TASKS, write_task_dir
 
 pytest.register_assert_rewrite("race_checks")
@@ -580,6 +580,15 @@ REPO = Path(__file__).resolve().parents[1]
 def test_shipped_study_files_are_valid(path):
     study = load_study(path)
     assert study.spec.methods and study.spec.evaluation.limit > 0
+
+
+@pytest.mark.parametrize(
+    "budget, n_trials",
+    [({}, 30), ({"n_trials": 5}, 5), ({"timeout": 20}, None), ({"timeout": 20, "n_trials": 30}, 30)],
+)
+def test_a_budget_of_a_timeout_alone_runs_until_the_timeout(budget, n_trials):
+    """The default of 30 trials applies only where no timeout is given: `timeout: 20` alone ran 30 trials in 10 s."""
+    assert Budget.model_validate(budget).n_trials == n_trials
 
 
 def test_study_paths_resolve_against_the_study_folder_and_the_home_directory(tmp_path, monkeypatch):
