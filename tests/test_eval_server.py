@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from typer.testing import CliRunner
 
@@ -65,6 +67,18 @@ def test_unreachable_server_is_a_clear_error(eval_models, toy_task_dir):
     )
     with pytest.raises(MergetuneError, match="127.0.0.1:9/v1/completions"):
         served.score()
+
+
+def test_an_unreachable_server_is_one_line_not_a_log_of_every_retry(eval_models, toy_task_dir, caplog):
+    """Every concurrent request fails and is retried: lm-eval logged each attempt and asyncio each failed task's
+    traceback (1,300 lines for 5 documents), burying the error."""
+    args = ["eval", str(eval_models["base"]), "--backend", "server", "--base-url", "http://127.0.0.1:9"]
+    with caplog.at_level(logging.WARNING):
+        result = CliRunner().invoke(app, [*args, "--tasks", TOY_TASK, "--include-path", str(toy_task_dir), "--limit", "2"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("error: completions server http://127.0.0.1:9/v1/completions failed: ") == 1
+    assert "Traceback" not in result.output
+    assert [r.name for r in caplog.records if r.name == "asyncio" or r.name.startswith("lm_eval.models")] == []
 
 
 @pytest.mark.parametrize(

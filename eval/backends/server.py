@@ -8,6 +8,8 @@ The evaluator cannot change a server's weights: it scores whatever is served.
 
 from __future__ import annotations
 
+import gc
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from time import perf_counter
@@ -19,6 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from mergetune.errors import MergetuneError
 from mergetune.eval.backends.base import Backend
+from mergetune.eval.quiet import quieted
 from mergetune.eval.requests import TokenRequest
 
 
@@ -89,12 +92,17 @@ class ServerBackend(Backend):
 
     def loglikelihood(self, requests: Sequence[TokenRequest]) -> list[tuple[float, bool]]:
         start = perf_counter()
-        try:
-            return super().loglikelihood(requests)
-        except Exception as error:  # aiohttp / requests / tenacity errors, after retries
-            raise MergetuneError(f"completions server {self.url} failed: {type(error).__name__}: {error}") from error
-        finally:
-            self._forward_seconds += perf_counter() - start
+        # A server that cannot be reached fails every concurrent request, each retried: lm-eval logs each attempt
+        # and asyncio each failed task's traceback when it is collected, a thousand lines burying the one below.
+        with quieted("asyncio", logging.CRITICAL), quieted("lm_eval.models.api_models", logging.CRITICAL):
+            try:
+                return super().loglikelihood(requests)
+            except Exception as error:  # aiohttp / requests / tenacity errors, after retries
+                failure = f"{type(error).__name__}: {error}"
+            finally:
+                self._forward_seconds += perf_counter() - start
+            gc.collect()  # the failed tasks, while their logger is quiet
+        raise MergetuneError(f"completions server {self.url} failed: {failure}")
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "url": self.url, "model": self.lm.model}
