@@ -59,13 +59,17 @@ def _doc_ids_from(path: Path) -> dict[str, list[int]]:
         raise MergetuneError(f"--doc-ids {path}: not a mergetune --json output nor a {{task: [ids]}} file ({error})") from error
 
 
-def _doc_ids_to_score(evaluator: Evaluator, path: Path) -> dict[str, list[int]]:
-    """The file's ids for the tasks this run scores (an earlier run may have scored more)."""
+def _doc_ids_to_score(evaluator: Evaluator, wanted: dict[str, list[int]], path: Path) -> dict[str, list[int]]:
+    """The file's ids for the tasks this run scores (an earlier run may have scored more); every task scored
+    here must have some, or its score would silently be missing from the table."""
+    for name, task in evaluator.tasks.items():
+        if not any(leaf in wanted for leaf in task.leaves):
+            raise MergetuneError(
+                f"--doc-ids {path} has no document ids for {name}, which this run scores; "
+                "leave it out of --tasks, or score it in another run"
+            )
     leaves = {leaf for task in evaluator.tasks.values() for leaf in task.leaves}
-    ids = {task: ids for task, ids in _doc_ids_from(path).items() if task in leaves}
-    if not ids:
-        raise MergetuneError(f"--doc-ids {path} has no document ids for the tasks scored here")
-    return ids
+    return {task: ids for task, ids in wanted.items() if task in leaves}
 
 
 def _table(result: EvalResult) -> Table:
@@ -119,7 +123,10 @@ def eval_command(
     datasets.disable_progress_bars()
     transformers_logging.disable_progress_bar()
     if suite is None and not tasks:
-        raise MergetuneError("give --suite leaderboard or --tasks a,b,...")
+        raise MergetuneError("give --suite leaderboard or --tasks a,b,... (with --doc-ids too: the tasks to score)")
+    if doc_ids is not None and limit is not None:
+        raise MergetuneError("--limit and --doc-ids: give one (the ids say which documents to score)")
+    wanted = _doc_ids_from(doc_ids) if doc_ids is not None else None  # a bad file fails before anything loads
     if backend not in backend_names():
         raise MergetuneError(f"unknown --backend {backend!r}; use {', '.join(backend_names())}")
     for option, value, least in (
@@ -158,7 +165,7 @@ def eval_command(
     evaluator = Evaluator.from_dir(model_dir, config, backend=backend, **options)
     typer.echo(f"scoring {', '.join(evaluator.tasks)}", err=True)
     try:
-        result = evaluator.score(doc_ids=_doc_ids_to_score(evaluator, doc_ids) if doc_ids else None)
+        result = evaluator.score(doc_ids=_doc_ids_to_score(evaluator, wanted, doc_ids) if wanted is not None else None)
     finally:
         evaluator.close()
     console = Console()

@@ -41,6 +41,12 @@ def test_table_and_json_report_metrics_stderrs_and_document_ids(eval_models, toy
     assert result.exit_code == 0, result.output
     assert json.loads(again.read_text())["tasks"][TOY_TASK]["doc_ids"] == task["doc_ids"]
 
+    # A task the file has no ids for is refused, not left out of the table.
+    elsewhere = tmp_path / "other_ids.json"
+    elsewhere.write_text(json.dumps({"arc_easy": [0, 1]}))
+    result = run(eval_models["other"], "--tasks", TOY_TASK, "--include-path", toy_task_dir, "--doc-ids", elsewhere)
+    assert result.exit_code == 2 and f"--doc-ids {elsewhere} has no document ids for {TOY_TASK}, which this run scores" in result.output
+
 
 def test_leaderboard_suite_on_local_data_uses_its_fewshot_counts_and_labels_the_proxy(eval_models, benchmarks_dir, tmp_path):
     out = tmp_path / "leaderboard.json"
@@ -66,6 +72,8 @@ def test_leaderboard_suite_on_local_data_uses_its_fewshot_counts_and_labels_the_
         (["--tasks", TOY_TASK, "--backend", "tpu"], "unknown --backend 'tpu'"),
         (["--tasks", TOY_TASK, "--backend", "server"], "needs the server's URL (--base-url)"),
         (["--tasks", TOY_TASK, "--batch-size", "big"], "--batch-size must be an integer or 'auto'"),
+        (["--tasks", TOY_TASK, "--doc-ids", "/nonexistent/ids.json"], "--doc-ids /nonexistent/ids.json: not a mergetune --json output"),
+        (["--tasks", TOY_TASK, "--doc-ids", "/nonexistent/ids.json", "--limit", "3"], "--limit and --doc-ids: give one"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(eval_models, toy_task_dir, args, message):
