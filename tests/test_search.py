@@ -29,7 +29,8 @@ from mergetune.demo.tiny import load_state
 from mergetune.eval.evidence import summarize
 from mergetune.search.leaderboard import build_leaderboard
 from mergetune.search.storage import heartbeat
-from mergetune.search.trials import final_records, optuna_study_name, set_worker
+from mergetune.search.runner import StudyRunner
+from mergetune.search.trials import final_records, is_baseline, optuna_study_name, set_worker
 from mergetune.search.workers import DIED, Reaper
 from mergetune.demo.study import tiny_study
 from mergetune.search.study_file import Budget, Evaluation, load_study
@@ -127,6 +128,31 @@ def test_leaderboard_numbers_equal_a_recomputation_from_stored_documents(finishe
         for t in SEARCH_TASKS
     }
     assert len(final_ids) == len(SEARCH_TASKS)  # every finalist scored on the same held-out documents
+
+
+def test_a_hand_written_recipe_that_ranks_first_is_compared_with_the_best_searched_candidate(
+    family_f32, task_dir, tmp_path, monkeypatch
+):
+    """The comparison with the hand-written recipe disappeared when the search lost to it: the news a user needs."""
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 3})
+    score_final = StudyRunner.score_final
+
+    def baseline_knows_everything(self, trial):
+        record = score_final(self, trial)
+        value = 1.0 if is_baseline(trial) else 0.0
+        for task in record["tasks"].values():
+            task["docs"] = {leaf: [[doc, value] for doc, _ in rows] for leaf, rows in task["docs"].items()}
+        return record
+
+    monkeypatch.setattr(StudyRunner, "score_final", baseline_knows_everything)
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    board = build_leaderboard(load_study(path))
+    assert board.rows[0].baseline
+    [comparison] = board.comparisons
+    assert comparison.label == "best searched slerp − hand-written slerp" and comparison.difference.mean == -1.0
+    assert not comparison.b.baseline and comparison.b.final is not None
+    assert "best searched slerp − hand-written slerp: -100.00 points" in result.output
 
 
 def test_final_documents_are_held_out_from_the_search(finished_study):
