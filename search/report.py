@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -141,16 +142,28 @@ def plot_curves(recipe_text: str, method: str, layers: int, path: Path) -> Path:
     return _save(figure, axis, path, "layer", "value", f"best {method}: parameters across layers")
 
 
+IMPORTANCE_MIN_TRIALS = 10  # PED-ANOVA compares the best tenth of the trials with the rest: below this, noise
+
+
 def plot_importances(optuna_study: optuna.Study, method: str, path: Path) -> Optional[Path]:
+    """PED-ANOVA importances, named so the title cannot drift from Optuna's default evaluator (fANOVA once);
+    none from fewer than IMPORTANCE_MIN_TRIALS completed trials, whose bars would look like a finding."""
+    completed = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if completed < IMPORTANCE_MIN_TRIALS:
+        log.info("no parameter importances for %s: %d completed trials, fewer than %d", method, completed, IMPORTANCE_MIN_TRIALS)
+        return None
     try:
-        importances = optuna.importance.get_param_importances(optuna_study)
+        with warnings.catch_warnings():  # Optuna's own "too few trials" notes: the rule above says it
+            warnings.simplefilter("ignore", UserWarning)
+            evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+            importances = optuna.importance.get_param_importances(optuna_study, evaluator=evaluator)
     except (RuntimeError, ValueError, ImportError) as error:
         log.info("no parameter importances for %s: %s", method, error)
         return None
     top = list(importances.items())[:15]
     figure, axis = plt.subplots(figsize=(6, 0.3 * len(top) + 1.2))
     axis.barh([name for name, _ in reversed(top)], [value for _, value in reversed(top)])
-    axis.set_title(f"{method}: parameter importances (fANOVA)")
+    axis.set_title(f"{method}: parameter importances (PED-ANOVA)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -441,6 +441,19 @@ def test_report_draws_pictures_and_a_page(finished_study, tmp_path):
         assert name in page
 
 
+def test_parameter_importances_are_drawn_only_from_enough_completed_trials(tmp_path):
+    from mergetune.search.report import plot_importances
+
+    def study_of(n_trials: int) -> optuna.Study:
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+        study.optimize(lambda trial: trial.suggest_float("x", 0, 1) + 0 * trial.suggest_float("y", 0, 1), n_trials=n_trials)
+        return study
+
+    assert plot_importances(study_of(2), "slerp", tmp_path / "few.png") is None  # its bars would be noise that looks like a finding
+    drawn = plot_importances(study_of(40), "slerp", tmp_path / "many.png")
+    assert drawn is not None and drawn.stat().st_size > 1000
+
+
 def kill_at_scoring_call(path: Path, call: int) -> subprocess.CompletedProcess:
     """`mergetune study run` SIGKILLed as it starts its `call`-th scoring call."""
     killer = (
