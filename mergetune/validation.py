@@ -60,7 +60,7 @@ def describe_validation_error(error: ValidationError, where: str) -> str:
     ]
     problems = []
     for item in items:
-        message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+        message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
         problems.append(f"{_shown(item['loc'])}: {message}")
     unique = list(dict.fromkeys(problems))
     shown = "; ".join(unique[:SHOWN_PROBLEMS]) + ("; ..." if len(unique) > SHOWN_PROBLEMS else "")

@@ -221,7 +221,7 @@ def leaderboard_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the leaderboard as JSON here."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write the leaderboard as CSV here."),
     markdown: bool = typer.Option(False, "--markdown", help="Print Markdown instead of a terminal table."),
-    top: Optional[int] = typer.Option(None, help="Show only the first N rows."),
+    top: Optional[int] = typer.Option(None, help="Show only the first N rows here (--json and --csv hold every row)."),
     storage: Optional[str] = storage_option(),
 ) -> None:
     """Rank a study's trials by held-out score; compare the best SLERP and DARE TIES."""

@@ -188,8 +188,9 @@ def missing_parts(stored: dict[str, Optional[optuna.Study]], rows: list[Row]) ->
             lines.append(f"{method}: {where}; it is missing from this board")
         elif all(row.final is None for row in mine):
             lines.append(
-                f"{method}: no held-out scores yet (the run stopped before its finalists were scored), so its "
-                f"{len(mine)} completed trial(s) show search scores and rank below every finalist; `mergetune study run` again scores them"
+                f"{method}: no held-out scores yet (its finalists are scored once its trials are done, or by the next "
+                f"`mergetune study run` of a run stopped before), so its {len(mine)} completed trial(s) show search "
+                "scores and rank below every finalist"
             )
     return lines
 
@@ -314,7 +315,7 @@ def to_csv(board: Leaderboard) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(headers)
-    writer.writerows(cells)
+    writer.writerows([["" if cell == "—" else cell for cell in row] for row in cells])  # empty, not a dash, for a number
     return buffer.getvalue()
 
 

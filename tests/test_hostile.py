@@ -520,7 +520,7 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
     (
         "stage name that is a path",
         lambda i: run("merge", i.recipe(name="../victim"), str(i.tmp / "out")),
-        "name: Value error, a stage name must be a plain name, not a path: '../victim'",
+        "name: a stage name must be a plain name, not a path: '../victim'",
     ),
     (
         "quoted number mergekit cannot merge",
