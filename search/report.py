@@ -51,12 +51,18 @@ def layer_count(study: Study) -> int:
     return layers
 
 
+LEGEND_INSIDE = 6  # more entries than this go beside the plot, where they cover nothing
+
+
 def _save(figure, axis, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
     """Label, save as PNG and close a figure."""
     axis.set_xlabel(xlabel)
     axis.set_ylabel(ylabel)
     axis.set_title(title)
-    axis.legend(fontsize=7)
+    if len(axis.get_legend_handles_labels()[1]) > LEGEND_INSIDE:  # many curves (a value per filter and model)
+        axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
