@@ -48,6 +48,9 @@ def check_output_file(path: Path, option: str) -> None:
         raise MergetuneError(f"{option} {path}: is a directory, expected a file name")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def _doc_ids_from(path: Path) -> dict[str, list[int]]:
     """Document ids from an earlier `--json` output, or from a plain {task: [ids]} file."""
     try:
@@ -108,6 +111,12 @@ def eval_command(
     served_model: Optional[str] = typer.Option(None, "--served-model", help="server: model name (default: MODEL_DIR)."),
     num_concurrent: int = typer.Option(8, "--concurrency", help="server: requests in flight."),
     tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="vllm: GPUs per engine."),
+    dtype: str = typer.Option(
+        "auto",
+        "--dtype",
+        help="hf, vllm: auto (the checkpoint's), float32, bfloat16 or float16. On a CPU, float32 gives the same "
+        "per-document results at any batch size; bfloat16 may flip near-ties between batch sizes, as in lm-eval.",
+    ),
     no_shared_prefix: bool = typer.Option(
         False, "--no-shared-prefix", help="hf: score every request as its own sequence (lm-eval's way), for comparing."
     ),
@@ -134,6 +143,8 @@ def eval_command(
         ("--tensor-parallel-size", tensor_parallel_size, 1),
     ):
         _check_at_least(option, value, least)
+    if dtype not in DTYPES:
+        raise MergetuneError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if json_out is not None:
         check_output_file(json_out, "--json")
     _check_model_dir(model_dir, backend)
@@ -145,6 +156,7 @@ def eval_command(
         "num_concurrent": num_concurrent,
         "tensor_parallel_size": tensor_parallel_size,
         "shared_prefix": not no_shared_prefix,
+        "dtype": dtype,
     }
     options = {name: given[name] for name in get_backend_class(backend).command_options}
     if "batch_size" in options:

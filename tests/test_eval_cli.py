@@ -48,6 +48,14 @@ def test_table_and_json_report_metrics_stderrs_and_document_ids(eval_models, toy
     assert result.exit_code == 2 and f"--doc-ids {elsewhere} has no document ids for {TOY_TASK}, which this run scores" in result.output
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_model_is_scored_in_the_dtype_asked_for(dtype, eval_models, toy_task_dir, tmp_path):
+    out = tmp_path / "scores.json"
+    result = run(eval_models["base"], "--tasks", TOY_TASK, "--include-path", toy_task_dir, "--limit", "3", "--dtype", dtype, "--json", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["backend"]["dtype"] == dtype
+
+
 def test_leaderboard_suite_on_local_data_uses_its_fewshot_counts_and_labels_the_proxy(eval_models, benchmarks_dir, tmp_path):
     out = tmp_path / "leaderboard.json"
     result = run(eval_models["base"], "--suite", "leaderboard", "--data-dir", benchmarks_dir, "--limit", "2", "--batch-size", "8", "--json", out)
@@ -74,6 +82,7 @@ def test_leaderboard_suite_on_local_data_uses_its_fewshot_counts_and_labels_the_
         (["--tasks", TOY_TASK, "--batch-size", "big"], "--batch-size must be an integer or 'auto'"),
         (["--tasks", TOY_TASK, "--doc-ids", "/nonexistent/ids.json"], "--doc-ids /nonexistent/ids.json: not a mergetune --json output"),
         (["--tasks", TOY_TASK, "--doc-ids", "/nonexistent/ids.json", "--limit", "3"], "--limit and --doc-ids: give one"),
+        (["--tasks", TOY_TASK, "--dtype", "half"], "--dtype 'half': use one of auto, float32, bfloat16, float16"),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(eval_models, toy_task_dir, args, message):

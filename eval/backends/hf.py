@@ -53,7 +53,7 @@ class HFBackend(Backend):
     """
 
     name = "hf"
-    command_options = ("device", "batch_size", "shared_prefix")
+    command_options = ("device", "batch_size", "shared_prefix", "dtype")
 
     def __init__(
         self,

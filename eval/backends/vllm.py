@@ -107,7 +107,7 @@ class VLLMBackend(Backend):
     """Scores with a vLLM engine: a checkpoint's, or the candidates its workers merge (`build`)."""
 
     name = "vllm"
-    command_options = ("tensor_parallel_size",)
+    command_options = ("tensor_parallel_size", "dtype")
     device_type = "cuda"  # where its workers build candidates
 
     def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase) -> None:
