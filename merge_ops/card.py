@@ -6,12 +6,13 @@ import html
 import re
 from typing import TYPE_CHECKING, Optional
 
-from mergetune.merge_ops.recipe import Recipe
+from mergetune.merge_ops.recipe import Recipe, parse_recipes
 
 if TYPE_CHECKING:  # the card's text helpers serve the read side, which must not load torch
     from mergetune.merge_ops.plan import MergePlan
 
 
+MULTI_STAGE = "\n---\n"  # between the YAML documents of a multi-stage recipe
 RECIPE_FILE = "mergekit_config.yml"  # the recipe beside every merged model, under mergekit's name
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -34,9 +35,23 @@ def reproduce_command(recipe_file: str, seed: Optional[int], stages: bool) -> st
     )
 
 
+def merged_inputs(recipe: Recipe, recipe_yaml: str) -> dict[str, bool]:
+    """The checkpoints merged, in order, each once, and whether one is a stage's base model: of every stage of a
+    multi-stage recipe, not the stage names its last stage refers to."""
+    stages = parse_recipes(recipe_yaml).stages if MULTI_STAGE in recipe_yaml else [recipe]
+    names = {stage.name for stage in stages if stage.name}
+    found: dict[str, bool] = {}
+    for stage in stages:
+        for model in stage.referenced_models():
+            if model not in names:
+                found[model] = found.get(model, False) or model == stage.base_model
+    return found
+
+
 def model_card(recipe: Recipe, plan: "MergePlan", recipe_yaml: str, seed: Optional[int], extra: str = "") -> str:
     """The card; `seed` is None unless some stage draws random masks (`merge_recipe_file`)."""
-    models = recipe.referenced_models()
+    inputs = merged_inputs(recipe, recipe_yaml)
+    models = list(inputs)
     front = ["---", "library_name: transformers", "tags:", "- merge", "- mergetune", "- mergekit"]
     # Only names shaped like hub ids go into the YAML front matter (a stray newline or colon would rewrite it).
     hub_models = [model for model in models if HUB_ID.fullmatch(model)]
@@ -56,9 +71,8 @@ def model_card(recipe: Recipe, plan: "MergePlan", recipe_yaml: str, seed: Option
         "## Models merged",
         "",
     ]
-    for model in models:
-        role = " (base)" if model == recipe.base_model else ""
-        lines.append(f"* {escape_markdown(model)}{role}")
+    for model, base in inputs.items():
+        lines.append(f"* {escape_markdown(model)}{' (base)' if base else ''}")
     lines += [
         "",
         f"Output: {plan.config.get('num_hidden_layers', '?')} layers, {len(plan.ops)} tensors"
@@ -68,7 +82,7 @@ def model_card(recipe: Recipe, plan: "MergePlan", recipe_yaml: str, seed: Option
         "## Configuration",
         "",
         f"This recipe (`{RECIPE_FILE}`) reproduces the merge with "
-        + reproduce_command(RECIPE_FILE, seed, "\n---\n" in recipe_yaml)
+        + reproduce_command(RECIPE_FILE, seed, MULTI_STAGE in recipe_yaml)
         + ":",
         "",
         "```yaml",

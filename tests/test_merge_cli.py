@@ -75,6 +75,8 @@ def test_the_model_card_names_the_mergekit_command_that_reads_its_recipe(family_
     assert result.exit_code == 0, result.output
     card = (multi / "README.md").read_text()
     assert "`mergekit-multi`" in card and "`mergekit-yaml`" not in card
+    merged = card.split("## Models merged")[1].split("Output:")[0]  # the checkpoints, not the stage names
+    assert f"* {family_f32['base']} (base)" in merged and f"* {family_f32['model_a']}" in merged and "first" not in merged
 
 
 def corrupt_copy(paths, tmp_path: Path) -> dict:
