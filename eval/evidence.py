@@ -46,11 +46,24 @@ def combine(first: Record, second: Record) -> Record:
         for part in parts:
             for leaf, rows in part["docs"].items():
                 docs.setdefault(leaf, []).extend(rows)
-        for leaf, rows in docs.items():
-            if len({doc for doc, _ in rows}) != len(rows):
-                raise ValueError(f"task {leaf}: a document is in both records, which must be disjoint")
         tasks[name] = {"metric": parts[0]["metric"], "proxy": parts[0]["proxy"], "docs": docs}
-    return {"tasks": tasks}
+    combined = {"tasks": tasks}
+    if repeated_documents(combined):
+        raise ValueError(f"records to combine must be disjoint; both hold {repeated_documents(combined)[0]}")
+    return combined
+
+
+def repeated_documents(record: Record) -> list[str]:
+    """`leaf document` of each document the record holds more than once (none should: each is scored once)."""
+    found = []
+    for task in record["tasks"].values():
+        for leaf, rows in task["docs"].items():
+            seen: set = set()
+            for doc, _ in rows:
+                if doc in seen:
+                    found.append(f"{leaf} document {doc}")
+                seen.add(doc)
+    return found
 
 
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, Optional[float]]:

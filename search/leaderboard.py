@@ -18,7 +18,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from mergetune.errors import MergetuneError
-from mergetune.eval.evidence import PairedDifference, Record, Summary, paired_bootstrap, summarize
+from mergetune.eval.evidence import PairedDifference, Record, Summary, paired_bootstrap, repeated_documents, summarize
 from mergetune.search.storage import storage_errors
 from mergetune.search.trials import COUNTED, StoredTrial, final_records, load_optuna_study
 from mergetune.search.study_file import Study
@@ -92,6 +92,7 @@ class Leaderboard:
     comparisons: list[Comparison] = field(default_factory=list)
     races: list[Races] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # what a partial study lacks, method by method
+    warnings: list[str] = field(default_factory=list)  # stored evidence that cannot be taken at its word
 
     def best(self, method: str) -> Optional[Row]:
         finalists = [row for row in self.rows if row.method == method and row.final is not None]
@@ -110,6 +111,7 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
     rows: list[Row] = []
     races_found: list[Races] = []
     records: dict[tuple[str, int], Record] = {}
+    warnings: list[str] = []
     stored = {method: load_optuna_study(study, method, storage) for method in study.spec.methods}
     if not any(stored.values()):
         raise MergetuneError(_no_such_study(study, storage))
@@ -121,6 +123,12 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
         races = races_of(method, counted)
         if races is not None:
             races_found.append(races)
+        doubled = [t.number for t in counted if t.record is not None and repeated_documents(t.record)]
+        if doubled:
+            warnings.append(
+                f"{method}: trial(s) {', '.join(map(str, doubled))} hold documents scored twice (an estimator race "
+                "stored by mergetune before 2026-12-02), and their search scores count them twice; rank them with care"
+            )
         for trial in counted:
             if trial.state != TrialState.COMPLETE:
                 continue
@@ -149,7 +157,7 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
         row.rank = position
         per_method[row.method] = per_method.get(row.method, 0) + 1
         row.method_rank = per_method[row.method]
-    board = Leaderboard(study.spec.name, rows, races=races_found, missing=missing_parts(stored, rows))
+    board = Leaderboard(study.spec.name, rows, races=races_found, missing=missing_parts(stored, rows), warnings=warnings)
     for method in study.spec.methods:
         # The best searched finalist, also where the hand-written recipe ranks first: that loss is news too.
         searched = next((r for r in rows if r.method == method and not r.baseline and r.final is not None), None)
@@ -294,12 +302,13 @@ def table_rows(board: Leaderboard, top: Optional[int] = None) -> tuple[list[str]
 
 
 def comparison_lines(board: Leaderboard) -> list[str]:
-    """The paired comparisons, what the estimator did (if the study used it), then what a partial study lacks."""
+    """The paired comparisons, what the estimator did (if the study used it), what a partial study lacks, then
+    warnings about stored evidence."""
     return [
         f"{c.label}: {100 * c.difference.mean:+.2f} points "
         f"(95% CI {100 * c.difference.low:+.2f} … {100 * c.difference.high:+.2f}, {c.difference.n_docs} paired documents)"
         for c in board.comparisons
-    ] + [races.line() for races in board.races] + board.missing
+    ] + [races.line() for races in board.races] + board.missing + board.warnings
 
 
 def to_markdown(board: Leaderboard, top: Optional[int] = None) -> str:
@@ -346,4 +355,5 @@ def to_json(board: Leaderboard) -> dict[str, Any]:
         ],
         "races": [asdict(races) for races in board.races],
         "missing": board.missing,
+        "warnings": board.warnings,
     }

@@ -376,6 +376,28 @@ def test_leaderboard_outputs_markdown_json_and_csv(finished_study, tmp_path):
     assert data["missing"] == []
 
 
+def test_the_leaderboard_warns_of_trials_stored_with_documents_scored_twice(finished_study, tmp_path):
+    """Estimator races stored before the fix of 2026-12-02 could hold a task's first documents twice."""
+    study = Path(shutil.copytree(finished_study.parent, tmp_path / "study")) / finished_study.name
+    with contextlib.closing(sqlite3.connect(study.parent / "tiny.db")) as db, db:
+        trial_id, value = db.execute(
+            "SELECT a.trial_id, a.value_json FROM trial_user_attributes a JOIN trials t ON a.trial_id = t.trial_id "
+            "JOIN studies s ON t.study_id = s.study_id WHERE s.study_name = 'tiny.slerp' AND t.number = 1 AND a.key = 'record'"
+        ).fetchone()
+        record = json.loads(json.loads(value))
+        docs = next(iter(record["tasks"].values()))["docs"]
+        leaf = next(iter(docs))
+        docs[leaf].append(docs[leaf][0])
+        db.execute("UPDATE trial_user_attributes SET value_json = ? WHERE trial_id = ? AND key = 'record'",
+                   (json.dumps(json.dumps(record)), trial_id))
+    board = build_leaderboard(load_study(study))
+    assert board.warnings == [
+        "slerp: trial(s) 1 hold documents scored twice (an estimator race stored by mergetune before 2026-12-02), "
+        "and their search scores count them twice; rank them with care"
+    ]
+    assert build_leaderboard(load_study(finished_study)).warnings == []
+
+
 def test_a_partial_study_says_what_it_lacks_and_export_that_it_picked_by_search_score(finished_study, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(finished_study.parent, partial)
