@@ -48,8 +48,9 @@ def combine(first: Record, second: Record) -> Record:
                 docs.setdefault(leaf, []).extend(rows)
         tasks[name] = {"metric": parts[0]["metric"], "proxy": parts[0]["proxy"], "docs": docs}
     combined = {"tasks": tasks}
-    if repeated_documents(combined):
-        raise ValueError(f"records to combine must be disjoint; both hold {repeated_documents(combined)[0]}")
+    repeated = repeated_documents(combined)
+    if repeated:
+        raise ValueError(f"records to combine must be disjoint; both hold {repeated[0]}")
     return combined
 
 

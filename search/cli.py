@@ -66,9 +66,9 @@ def _check_output_file(path: Path, option: str, protected: Mapping[str, Path]) -
 def _refuse_protected(path: Path, option: str, protected: Mapping[str, Path]) -> None:
     """`path` is none of the `protected` files and folders, nor inside one of the folders."""
     target = path.resolve()
+    shown = "" if str(path) == str(target) else f" ({target})"
     for what, kept in protected.items():
         kept = kept.resolve()
-        shown = "" if str(path) == str(target) else f" ({target})"
         if target == kept:
             raise MergetuneError(f"{option} {path}: is the {what}{shown}; writing there would destroy it, choose another")
         if kept.is_dir() and kept in target.parents:

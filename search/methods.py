@@ -277,11 +277,12 @@ class DeclaredMethod(SearchableMethod):
 
     def _searched(self, spec: "StudySpec") -> list[tuple["ParamSpec", Range]]:
         settings: DeclaredSpace = self.settings(spec)
+        declaration = self.declaration()
         searched = []
-        for param in self.declaration().params:
+        for param in declaration.params:
             if param.name in settings.fixed or param.value_type is not float:
                 continue
-            declared = self.declaration().search_ranges.get(param.name)
+            declared = declaration.search_ranges.get(param.name)
             bounds = (
                 settings.parameters.get(param.name)
                 or (Range(low=declared[0], high=declared[1]) if declared else None)
