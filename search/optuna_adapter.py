@@ -4,9 +4,9 @@ Several workers sharing one storage must act on trials by their storage id (fail
 dead worker's trial, record a heartbeat, read it back), and Optuna exposes neither
 the id nor the storage of a study publicly. Everything that needs them goes
 through these functions, so an Optuna release that moves them breaks here — and
-`tests/test_optuna_adapter.py` says so — not in the middle of a study.
+`tests/test_layout.py` says so — not in the middle of a study.
 
-Checked against Optuna 4.0 – 5.0 (`Study._storage`, `Study._study_id`,
+Checked against Optuna 4.0 – 5.1 (`Study._storage`, `Study._study_id`,
 `FrozenTrial._trial_id`, `Trial._trial_id`, `BaseHeartbeat._get_stale_trial_ids`).
 """
 
@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial
 
 log = logging.getLogger(__name__)
 
-CHECKED_VERSIONS = ((4, 0), (5, 0))  # oldest and newest major.minor this adapter was checked against
+CHECKED_VERSIONS = ((4, 0), (5, 1))  # oldest and newest major.minor this adapter was checked against
 
 
 def _major_minor(version: str) -> tuple[int, int]:
