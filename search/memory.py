@@ -2,9 +2,11 @@
 
 A study keeps every source model resident on its device and, next to them, the
 model it scores: a live transformers model (`hf`) or an inference engine's weights
-and key/value cache (`vllm`). vLLM refuses to start unless the fraction of the
-card it is given is free when it starts — after the sources are resident — so its
-default share is computed from what is left, not fixed. A study that cannot fit is
+and key/value cache (`vllm`). The engine takes the share of the card it is given
+(`gpu_memory_utilization`) and its workers then load the sources beside it, so
+its default share is what is left once the sources and a headroom are counted,
+not a fixed fraction. (vLLM 0.34 then caps what torch may hold in each worker at
+what the share leaves free, less 512 MiB: inside the headroom.) A study that cannot fit is
 refused with the numbers and what to change. Pure arithmetic over byte counts:
 callers measure the device (`torch.cuda.mem_get_info`, psutil) and the checkpoints.
 """

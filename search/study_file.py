@@ -118,8 +118,8 @@ class Evaluation(Strict):
     estimator: EstimatorSettings = EstimatorSettings()
     shared_prefix: bool = Field(
         True,
-        description="hf backend: compute a prefix shared by several requests (a document's answer choices) once; "
-        "the scores are lm-eval's either way, false only to compare",
+        description="hf backend, and vllm from vLLM 0.34 on: compute a prefix shared by several requests (a "
+        "document's answer choices) once; the scores are lm-eval's either way, false only to compare",
     )
 
     def rungs(self) -> list[int]:

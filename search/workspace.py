@@ -96,7 +96,8 @@ class Workspace:
             say(f"starting the {spec.backend} engine; its workers load {len(references)} model(s)")
             skeleton = write_skeleton(first_recipe, merged, sources)
             evaluator = Evaluator.for_candidates(
-                skeleton, references, spec.dtype, config, backend=spec.backend, tasks=tasks, **options
+                skeleton, references, spec.dtype, config, backend=spec.backend, tasks=tasks,
+                shared_prefix=spec.evaluation.shared_prefix, **options,
             )
             builder: CandidateBuilder = evaluator.backend
         else:

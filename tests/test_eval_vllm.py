@@ -1,7 +1,7 @@
 """The vLLM backend without vLLM: candidates merged inside the engine, checked against a stand-in engine.
 
 vLLM cannot be installed here. The stand-in below plays vLLM's part as its public
-API and source (0.33) say: `LLM(..., worker_extension_cls=...)` mixes our extension
+API and source (0.33, 0.34) say: `LLM(..., worker_extension_cls=...)` mixes our extension
 into each worker (one per tensor-parallel rank), `collective_rpc` calls it with
 arguments that pass through the engine core's serializer — msgpack with tensors
 encoded as (dtype, shape, frame) and utility arguments decoded untyped
@@ -10,8 +10,12 @@ engine model keeps Llama's q/k/v and gate/up projections in fused `qkv_proj` /
 `gate_up_proj` parameters filled by `load_weights`, `load_format="dummy"` starts it
 with random weights, and `generate` with `prompt_logprobs` returns, per prompt
 position, a dict of token id -> Logprob holding the prompt token and the top one,
-computed from the engine's own fused parameters. What the stand-in does not show:
-real CUDA workers in other processes, vLLM's own Llama, memory.
+computed from the engine's own fused parameters. From 0.34 on, a request with
+`prompt_logprob_start` gets None for the rows before it and may take that many
+leading tokens, in whole blocks, from the prefix cache (`v1/engine/logprobs.py`,
+`v1/request.py`); the stand-in counts the tokens it had to compute. What the
+stand-in does not show: real CUDA workers in other processes, vLLM's own Llama,
+memory, and whether vLLM shares blocks between requests of one batch.
 """
 
 from __future__ import annotations
@@ -150,6 +154,8 @@ class FakeLLM:
 
     instances: list[FakeLLM] = []
     skip: str | None = None
+    block_size = 4  # tokens per prefix-cache block
+    resets_fail = False
 
     def __init__(self, model, tokenizer, worker_extension_cls, tensor_parallel_size=1, load_format="auto", **options):
         module, _, name = worker_extension_cls.rpartition(".")
@@ -169,6 +175,8 @@ class FakeLLM:
         self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=512, model=model, dtype=torch.float32))
         self.prefix_cache_resets = 0
         self.generate_calls = 0
+        self.cached_blocks: set[tuple[int, ...]] = set()  # token prefixes whose blocks the cache holds
+        self.prompt_tokens = self.computed_tokens = 0
         FakeLLM.instances.append(self)
 
     def collective_rpc(self, method, args=(), kwargs=None):
@@ -176,16 +184,36 @@ class FakeLLM:
         return [vllm_wire(getattr(worker, method)(*args, **kwargs)) for worker in self.workers]
 
     def reset_prefix_cache(self):
+        if FakeLLM.resets_fail:
+            return False
         self.prefix_cache_resets += 1
+        self.cached_blocks.clear()
         return True
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
-        assert sampling_params.kwargs["prompt_logprobs"] >= 1
         assert all(len(p["prompt_token_ids"]) < 512 for p in prompts)  # room for one generated token
+        if not isinstance(sampling_params, list):
+            sampling_params = [sampling_params] * len(prompts)
         self.generate_calls += 1
         model = self.workers[0].model
         model.unfuse()
-        return [types.SimpleNamespace(prompt_logprobs=model.prompt_logprobs(p["prompt_token_ids"])) for p in prompts]
+        return [self._one(model, p["prompt_token_ids"], params) for p, params in zip(prompts, sampling_params, strict=True)]
+
+    def _one(self, model, tokens, params):
+        assert params.kwargs["prompt_logprobs"] >= 1
+        start = params.kwargs.get("prompt_logprob_start") or 0
+        assert not start or start < len(tokens) - 1, "vLLM: prompt_logprob_start must be less than prompt_len - 1"
+        reads_cache = self.options["enable_prefix_caching"] and params.kwargs.get("skip_reading_prefix_cache") is False
+        hit = 0
+        if reads_cache:  # whole blocks, at most `start` tokens: the scored rows are always computed
+            while hit + self.block_size <= start and tuple(tokens[: hit + self.block_size]) in self.cached_blocks:
+                hit += self.block_size
+        if self.options["enable_prefix_caching"]:
+            self.cached_blocks.update(tuple(tokens[:end]) for end in range(self.block_size, len(tokens) + 1, self.block_size))
+        self.prompt_tokens += len(tokens)
+        self.computed_tokens += len(tokens) - hit
+        logprobs = model.prompt_logprobs(tokens)
+        return types.SimpleNamespace(prompt_logprobs=[None] * (start + 1) + logprobs[start + 1 :])
 
 
 class SamplingParams:
@@ -196,13 +224,13 @@ class SamplingParams:
 @pytest.fixture
 def fake_vllm(monkeypatch):
     vllm = types.ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = FakeLLM, SamplingParams
+    vllm.LLM, vllm.SamplingParams, vllm.__version__ = FakeLLM, SamplingParams, "0.34.0"
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = dict  # a TypedDict in vLLM
     vllm.inputs = inputs
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    FakeLLM.instances, FakeLLM.skip = [], None
+    FakeLLM.instances, FakeLLM.skip, FakeLLM.resets_fail = [], None, False
     return vllm
 
 
@@ -280,13 +308,19 @@ def engine_evaluator(eval_models, toy_task_dir, **options):
     return Evaluator.for_candidates(skeleton, list(sources), "float32", config, backend="vllm", **options)
 
 
+@pytest.mark.parametrize(
+    "version, shared_prefix, prefix_cache",
+    [("0.34.0", True, True), ("0.34.0", False, False), ("0.33.0", True, False)],
+)
 def test_each_candidate_is_merged_inside_the_engine_and_scores_as_the_disk_merge_does(
-    fake_vllm, eval_models, toy_task_dir, tmp_path
+    fake_vllm, eval_models, toy_task_dir, tmp_path, version, shared_prefix, prefix_cache
 ):
-    evaluator = engine_evaluator(eval_models, toy_task_dir)
+    fake_vllm.__version__ = version
+    evaluator = engine_evaluator(eval_models, toy_task_dir, shared_prefix=shared_prefix)
     (engine,) = FakeLLM.instances
     assert engine.options["worker_extension_cls"] == WORKER_EXTENSION and engine.options["load_format"] == "dummy"
-    assert engine.options["dtype"] == "float32" and engine.options["enable_prefix_caching"] is False
+    assert engine.options["dtype"] == "float32" and engine.options["enable_prefix_caching"] is prefix_cache
+    assert evaluator.backend.describe()["shared_prefix"] is prefix_cache
     scores = []
     for t in (0.0, 1.0):  # the base model, then the other
         text = recipe_text("slerp", {"a": eval_models["base"], "b": eval_models["other"]})
@@ -303,6 +337,31 @@ def test_each_candidate_is_merged_inside_the_engine_and_scores_as_the_disk_merge
         scores.append(doc_metrics(on_engine))
     assert scores[0] != scores[1]
     assert FakeLLM.instances == [engine] and engine.prefix_cache_resets == 2  # one engine, cache dropped per candidate
+    # Each document's answer choices share its context: with the cache, it is computed about once.
+    assert (engine.computed_tokens < 0.7 * engine.prompt_tokens) if prefix_cache else (engine.computed_tokens == engine.prompt_tokens)
+
+
+def test_shared_contexts_are_read_from_the_cache_only_up_to_the_first_scored_row(fake_vllm, eval_models, toy_task_dir):
+    evaluator = engine_evaluator(eval_models, toy_task_dir)
+    (engine,) = FakeLLM.instances
+    seen = []
+    generate = engine.generate
+    engine.generate = lambda prompts, params, use_tqdm=True: seen.extend(zip(prompts, params)) or generate(prompts, params)
+    evaluator.backend.build(parse_recipes(recipe_text("slerp", {"a": eval_models["base"], "b": eval_models["other"]})))
+    requests = [(("", ""), [5, 6, 7, 8, 9], [10, 11]), (("", ""), [5, 6, 7, 8, 9], [12])]
+    evaluator.backend.lm.score_tokens(requests)
+    assert [(p["prompt_token_ids"], params.kwargs["prompt_logprob_start"]) for p, params in seen] == [
+        ([5, 6, 7, 8, 9, 10, 11], 4), ([5, 6, 7, 8, 9, 12], 4)  # the row that predicts the first continuation token
+    ]
+    assert all(params.kwargs["skip_reading_prefix_cache"] is False for _, params in seen)
+
+
+def test_a_prefix_cache_vllm_cannot_drop_stops_the_candidate(fake_vllm, eval_models, toy_task_dir):
+    evaluator = engine_evaluator(eval_models, toy_task_dir)
+    FakeLLM.resets_fail = True
+    recipe = parse_recipes(recipe_text("slerp", {"a": eval_models["base"], "b": eval_models["other"]}))
+    with pytest.raises(MergetuneError, match="could not drop its prefix cache"):
+        evaluator.backend.build(recipe)
 
 
 def test_every_tensor_parallel_rank_builds_the_same_seeded_candidate(fake_vllm, eval_models, toy_task_dir):
@@ -327,12 +386,18 @@ def test_a_parameter_the_engine_did_not_load_is_an_error_not_a_stale_score(fake_
         evaluator.backend.build(recipe)
 
 
-def test_a_study_scored_by_vllm_runs_end_to_end_without_a_live_model(fake_vllm, eval_models, toy_task_dir, tmp_path):
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_a_study_scored_by_vllm_runs_end_to_end_without_a_live_model(
+    fake_vllm, eval_models, toy_task_dir, tmp_path, shared_prefix
+):
     study = {
         "name": "engine", "models": [str(eval_models["base"]), str(eval_models["other"])], "methods": ["slerp"],
         "dtype": "float32", "backend": "vllm", "engine": {"tensor_parallel_size": 2},
         "space": {"slerp": {"control_points": 2}}, "budget": {"n_trials": 3},
-        "evaluation": {"tasks": [TOY_TASK], "include_paths": [str(toy_task_dir)], "limit": 4, "final": {"limit": 4, "finalists": 1}},
+        "evaluation": {
+            "tasks": [TOY_TASK], "include_paths": [str(toy_task_dir)], "limit": 4, "final": {"limit": 4, "finalists": 1},
+            "shared_prefix": shared_prefix,
+        },
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
@@ -340,6 +405,7 @@ def test_a_study_scored_by_vllm_runs_end_to_end_without_a_live_model(fake_vllm, 
     assert result.exit_code == 0, result.output
     (engine,) = FakeLLM.instances
     assert len(engine.workers) == 2 and engine.prefix_cache_resets >= 3  # every trial and finalist built in the engine
+    assert engine.options["enable_prefix_caching"] is shared_prefix
 
 
 def test_missing_vllm_is_a_clear_error(monkeypatch, eval_models, toy_task_dir):

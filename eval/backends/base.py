@@ -50,7 +50,10 @@ class Backend:
 
     @classmethod
     def for_candidates(cls, skeleton_dir: str | Path, sources: list[str], dtype: str, **options: Any) -> Backend:
-        """A backend whose engine holds `sources` and merges each candidate given to `build` (engine backends)."""
+        """A backend whose engine holds `sources` and merges each candidate given to `build` (engine backends).
+
+        `options` are the study file's `engine:` settings and its `evaluation.shared_prefix`.
+        """
         raise MergetuneError(f"backend {cls.name!r} cannot merge candidates in its engine")
 
     def build(self, recipe: Any, seed: int | None = None) -> None:

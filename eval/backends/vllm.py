@@ -10,7 +10,11 @@ plain data crosses the process boundary, as vLLM's default multiprocess mode
 requires, and it works the same under tensor parallelism. For a checkpoint on disk
 (`for_directory`, `mergetune eval --backend vllm`) the engine just loads it.
 Log-likelihoods come from prompt logprobs, with requests truncated as lm-eval's
-own vLLM model truncates them.
+own vLLM model truncates them. On vLLM 0.34 or later, with `shared_prefix` (the
+default), each request asks only for its continuation's rows
+(`prompt_logprob_start`) and may read the prefix cache before them, so a context
+shared by several answer choices can be prefilled once; vLLM bounds every cache
+hit by that first scored row, so the scored rows are always computed.
 
 Needs `pip install 'mergetune[vllm]'` and a GPU vLLM supports; vLLM is imported
 only when an engine is started.
@@ -24,6 +28,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from packaging.version import Version
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mergetune.errors import MergetuneError
@@ -36,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "mergetune.eval.backends.vllm_worker.MergeExtension"
+# The first vLLM whose prompt log-probabilities start at a given row and whose prefix-cache hits stop there
+# (`SamplingParams.prompt_logprob_start` with `prompt_logprobs`; `Request.get_prefix_cache_hit_limit`).
+PREFIX_SCORING_VERSION = (0, 34)
 
 
 def import_vllm() -> Any:
@@ -50,14 +58,26 @@ def import_vllm() -> Any:
     return vllm
 
 
+def scores_from_prefix_cache(vllm: Any) -> bool:
+    """Whether this vLLM can score continuations while reading their shared context from its prefix cache.
+
+    Before 0.34 a request that asks for prompt log-probabilities never reads the
+    cache, and `prompt_logprob_start` needs the V2 model runner and token-id rows
+    without the argmax lm-eval's greedy check reads (docs/eval.md).
+    """
+    release = Version(vllm.__version__).release
+    return release[:2] >= PREFIX_SCORING_VERSION
+
+
 class _VLLMLM(TokenScoringLM):
     """lm-eval LM over a vLLM engine: HF tokenization, log-likelihoods from prompt logprobs."""
 
-    def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+    def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase, max_length: int, prefix_cache: bool) -> None:
         super().__init__()
         self.llm = llm
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.prefix_cache = prefix_cache
         self.forward_seconds = 0.0
 
     @property
@@ -81,7 +101,18 @@ class _VLLMLM(TokenScoringLM):
         # Left-truncated as lm-eval's vLLM model does: vLLM wants room for one generated token.
         window = self.max_length - 1
         sequences = [(list(context) + list(continuation))[-window:] for _, context, continuation in requests]
-        params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+        if self.prefix_cache:
+            # Rows before the one predicting the first continuation token are not needed: they may come from
+            # the prefix cache (vLLM caps its hits there) and come back as None.
+            params = [
+                vllm.SamplingParams(
+                    max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False,
+                    prompt_logprob_start=len(tokens) - len(continuation) - 1, skip_reading_prefix_cache=False,
+                )
+                for (_, _, continuation), tokens in zip(requests, sequences, strict=True)
+            ]
+        else:
+            params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
         start = perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
         self.forward_seconds += perf_counter() - start
@@ -107,13 +138,13 @@ class VLLMBackend(Backend):
     """Scores with a vLLM engine: a checkpoint's, or the candidates its workers merge (`build`)."""
 
     name = "vllm"
-    command_options = ("tensor_parallel_size", "dtype")
+    command_options = ("tensor_parallel_size", "dtype", "shared_prefix")
     device_type = "cuda"  # where its workers build candidates
 
-    def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, llm: Any, tokenizer: PreTrainedTokenizerBase, prefix_cache: bool) -> None:
         super().__init__()
         self.llm = llm
-        self.lm = _VLLMLM(llm, tokenizer, llm.llm_engine.model_config.max_model_len)
+        self.lm = _VLLMLM(llm, tokenizer, llm.llm_engine.model_config.max_model_len, prefix_cache)
         self._engine_parameters: set[str] | None = None
 
     @classmethod
@@ -142,17 +173,22 @@ class VLLMBackend(Backend):
         gpu_memory_utilization: float = 0.85,
         max_model_len: int | None = None,
         seed: int = 0,
+        shared_prefix: bool = True,
         **engine_options: Any,
     ) -> VLLMBackend:
         """Start the engine once from `model_dir`.
 
-        Prefix caching is off: prompt-logprob requests cannot use it, and a cache
-        filled with one candidate's keys must never serve the next.
+        Prefix caching is on only where prompt-logprob requests can read it
+        (`scores_from_prefix_cache`) and `shared_prefix` asks for it; `build` drops
+        the cache, so keys computed with one candidate's weights never serve the next.
         """
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise MergetuneError(f"model directory {model_dir} does not exist or has no config.json")
         vllm = import_vllm()
+        prefix_cache = shared_prefix and scores_from_prefix_cache(vllm)
+        if shared_prefix and not prefix_cache:
+            log.info("vLLM %s scores every request in full (shared prefixes need vLLM 0.34 or later)", vllm.__version__)
         llm = vllm.LLM(
             model=str(model_dir),
             tokenizer=str(model_dir),
@@ -161,11 +197,11 @@ class VLLMBackend(Backend):
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             seed=seed,
-            enable_prefix_caching=False,
+            enable_prefix_caching=prefix_cache,
             worker_extension_cls=WORKER_EXTENSION,
             **engine_options,
         )
-        return cls(llm, AutoTokenizer.from_pretrained(model_dir))
+        return cls(llm, AutoTokenizer.from_pretrained(model_dir), prefix_cache)
 
     @property
     def forward_seconds(self) -> float:
@@ -182,8 +218,15 @@ class VLLMBackend(Backend):
                     f"vLLM worker {worker} kept the previous weights of {len(kept)} parameter(s), e.g. {kept[0]}: "
                     "the recipe does not produce them"
                 )
-        self.llm.reset_prefix_cache()
+        if not self.llm.reset_prefix_cache():
+            raise MergetuneError(
+                "vLLM could not drop its prefix cache (some blocks are still in use): "
+                "the previous candidate's keys could be reused, so this candidate is not scored"
+            )
 
     def describe(self) -> dict[str, Any]:
         config = self.llm.llm_engine.model_config
-        return {"backend": self.name, "model": str(config.model), "dtype": str(config.dtype).removeprefix("torch.")}
+        return {
+            "backend": self.name, "model": str(config.model), "dtype": str(config.dtype).removeprefix("torch."),
+            "shared_prefix": self.lm.prefix_cache,
+        }
