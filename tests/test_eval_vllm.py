@@ -156,6 +156,7 @@ class FakeLLM:
     skip: str | None = None
     block_size = 4  # tokens per prefix-cache block
     resets_fail = False
+    stale_cache = False  # cached blocks hold keys of other tokens: what a wrong cache would do to the scores
 
     def __init__(self, model, tokenizer, worker_extension_cls, tensor_parallel_size=1, load_format="auto", **options):
         module, _, name = worker_extension_cls.rpartition(".")
@@ -212,7 +213,7 @@ class FakeLLM:
             self.cached_blocks.update(tuple(tokens[:end]) for end in range(self.block_size, len(tokens) + 1, self.block_size))
         self.prompt_tokens += len(tokens)
         self.computed_tokens += len(tokens) - hit
-        logprobs = model.prompt_logprobs(tokens)
+        logprobs = model.prompt_logprobs([0] * hit + tokens[hit:] if FakeLLM.stale_cache else tokens)
         return types.SimpleNamespace(prompt_logprobs=[None] * (start + 1) + logprobs[start + 1 :])
 
 
@@ -230,7 +231,7 @@ def fake_vllm(monkeypatch):
     vllm.inputs = inputs
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    FakeLLM.instances, FakeLLM.skip, FakeLLM.resets_fail = [], None, False
+    FakeLLM.instances, FakeLLM.skip, FakeLLM.resets_fail, FakeLLM.stale_cache = [], None, False, False
     return vllm
 
 
@@ -344,16 +345,36 @@ def test_each_candidate_is_merged_inside_the_engine_and_scores_as_the_disk_merge
 def test_shared_contexts_are_read_from_the_cache_only_up_to_the_first_scored_row(fake_vllm, eval_models, toy_task_dir):
     evaluator = engine_evaluator(eval_models, toy_task_dir)
     (engine,) = FakeLLM.instances
-    seen = []
+    calls = []
     generate = engine.generate
-    engine.generate = lambda prompts, params, use_tqdm=True: seen.extend(zip(prompts, params)) or generate(prompts, params)
+    engine.generate = lambda prompts, params, use_tqdm=True: calls.append((prompts, params)) or generate(prompts, params)
     evaluator.backend.build(parse_recipes(recipe_text("slerp", {"a": eval_models["base"], "b": eval_models["other"]})))
     requests = [(("", ""), [5, 6, 7, 8, 9], [10, 11]), (("", ""), [5, 6, 7, 8, 9], [12])]
     evaluator.backend.lm.score_tokens(requests)
-    assert [(p["prompt_token_ids"], params.kwargs["prompt_logprob_start"]) for p, params in seen] == [
+    (prompts, params), (checked, plain) = calls  # the engine's first requests are scored again in full, once
+    assert [(p["prompt_token_ids"], each.kwargs["prompt_logprob_start"]) for p, each in zip(prompts, params)] == [
         ([5, 6, 7, 8, 9, 10, 11], 4), ([5, 6, 7, 8, 9, 12], 4)  # the row that predicts the first continuation token
     ]
-    assert all(params.kwargs["skip_reading_prefix_cache"] is False for _, params in seen)
+    assert all(each.kwargs["skip_reading_prefix_cache"] is False for each in params)
+    assert checked == prompts and "prompt_logprob_start" not in plain.kwargs
+    evaluator.backend.lm.score_tokens(requests)
+    assert len(calls) == 3
+
+
+def test_cached_scores_that_disagree_with_full_scoring_turn_the_cache_off_with_a_warning(
+    fake_vllm, eval_models, toy_task_dir, tmp_path, caplog
+):
+    FakeLLM.stale_cache = True
+    evaluator = engine_evaluator(eval_models, toy_task_dir)
+    recipe = parse_recipes(recipe_text("slerp", {"a": eval_models["base"], "b": eval_models["other"]}))
+    evaluator.backend.build(recipe)
+    with caplog.at_level("WARNING", logger="mergetune.eval.backends.vllm"):
+        on_engine = evaluator.score(limit=12)
+    assert "differ from full scoring" in caplog.text and "scored in full from now on" in caplog.text
+    assert evaluator.backend.describe()["shared_prefix"] is False
+    merge_recipe_file(recipe, tmp_path / "disk")
+    reference = Evaluator.from_dir(tmp_path / "disk", evaluator.config, batch_size=1).score(doc_ids=on_engine.doc_ids)
+    assert doc_metrics(on_engine) == doc_metrics(reference)
 
 
 def test_a_prefix_cache_vllm_cannot_drop_stops_the_candidate(fake_vllm, eval_models, toy_task_dir):

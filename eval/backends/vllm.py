@@ -44,6 +44,10 @@ WORKER_EXTENSION = "mergetune.eval.backends.vllm_worker.MergeExtension"
 # The first vLLM whose prompt log-probabilities start at a given row and whose prefix-cache hits stop there
 # (`SamplingParams.prompt_logprob_start` with `prompt_logprobs`; `Request.get_prefix_cache_hit_limit`).
 PREFIX_SCORING_VERSION = (0, 34)
+# The engine's first requests are scored with and without the prefix cache; agreement within this many nats per
+# continuation token (kernels differ with the batch) keeps the cache.
+CHECKED_REQUESTS = 16
+CHECK_TOLERANCE = 0.05
 
 
 def import_vllm() -> Any:
@@ -78,6 +82,7 @@ class _VLLMLM(TokenScoringLM):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.prefix_cache = prefix_cache
+        self._cache_checked = False
         self.forward_seconds = 0.0
 
     @property
@@ -95,21 +100,57 @@ class _VLLMLM(TokenScoringLM):
         return self.tokenizer.encode(string, **options)
 
     def score_tokens(self, requests: Sequence[TokenBatchItem]) -> list[tuple[float, bool]]:
-        vllm = import_vllm()
-        from vllm.inputs import TokensPrompt
-
         # Left-truncated as lm-eval's vLLM model does: vLLM wants room for one generated token.
         window = self.max_length - 1
         sequences = [(list(context) + list(continuation))[-window:] for _, context, continuation in requests]
-        if self.prefix_cache:
+        continuations = [list(continuation) for _, _, continuation in requests]
+        results = self._score(sequences, continuations, self.prefix_cache)
+        if self.prefix_cache and not self._cache_checked:
+            self._cache_checked = True
+            results = self._check_cache(sequences, continuations, results)
+        return results
+
+    def _check_cache(
+        self, sequences: list[list[int]], continuations: list[list[int]], cached: list[tuple[float, bool]]
+    ) -> list[tuple[float, bool]]:
+        """The engine's first requests scored again in full: where the cached scores disagree, the cache is
+        dropped for good and every request scored in full, with a warning.
+
+        A guard on a path run here only against a stand-in engine: a wrong row or a
+        stale block gives gaps of whole nats, kernel differences hundredths.
+        """
+        count = min(CHECKED_REQUESTS, len(sequences))
+        plain = self._score(sequences[:count], continuations[:count], cache=False)
+        gap = max(
+            abs(a - b) / max(1, len(continuation))
+            for (a, _), (b, _), continuation in zip(cached, plain, continuations, strict=False)
+        )
+        if gap <= CHECK_TOLERANCE:
+            log.info("vLLM prefix-cache scores agree with full scoring on %d requests (%.2g nats per token)", count, gap)
+            return cached
+        log.warning(
+            "vLLM's prefix-cache scores differ from full scoring by %.2f nats per token on its first %d requests: "
+            "every request is scored in full from now on (as evaluation.shared_prefix: false)", gap, count,
+        )
+        self.prefix_cache = False
+        return plain + self._score(sequences[count:], continuations[count:], cache=False)
+
+    def _score(self, sequences: list[list[int]], continuations: list[list[int]], cache: bool) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) of each sequence's continuation, its last tokens, from prompt logprobs."""
+        if not sequences:
+            return []
+        vllm = import_vllm()
+        from vllm.inputs import TokensPrompt
+
+        if cache:
             # Rows before the one predicting the first continuation token are not needed: they may come from
             # the prefix cache (vLLM caps its hits there) and come back as None.
             params = [
                 vllm.SamplingParams(
                     max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False,
-                    prompt_logprob_start=len(tokens) - len(continuation) - 1, skip_reading_prefix_cache=False,
+                    prompt_logprob_start=max(0, len(tokens) - len(continuation) - 1), skip_reading_prefix_cache=False,
                 )
-                for (_, _, continuation), tokens in zip(requests, sequences, strict=True)
+                for tokens, continuation in zip(sequences, continuations, strict=True)
             ]
         else:
             params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
@@ -117,7 +158,7 @@ class _VLLMLM(TokenScoringLM):
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
         self.forward_seconds += perf_counter() - start
         results = []
-        for (_, _, continuation), tokens, output in zip(requests, sequences, outputs, strict=True):
+        for continuation, tokens, output in zip(continuations, sequences, outputs, strict=True):
             total, greedy = 0.0, True
             for position in range(len(tokens) - len(continuation), len(tokens)):
                 candidates = output.prompt_logprobs[position]
