@@ -311,7 +311,7 @@ def engine_evaluator(eval_models, toy_task_dir, **options):
 
 @pytest.mark.parametrize(
     "version, shared_prefix, prefix_cache",
-    [("0.34.0", True, True), ("0.34.0", False, False), ("0.33.0", True, False)],
+    [("0.34.0", True, True), ("0.34.0", False, False), ("0.33.0", True, False), ("0.34.0.dev12+g1a2b3c", True, False)],
 )
 def test_each_candidate_is_merged_inside_the_engine_and_scores_as_the_disk_merge_does(
     fake_vllm, eval_models, toy_task_dir, tmp_path, version, shared_prefix, prefix_cache
@@ -375,6 +375,16 @@ def test_cached_scores_that_disagree_with_full_scoring_turn_the_cache_off_with_a
     merge_recipe_file(recipe, tmp_path / "disk")
     reference = Evaluator.from_dir(tmp_path / "disk", evaluator.config, batch_size=1).score(doc_ids=on_engine.doc_ids)
     assert doc_metrics(on_engine) == doc_metrics(reference)
+
+
+def test_a_continuation_longer_than_the_window_is_scored_on_what_fits(fake_vllm, eval_models, toy_task_dir):
+    evaluator = engine_evaluator(eval_models, toy_task_dir)
+    (engine,) = FakeLLM.instances
+    evaluator.backend.build(parse_recipes(recipe_text("slerp", {"a": eval_models["base"], "b": eval_models["other"]})))
+    window = engine.llm_engine.model_config.max_model_len - 1
+    (total, greedy), = evaluator.backend.lm.score_tokens([(("", ""), [5, 6], [7, 8, 9] * window)])
+    expected = engine.workers[0].model.prompt_logprobs(([7, 8, 9] * window)[-window:])
+    assert total == pytest.approx(sum(row[token].logprob for row, token in zip(expected[1:], ([7, 8, 9] * window)[-window + 1 :])))
 
 
 def test_a_prefix_cache_vllm_cannot_drop_stops_the_candidate(fake_vllm, eval_models, toy_task_dir):

@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "mergetune.eval.backends.vllm_worker.MergeExtension"
 # The first vLLM whose prompt log-probabilities start at a given row and whose prefix-cache hits stop there
-# (`SamplingParams.prompt_logprob_start` with `prompt_logprobs`; `Request.get_prefix_cache_hit_limit`).
-PREFIX_SCORING_VERSION = (0, 34)
+# (`SamplingParams.prompt_logprob_start` with `prompt_logprobs`; `Request.get_prefix_cache_hit_limit`);
+# its pre-releases and dev builds are not trusted with it.
+PREFIX_SCORING_VERSION = Version("0.34.0")
 # The engine's first requests are scored with and without the prefix cache; agreement within this many nats per
 # continuation token (kernels differ with the batch) keeps the cache.
 CHECKED_REQUESTS = 16
@@ -69,8 +70,7 @@ def scores_from_prefix_cache(vllm: Any) -> bool:
     cache, and `prompt_logprob_start` needs the V2 model runner and token-id rows
     without the argmax lm-eval's greedy check reads (docs/eval.md).
     """
-    release = Version(vllm.__version__).release
-    return release[:2] >= PREFIX_SCORING_VERSION
+    return Version(vllm.__version__) >= PREFIX_SCORING_VERSION
 
 
 class _VLLMLM(TokenScoringLM):
@@ -103,7 +103,8 @@ class _VLLMLM(TokenScoringLM):
         # Left-truncated as lm-eval's vLLM model does: vLLM wants room for one generated token.
         window = self.max_length - 1
         sequences = [(list(context) + list(continuation))[-window:] for _, context, continuation in requests]
-        continuations = [list(continuation) for _, _, continuation in requests]
+        # A continuation longer than the window is scored on the tokens that fit after the first one.
+        continuations = [list(continuation)[-(len(tokens) - 1) :] for (_, _, continuation), tokens in zip(requests, sequences)]
         results = self._score(sequences, continuations, self.prefix_cache)
         if self.prefix_cache and not self._cache_checked:
             self._cache_checked = True
