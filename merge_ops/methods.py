@@ -18,7 +18,8 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from mergetune.merge_ops import sparsify
-from mergetune.merge_ops.sparsify import Sparsifier
+from mergetune.merge_ops.sparsify import Pruning, Sparsifier
+from mergetune.registry import Registry
 
 REQUIRED = object()
 
@@ -313,6 +314,8 @@ def _majority_mask(deltas: torch.Tensor, int8_mask: bool) -> torch.Tensor:
 # float32 temporaries stay in cache instead of streaming tensor-sized temporaries through memory
 # (measured on 2 cores: 2x faster than 2^14, no faster beyond).
 COMBINE_CHUNK = 1 << 17
+# Per-model parameters the task-arithmetic family reads itself; any other is its sparsifier's (gamma, epsilon).
+TASK_VECTOR_INPUTS = ("weight", "density")
 
 
 def _combine(
@@ -389,7 +392,8 @@ def task_arithmetic_family(
                 torch.sub(inputs.tensors[index].reshape(-1), flat_base, out=deltas[row])
             if sparsifier is not None:
                 generator = inputs.generators[index] if inputs.generators else None
-                extra = {key: inputs.per_input[key][index] for key in ("gamma", "epsilon") if key in inputs.per_input}
+                # The sparsifier's own per-model parameters (gamma, epsilon), by name.
+                extra = {key: values[index] for key, values in inputs.per_input.items() if key not in TASK_VECTOR_INPUTS}
                 ranking = reuse.rankings[index] if reuse.rankings else None
                 if ranking is not None:
                     extra["ranking"] = ranking
@@ -689,7 +693,7 @@ def ramplus_tl(inputs: MergeInputs, r: float = 0.1, alpha: float = 0.2, epsilon:
 
 
 def _task_arithmetic_params(
-    normalize: bool, rescale: bool, extra: tuple[ParamSpec, ...] = (), random_mask: bool = False
+    normalize: bool, rescale: bool, extra: tuple[ParamSpec, ...] = (), density_is_probability: bool = False
 ) -> tuple[ParamSpec, ...]:
     return (
         ParamSpec("int8_mask", bool, Scope.SHARED, False),
@@ -700,7 +704,7 @@ def _task_arithmetic_params(
         # A random mask draws each entry with probability `density`: a negative one is no probability.
         ParamSpec(
             "density", float, Scope.NON_BASE, 1.0, low=0.0, high=1.0, low_inclusive=False,
-            refuse_below=0.0 if random_mask else None,
+            refuse_below=0.0 if density_is_probability else None,
         ),
         *extra,
     )
@@ -709,27 +713,28 @@ def _task_arithmetic_params(
 def _task_arithmetic_method(
     name: str,
     pretty: str,
-    sparsifier: Optional[Sparsifier],
+    pruning: Pruning,
     consensus: bool,
     normalize: bool,
     rescale: bool,
     reference: str,
     extra: tuple[ParamSpec, ...] = (),
 ) -> MethodSpec:
-    della = sparsifier is sparsify.della_magprune
+    """A task-arithmetic method: `pruning` declares what it inherits from its sparsifier; `extra` are the
+    sparsifier's own per-model parameters, passed to it by name."""
     return MethodSpec(
         name=name,
         pretty_name=pretty,
-        merge=task_arithmetic_family(sparsifier, consensus),
+        merge=task_arithmetic_family(pruning.prune, consensus),
         # mergekit accepts `density` for plain task arithmetic too; it has no effect there.
-        params=_task_arithmetic_params(normalize, rescale, extra, random_mask=sparsifier is sparsify.bernoulli),
+        params=_task_arithmetic_params(normalize, rescale, extra, pruning.density_is_probability),
         base=BasePolicy.REQUIRED,
-        randomized=sparsifier in (sparsify.bernoulli, sparsify.della_magprune),
+        randomized=pruning.randomized,
         reference=reference,
         uses_task_vectors=True,
-        ranking=sparsify.RANKINGS.get(sparsifier),
-        search_ranges=sparsify.DELLA_SEARCH_RANGES if della else {},
-        check_ranges=sparsify.della_ranges_problem if della else None,
+        ranking=pruning.ranking,
+        search_ranges=pruning.search_ranges,
+        check_ranges=pruning.check_ranges,
     )
 
 
@@ -738,177 +743,182 @@ _EPSILON = (ParamSpec("epsilon", float, Scope.NON_BASE, 0.15, low=0.0, high=1.0)
 # RAM's threshold below which a change counts as none: a numerical constant, so only bounded below.
 _RAM_EPSILON = ParamSpec("epsilon", float, Scope.SHARED, 1e-5, low=0.0)
 
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        MethodSpec(
-            "linear",
-            "Linear",
-            linear,
-            (ParamSpec("weight", float, Scope.INPUT), ParamSpec("normalize", bool, Scope.SHARED, True)),
-            reference="https://arxiv.org/abs/2203.05482",
-            check=linear_check,
+METHODS: Registry[MethodSpec] = Registry("merge method")
+for _spec in (
+    MethodSpec(
+        "linear",
+        "Linear",
+        linear,
+        (ParamSpec("weight", float, Scope.INPUT), ParamSpec("normalize", bool, Scope.SHARED, True)),
+        reference="https://arxiv.org/abs/2203.05482",
+        check=linear_check,
+    ),
+    MethodSpec(
+        "slerp",
+        "SLERP",
+        slerp,
+        (ParamSpec("t", float, Scope.SHARED, low=0.0, high=1.0),),
+        base=BasePolicy.REQUIRED,
+        min_inputs=2,
+        max_inputs=2,
+        reference="https://en.wikipedia.org/wiki/Slerp",
+    ),
+    MethodSpec(
+        "nuslerp",
+        "NuSLERP",
+        nuslerp,
+        (
+            ParamSpec("weight", float, Scope.NON_BASE),
+            ParamSpec("nuslerp_row_wise", bool, Scope.SHARED, False),
+            ParamSpec("nuslerp_flatten", bool, Scope.SHARED, True),
         ),
-        MethodSpec(
-            "slerp",
-            "SLERP",
-            slerp,
-            (ParamSpec("t", float, Scope.SHARED, low=0.0, high=1.0),),
-            base=BasePolicy.REQUIRED,
-            min_inputs=2,
-            max_inputs=2,
-            reference="https://en.wikipedia.org/wiki/Slerp",
+        base=BasePolicy.OPTIONAL,
+        min_non_base=2,
+        max_non_base=2,
+    ),
+    _task_arithmetic_method(
+        "task_arithmetic",
+        "Task Arithmetic",
+        sparsify.NO_PRUNING,
+        False,
+        False,
+        False,
+        "https://arxiv.org/abs/2212.04089",
+    ),
+    _task_arithmetic_method(
+        "ties", "TIES", sparsify.MAGNITUDE, True, True, False, "https://arxiv.org/abs/2306.01708"
+    ),
+    _task_arithmetic_method(
+        "dare_ties", "DARE TIES", sparsify.DARE, True, False, True, "https://arxiv.org/abs/2311.03099"
+    ),
+    _task_arithmetic_method(
+        "dare_linear", "Linear DARE", sparsify.DARE, False, False, True, "https://arxiv.org/abs/2311.03099"
+    ),
+    _task_arithmetic_method(
+        "breadcrumbs",
+        "Model Breadcrumbs",
+        sparsify.OUTLIERS,
+        False,
+        False,
+        False,
+        "https://arxiv.org/abs/2312.06795",
+        _GAMMA,
+    ),
+    _task_arithmetic_method(
+        "breadcrumbs_ties",
+        "Model Breadcrumbs with TIES",
+        sparsify.OUTLIERS,
+        True,
+        False,
+        False,
+        "https://arxiv.org/abs/2312.06795",
+        _GAMMA,
+    ),
+    _task_arithmetic_method(
+        "della", "DELLA", sparsify.DELLA, True, True, True, "https://arxiv.org/abs/2406.11617", _EPSILON
+    ),
+    _task_arithmetic_method(
+        "della_linear",
+        "Linear DELLA",
+        sparsify.DELLA,
+        False,
+        False,
+        True,
+        "https://arxiv.org/abs/2406.11617",
+        _EPSILON,
+    ),
+    MethodSpec(
+        "model_stock",
+        "Model Stock",
+        model_stock,
+        (ParamSpec("filter_wise", bool, Scope.SHARED, False),),
+        base=BasePolicy.REQUIRED,
+        min_inputs=3,
+        reference="https://arxiv.org/abs/2403.19522",
+    ),
+    MethodSpec(
+        "multislerp",
+        "Multi-SLERP",
+        multislerp,
+        (
+            ParamSpec("weight", float, Scope.NON_BASE),
+            ParamSpec("normalize_weights", bool, Scope.SHARED, True),
+            ParamSpec("eps", float, Scope.SHARED, 1e-8, low=0.0),
         ),
-        MethodSpec(
-            "nuslerp",
-            "NuSLERP",
-            nuslerp,
-            (
-                ParamSpec("weight", float, Scope.NON_BASE),
-                ParamSpec("nuslerp_row_wise", bool, Scope.SHARED, False),
-                ParamSpec("nuslerp_flatten", bool, Scope.SHARED, True),
-            ),
-            base=BasePolicy.OPTIONAL,
-            min_non_base=2,
-            max_non_base=2,
+        base=BasePolicy.OPTIONAL,
+        min_non_base=1,
+        reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+    ),
+    MethodSpec(
+        "karcher",
+        "Karcher Mean",
+        karcher,
+        (
+            ParamSpec("max_iter", int, Scope.SHARED, 10, low=0),
+            ParamSpec("tol", float, Scope.SHARED, 1e-5, low=0.0),
         ),
-        _task_arithmetic_method(
-            "task_arithmetic", "Task Arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089"
+        reference="https://arxiv.org/abs/2603.04972",
+    ),
+    MethodSpec(
+        "sce",
+        "SCE",
+        sce,
+        (
+            ParamSpec("int8_mask", bool, Scope.SHARED, False),
+            ParamSpec("select_topk", float, Scope.SHARED, 1.0, low=0.0, high=1.0),
         ),
-        _task_arithmetic_method(
-            "ties", "TIES", sparsify.magnitude, True, True, False, "https://arxiv.org/abs/2306.01708"
+        base=BasePolicy.REQUIRED,
+        reference="https://arxiv.org/abs/2408.07990",
+    ),
+    MethodSpec(
+        "nearswap",
+        "NearSwap",
+        nearswap,
+        (ParamSpec("t", float, Scope.SHARED, low=0.0, high=1.0),),
+        base=BasePolicy.REQUIRED,
+        min_inputs=2,
+        max_inputs=2,
+        reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    ),
+    MethodSpec(
+        "arcee_fusion",
+        "Arcee Fusion",
+        arcee_fusion,
+        (),
+        base=BasePolicy.REQUIRED,
+        min_inputs=2,
+        max_inputs=2,
+        randomized=True,  # quantiles of tensors over QUANTILE_SAMPLE entries come from random draws
+        least_result_dtype=torch.float32,
+        reference="https://arcee.ai",
+    ),
+    MethodSpec(
+        "ram",
+        "Reinforced Agent Merging",
+        ram,
+        (_RAM_EPSILON,),
+        base=BasePolicy.REQUIRED,
+        reference="https://arxiv.org/abs/2601.13572",
+    ),
+    MethodSpec(
+        "ramplus_tl",
+        "Reinforced Agent Merging Plus (Tensor-Local)",
+        ramplus_tl,
+        (
+            ParamSpec("r", float, Scope.SHARED, 0.1, low=0.0, high=1.0),
+            ParamSpec("alpha", float, Scope.SHARED, 0.2, low=0.0, high=1.0),
+            _RAM_EPSILON,
         ),
-        _task_arithmetic_method(
-            "dare_ties", "DARE TIES", sparsify.bernoulli, True, False, True, "https://arxiv.org/abs/2311.03099"
-        ),
-        _task_arithmetic_method(
-            "dare_linear", "Linear DARE", sparsify.bernoulli, False, False, True, "https://arxiv.org/abs/2311.03099"
-        ),
-        _task_arithmetic_method(
-            "breadcrumbs",
-            "Model Breadcrumbs",
-            sparsify.magnitude_outliers,
-            False,
-            False,
-            False,
-            "https://arxiv.org/abs/2312.06795",
-            _GAMMA,
-        ),
-        _task_arithmetic_method(
-            "breadcrumbs_ties",
-            "Model Breadcrumbs with TIES",
-            sparsify.magnitude_outliers,
-            True,
-            False,
-            False,
-            "https://arxiv.org/abs/2312.06795",
-            _GAMMA,
-        ),
-        _task_arithmetic_method(
-            "della", "DELLA", sparsify.della_magprune, True, True, True, "https://arxiv.org/abs/2406.11617", _EPSILON
-        ),
-        _task_arithmetic_method(
-            "della_linear",
-            "Linear DELLA",
-            sparsify.della_magprune,
-            False,
-            False,
-            True,
-            "https://arxiv.org/abs/2406.11617",
-            _EPSILON,
-        ),
-        MethodSpec(
-            "model_stock",
-            "Model Stock",
-            model_stock,
-            (ParamSpec("filter_wise", bool, Scope.SHARED, False),),
-            base=BasePolicy.REQUIRED,
-            min_inputs=3,
-            reference="https://arxiv.org/abs/2403.19522",
-        ),
-        MethodSpec(
-            "multislerp",
-            "Multi-SLERP",
-            multislerp,
-            (
-                ParamSpec("weight", float, Scope.NON_BASE),
-                ParamSpec("normalize_weights", bool, Scope.SHARED, True),
-                ParamSpec("eps", float, Scope.SHARED, 1e-8, low=0.0),
-            ),
-            base=BasePolicy.OPTIONAL,
-            min_non_base=1,
-            reference="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-        ),
-        MethodSpec(
-            "karcher",
-            "Karcher Mean",
-            karcher,
-            (
-                ParamSpec("max_iter", int, Scope.SHARED, 10, low=0),
-                ParamSpec("tol", float, Scope.SHARED, 1e-5, low=0.0),
-            ),
-            reference="https://arxiv.org/abs/2603.04972",
-        ),
-        MethodSpec(
-            "sce",
-            "SCE",
-            sce,
-            (
-                ParamSpec("int8_mask", bool, Scope.SHARED, False),
-                ParamSpec("select_topk", float, Scope.SHARED, 1.0, low=0.0, high=1.0),
-            ),
-            base=BasePolicy.REQUIRED,
-            reference="https://arxiv.org/abs/2408.07990",
-        ),
-        MethodSpec(
-            "nearswap",
-            "NearSwap",
-            nearswap,
-            (ParamSpec("t", float, Scope.SHARED, low=0.0, high=1.0),),
-            base=BasePolicy.REQUIRED,
-            min_inputs=2,
-            max_inputs=2,
-            reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-        ),
-        MethodSpec(
-            "arcee_fusion",
-            "Arcee Fusion",
-            arcee_fusion,
-            (),
-            base=BasePolicy.REQUIRED,
-            min_inputs=2,
-            max_inputs=2,
-            randomized=True,  # quantiles of tensors over QUANTILE_SAMPLE entries come from random draws
-            least_result_dtype=torch.float32,
-            reference="https://arcee.ai",
-        ),
-        MethodSpec(
-            "ram",
-            "Reinforced Agent Merging",
-            ram,
-            (_RAM_EPSILON,),
-            base=BasePolicy.REQUIRED,
-            reference="https://arxiv.org/abs/2601.13572",
-        ),
-        MethodSpec(
-            "ramplus_tl",
-            "Reinforced Agent Merging Plus (Tensor-Local)",
-            ramplus_tl,
-            (
-                ParamSpec("r", float, Scope.SHARED, 0.1, low=0.0, high=1.0),
-                ParamSpec("alpha", float, Scope.SHARED, 0.2, low=0.0, high=1.0),
-                _RAM_EPSILON,
-            ),
-            base=BasePolicy.REQUIRED,
-            least_result_dtype=torch.float32,
-            reference="https://arxiv.org/abs/2601.13572",
-        ),
-        MethodSpec(
-            "passthrough",
-            "Passthrough",
-            passthrough,
-            (ParamSpec("scale", Optional[float], Scope.INPUT, None),),
-            max_inputs=1,
-        ),
-    )
-}
+        base=BasePolicy.REQUIRED,
+        least_result_dtype=torch.float32,
+        reference="https://arxiv.org/abs/2601.13572",
+    ),
+    MethodSpec(
+        "passthrough",
+        "Passthrough",
+        passthrough,
+        (ParamSpec("scale", Optional[float], Scope.INPUT, None),),
+        max_inputs=1,
+    ),
+):
+    METHODS.register(_spec.name, _spec)

@@ -145,11 +145,11 @@ def _check_floating(inputs: Sequence[TensorInput], dtypes: Sequence[torch.dtype]
 
 def validate_recipe(recipe: Recipe) -> MethodSpec:
     """Checks that need no model: method, parameter names, types and ranges."""
-    method = METHODS.get(recipe.merge_method)
-    if method is None:
+    if recipe.merge_method not in METHODS:
         raise MergetuneError(
             f"unknown merge_method '{recipe.merge_method}'; supported: {', '.join(sorted(METHODS))}"
         )
+    method = METHODS.get(recipe.merge_method)
     for where, name, spec, value, number in _values(recipe, method):
         if spec.refuse_below is not None and isinstance(number, (int, float)) and number < spec.refuse_below:
             raise MergetuneError(

@@ -8,14 +8,20 @@ the L1 norm of the original, as mergekit does. `top_variance` selects across all
 task vectors at once: the entries on which the models disagree most (SCE).
 
 The rank-based ones first order a task vector's entries by magnitude, which does not
-depend on the density: `RANKINGS` gives that order for each, computed once, so a
-caller that keeps task vectors between merges (the search's in-memory builder) keeps
-it too and passes it back as `ranking`.
+depend on the density: each one's `Pruning.ranking` gives that order, computed once,
+so a caller that keeps task vectors between merges (the search's in-memory builder)
+keeps it too and passes it back as `ranking`.
+
+Each sparsifier is declared once as a `Pruning` (`MAGNITUDE`, `OUTLIERS`, `DARE`,
+`DELLA`): what the merge methods built on it inherit (seeded draws, a ranking, the
+ranges a search may propose). A new sparsifier is a function and its `Pruning`;
+its own per-model parameters (as `gamma`, `epsilon`) reach it by name.
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -269,14 +275,6 @@ def top_variance(task_vectors: torch.Tensor, density: float, dtype: torch.dtype)
     return mask
 
 
-# Each rank-based sparsifier's ranking of a task vector (see the module docstring).
-RANKINGS: dict[Sparsifier, Callable[[torch.Tensor], torch.Tensor]] = {
-    magnitude: largest_first,
-    magnitude_outliers: smallest_first,
-    della_magprune: row_positions,
-}
-
-
 def compact(ranking: torch.Tensor) -> torch.Tensor:
     """A ranking to keep: int64 indices as int32 where they fit (half the memory, the same entries)."""
     if ranking.dtype == torch.int64 and ranking.numel() < 2**31:
@@ -304,3 +302,27 @@ def della_ranges_problem(ranges: dict[str, tuple[float, float]]) -> Optional[str
         f"{list(DELLA_SEARCH_RANGES['epsilon'])}"
     )
 
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """A sparsifier (none: plain task arithmetic) and what every merge method built on it inherits from it."""
+
+    prune: Optional[Sparsifier] = None
+    randomized: bool = False  # masks drawn from the seeded generator: a recipe needs its seed to reproduce
+    ranking: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # its order of entries, density-free
+    # A density is a keep probability per entry, so a negative one is refused (not read as "keep none").
+    density_is_probability: bool = False
+    # Ranges a search proposes by default where some values of the parameters' own ranges cannot merge.
+    search_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    check_ranges: Optional[Callable[[dict[str, tuple[float, float]]], Optional[str]]] = None
+
+
+NO_PRUNING = Pruning()  # task arithmetic
+MAGNITUDE = Pruning(magnitude, ranking=largest_first)  # TIES
+OUTLIERS = Pruning(magnitude_outliers, ranking=smallest_first)  # Model Breadcrumbs
+DARE = Pruning(bernoulli, randomized=True, density_is_probability=True)
+DELLA = Pruning(
+    della_magprune, randomized=True, ranking=row_positions, search_ranges=DELLA_SEARCH_RANGES,
+    check_ranges=della_ranges_problem,
+)

@@ -13,7 +13,8 @@ numeric parameter with a known range, per model when its scope says so, per
 filter and as a curve across layers when the study file asks; the declarations
 load with torch, so the study file is checked against them where the models load).
 To give a method a hand-made space, register an instance of a `SearchableMethod`
-subclass under its name before the declared ones.
+subclass under its name in this module, before the declared ones: the study file
+builds its `space:` model from this registry when it is first imported.
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ class DeclaredMethod(SearchableMethod):
     def declaration(self) -> "MethodSpec":
         from mergetune.merge_ops.methods import METHODS
 
-        return METHODS[self.name]
+        return METHODS.get(self.name)
 
     def _searched(self, spec: "StudySpec") -> list[tuple["ParamSpec", Range]]:
         settings: DeclaredSpace = self.settings(spec)

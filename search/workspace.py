@@ -190,7 +190,7 @@ def task_vector_bytes(study: Study, merged: MergePlan) -> int:
     of the study's methods merges task vectors; a searchable method's recipes use the mergekit method
     of its name)."""
     spec = study.spec
-    methods = [METHODS[name] for name in spec.methods]
+    methods = [METHODS.get(name) for name in spec.methods]
     cost = 0
     if any(method.uses_task_vectors for method in methods):
         cost += len(spec.models) * plan_bytes(merged)

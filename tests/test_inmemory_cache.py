@@ -17,7 +17,7 @@ from mergetune.demo.tiny import load_state
 from test_merge_methods import assert_identical, method_recipe
 from test_merge_parity import with_paths
 
-CACHED_METHODS = sorted(name for name, spec in METHODS.items() if spec.uses_task_vectors)
+CACHED_METHODS = sorted(name for name in METHODS if METHODS.get(name).uses_task_vectors)
 
 
 def candidates(recipe: dict) -> list[dict]:

@@ -34,7 +34,7 @@ SEED = 11
 def method_recipe(method: str) -> dict:
     """The first parity recipe of `method`; a random one at density 0.6, so its seeded draws are compared too."""
     recipe = copy.deepcopy(next(RECIPES[name] for name in sorted(RECIPES) if RECIPES[name]["merge_method"] == method))
-    if METHODS[method].randomized and METHODS[method].param("density"):
+    if METHODS.get(method).randomized and METHODS.get(method).param("density"):
         for model in recipe["models"]:
             model.setdefault("parameters", {})["density"] = 0.6
     return recipe
@@ -214,7 +214,7 @@ def test_fused_dare_gives_the_whole_tensor_arithmetic_bit_for_bit(method, consen
         return MergeInputs([base, *models], base_index=0, per_input=per_input, generators=generators)
 
     shared = {"int8_mask": True, "normalize": normalize, "rescale": True, "lambda": lam}
-    fused = METHODS[method].merge(inputs(), **shared)
+    fused = METHODS.get(method).merge(inputs(), **shared)
     expected = whole_tensor_dare(inputs(), consensus, normalize, lam)
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32  # equal bits: negative zeros too
     assert fused.dtype == expected.dtype

@@ -11,10 +11,11 @@ Backends are found by name in a registry, as lm-eval finds its models
 is imported the first time the backend is used, so naming vLLM costs nothing
 until an engine starts. To add a backend:
 
-1. write a `Backend` subclass (`mergetune.eval.backends.base`) with `name`, `lm`, the classmethods `for_directory`
-   (and `for_live_model` if it can score a model object whose weights change in
-   place) and `command_options` (the `mergetune eval` options it takes);
-2. add its line to `_BACKENDS` below.
+1. write a `Backend` subclass (`mergetune.eval.backends.base`) with `name`, `lm`, the classmethods
+   `for_directory` and `check_directory`, `command_options` (the `mergetune eval` options it takes),
+   and either `for_live_model` and `check_live` (it scores a model object whose weights change in
+   place) or `for_candidates` and `build` (its own engine merges each candidate);
+2. add its line to `_BACKENDS` below, with which of the two it does (`candidates`).
 
 `Evaluator.from_model` / `from_dir`, `mergetune eval --backend` and study files need
 nothing else. This module imports no backend (nor lm-eval): study files check
