@@ -393,6 +393,9 @@ def test_a_prefix_cache_vllm_cannot_drop_stops_the_candidate(fake_vllm, eval_mod
     recipe = parse_recipes(recipe_text("slerp", {"a": eval_models["base"], "b": eval_models["other"]}))
     with pytest.raises(MergetuneError, match="could not drop its prefix cache"):
         evaluator.backend.build(recipe)
+    FakeLLM.instances.clear()
+    without_cache = engine_evaluator(eval_models, toy_task_dir, shared_prefix=False)
+    without_cache.backend.build(recipe)  # nothing reads a cache it could not drop
 
 
 def test_every_tensor_parallel_rank_builds_the_same_seeded_candidate(fake_vllm, eval_models, toy_task_dir):

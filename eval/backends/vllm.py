@@ -260,7 +260,7 @@ class VLLMBackend(Backend):
                     f"vLLM worker {worker} kept the previous weights of {len(kept)} parameter(s), e.g. {kept[0]}: "
                     "the recipe does not produce them"
                 )
-        if not self.llm.reset_prefix_cache():
+        if not self.llm.reset_prefix_cache() and self.lm.prefix_cache:  # without the cache nothing reads it
             raise MergetuneError(
                 "vLLM could not drop its prefix cache (some blocks are still in use): "
                 "the previous candidate's keys could be reused, so this candidate is not scored"
