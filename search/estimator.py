@@ -110,11 +110,12 @@ def predict(basis: np.ndarray, weights: np.ndarray, scored: Sequence[int], value
     the regression's prediction for the rest is the estimate, and the regression's
     prediction interval its standard error.
     """
+    order = np.asarray(list(scored), dtype=int)  # `values` follow this order, not the documents' own
     mask = np.zeros(len(weights), dtype=bool)
-    mask[list(scored)] = True
-    known = basis[:, mask] @ weights[mask]
+    mask[order] = True
+    known = basis[:, order] @ weights[order]
     rest = basis[:, ~mask] @ weights[~mask]
-    own = float(np.asarray(values) @ weights[mask])
+    own = float(np.asarray(values) @ weights[order])
     n = len(known)
     if own > known.max() + FLAT:  # better than every completed trial where scored: nothing to extrapolate from
         return Estimate(own + float(rest.max()), math.inf, int(mask.sum()))

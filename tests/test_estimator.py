@@ -62,6 +62,22 @@ def test_a_rest_the_basis_predicts_exactly_is_estimated_exactly():
     assert estimate.stderr == pytest.approx(0.0, abs=1e-12) and estimate.docs == 10
 
 
+def test_a_candidates_values_count_with_their_own_documents_weights_in_any_order():
+    # Tasks of 2 and 8 documents weigh their documents 1/4 and 1/16: the estimate must not depend on the order
+    # the scored documents come in (the fitness model's order interleaves the tasks).
+    weights = Layout.of(record({"small": [0, 0], "large": [0] * 8})).weights
+    assert sorted(set(weights)) == [1 / 16, 1 / 4]
+    basis = (np.random.default_rng(1).random((6, 10)) < 0.5).astype(float)
+    assert list(weights[8:]) == [1 / 4, 1 / 4]  # documents 0-7: the large task's; 8, 9: the small one's
+    candidate = np.array([0, 0, 1, 0, 1, 0, 0, 0, 1, 0.0])
+    ranked, in_place = [8, 0, 9, 1], [0, 1, 8, 9]
+    first = predict(basis, weights, ranked, candidate[ranked])
+    second = predict(basis, weights, in_place, candidate[in_place])
+    assert first.value == pytest.approx(second.value) and first.stderr == pytest.approx(second.stderr)
+    on_all = predict(basis, weights, range(10), candidate)
+    assert on_all.value == pytest.approx(candidate @ weights)  # nothing left to predict: its own score
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("completed", [6, 12, 24])
 def test_on_merge_like_studies_a_quarter_of_the_documents_estimates_the_full_score_with_honest_error_bars(
