@@ -118,7 +118,9 @@ def eval_command(
         "per-document results at any batch size; bfloat16 may flip near-ties between batch sizes, as in lm-eval.",
     ),
     no_shared_prefix: bool = typer.Option(
-        False, "--no-shared-prefix", help="hf, vllm (0.34 or later): score every request as its own sequence (lm-eval's way), for comparing."
+        False,
+        "--no-shared-prefix",
+        help="hf, vllm (0.34 or later): score every request as its own sequence (lm-eval's way), for comparing.",
     ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write per-task metrics, stderrs and document ids here."),
 ) -> None:
