@@ -85,6 +85,38 @@ class Races:
         return text
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A trial that failed (not ranked): what the runner or the reaper stored as its reason."""
+
+    method: str
+    trial: int
+    reason: str
+
+
+#: Characters of a failure's reason shown in a board's lines (the stored reason holds up to 2,000).
+REASON_CHARS = 160
+
+
+def failure_lines(failures: list[Failure]) -> list[str]:
+    """One line per method: how many trials failed, grouped by the first line of their reason."""
+    lines = []
+    for method in dict.fromkeys(f.method for f in failures):
+        by_reason: dict[str, list[int]] = {}
+        for failure in failures:
+            if failure.method == method:
+                first = (failure.reason.strip() or "no reason stored").splitlines()[0]
+                shown = first if len(first) <= REASON_CHARS else first[: REASON_CHARS - 1] + "…"
+                by_reason.setdefault(shown, []).append(failure.trial)
+        count = sum(len(numbers) for numbers in by_reason.values())
+        groups = "; ".join(
+            f"trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}: {reason}"
+            for reason, numbers in by_reason.items()
+        )
+        lines.append(f"{method}: {count} failed trial{'s' if count > 1 else ''}, not ranked ({groups})")
+    return lines
+
+
 @dataclass
 class Leaderboard:
     study: str
@@ -92,6 +124,7 @@ class Leaderboard:
     comparisons: list[Comparison] = field(default_factory=list)
     races: list[Races] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # what a partial study lacks, method by method
+    failures: list[Failure] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # stored evidence that cannot be taken at its word
 
     def best(self, method: str) -> Optional[Row]:
@@ -112,6 +145,7 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
     races_found: list[Races] = []
     records: dict[tuple[str, int], Record] = {}
     warnings: list[str] = []
+    failures: list[Failure] = []
     stored = {method: load_optuna_study(study, method, storage) for method in study.spec.methods}
     if not any(stored.values()):
         raise MergetuneError(_no_such_study(study, storage))
@@ -120,6 +154,10 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
             continue
         finals = final_records(optuna_study)
         counted = [StoredTrial.of(t) for t in optuna_study.get_trials(deepcopy=False, states=COUNTED)]
+        failures += [
+            Failure(method, t.number, t.fail_reason or "")
+            for t in map(StoredTrial.of, optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        ]
         races = races_of(method, counted)
         if races is not None:
             races_found.append(races)
@@ -150,14 +188,22 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
                 )
             )
     if not rows:
-        raise MergetuneError(f"study {study.spec.name} has no completed trials in {study.storage_display}")
+        failed = "".join(f"; {line}" for line in failure_lines(failures))
+        raise MergetuneError(f"study {study.spec.name} has no completed trials in {study.storage_display}{failed}")
     rows.sort(key=lambda row: row.sort_key, reverse=True)
     per_method: dict[str, int] = {}
     for position, row in enumerate(rows, start=1):
         row.rank = position
         per_method[row.method] = per_method.get(row.method, 0) + 1
         row.method_rank = per_method[row.method]
-    board = Leaderboard(study.spec.name, rows, races=races_found, missing=missing_parts(stored, rows), warnings=warnings)
+    board = Leaderboard(
+        study.spec.name,
+        rows,
+        races=races_found,
+        missing=missing_parts(stored, rows),
+        failures=failures,
+        warnings=warnings,
+    )
     for method in study.spec.methods:
         # The best searched finalist, also where the hand-written recipe ranks first: that loss is news too.
         searched = next((r for r in rows if r.method == method and not r.baseline and r.final is not None), None)
@@ -302,13 +348,13 @@ def table_rows(board: Leaderboard, top: Optional[int] = None) -> tuple[list[str]
 
 
 def comparison_lines(board: Leaderboard) -> list[str]:
-    """The paired comparisons, what the estimator did (if the study used it), what a partial study lacks, then
-    warnings about stored evidence."""
+    """The paired comparisons, what the estimator did (if the study used it), what a partial study lacks, the
+    failed trials, then warnings about stored evidence."""
     return [
         f"{c.label}: {100 * c.difference.mean:+.2f} points "
         f"(95% CI {100 * c.difference.low:+.2f} … {100 * c.difference.high:+.2f}, {c.difference.n_docs} paired documents)"
         for c in board.comparisons
-    ] + [races.line() for races in board.races] + board.missing + board.warnings
+    ] + [races.line() for races in board.races] + board.missing + failure_lines(board.failures) + board.warnings
 
 
 def to_markdown(board: Leaderboard, top: Optional[int] = None) -> str:
@@ -355,5 +401,6 @@ def to_json(board: Leaderboard) -> dict[str, Any]:
         ],
         "races": [asdict(races) for races in board.races],
         "missing": board.missing,
+        "failures": [asdict(failure) for failure in board.failures],
         "warnings": board.warnings,
     }

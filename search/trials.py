@@ -44,8 +44,8 @@ key                     written by, when                             read by
                         among them), the score to beat (``bar``),
                         ``z``, and each estimate as [documents,
                         value, stderr]
-``fail_reason``         runner (a failing or refused trial) or       people, tests
-                        reaper (a dead worker's), before the FAIL
+``fail_reason``         runner (a failing or refused trial) or       leaderboard and report (failed trials,
+                        reaper (a dead worker's), before the FAIL    not ranked), people, tests
 ======================  ===========================================  ========================================
 
 Optuna's own fields carry the rest: ``state`` (RUNNING is owned by the worker

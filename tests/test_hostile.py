@@ -94,6 +94,23 @@ def test_failing_trials_are_stored_with_their_reason_and_the_study_goes_on(faili
     ]
 
 
+def test_the_leaderboard_lists_failed_trials_with_their_reasons_and_ranks_only_the_others(failing_study, tmp_path):
+    board_json = tmp_path / "board.json"
+    result = runner.invoke(app, ["leaderboard", str(failing_study), "--json", str(board_json)])
+    assert result.exit_code == 0, result.output
+    failed = [t.number for t in stored_trials(failing_study) if t.state == TrialState.FAIL]
+    board = json.loads(board_json.read_text())
+    assert [(f["trial"], f["reason"]) for f in board["failures"]] == [
+        (failed[0], "RuntimeError: evaluator exploded"),
+        (failed[1], "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ]
+    assert not {row["trial"] for row in board["rows"]} & set(failed) and len(board["rows"]) == N
+    assert (
+        f"slerp: 2 failed trials, not ranked (trial {failed[0]}: RuntimeError: evaluator exploded; "
+        f"trial {failed[1]}: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB)"
+    ) in " ".join(result.output.split())
+
+
 def nan_copy(model: Path, directory: Path) -> Path:
     """A copy of `model` with one tensor full of NaN."""
     copy = directory / "nan-model"
@@ -116,6 +133,12 @@ def test_nan_weights_fail_each_trial_and_a_run_of_failures_stops_the_study(famil
     trials = stored_trials(path)
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
     assert all("NaN or inf in model.layers.0.mlp.down_proj.weight" in t.user_attrs["fail_reason"] for t in trials)
+    board = runner.invoke(app, ["leaderboard", str(path)])
+    assert board.exit_code != 0 and "Traceback" not in board.output
+    assert "has no completed trials" in board.output
+    assert "slerp: 3 failed trials, not ranked (trials 0, 1, 2: merged weights are not finite" in " ".join(
+        board.output.split()
+    )
 
 
 @dataclass
