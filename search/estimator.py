@@ -8,11 +8,14 @@ of documents relates to the score on the rest. A new candidate is scored first
 on the documents that discriminate most between the basis's good candidates;
 after each chunk, the score on the documents not yet scored is predicted by a
 linear regression, fitted across the basis, on the score of those scored. Its
-standard error is the larger of the regression's prediction interval and the
-whole procedure's leave-one-out error over the basis (ordering included: the
-documents chosen for fitting the basis well fit it better than they predict a
-new candidate). The candidate stops once even the upper end cannot reach the
-score it must beat.
+standard error is the larger of two: the regression's prediction interval,
+widened by the chance that the candidate departs from the basis on the unscored
+documents every basis trial got alike (which no regression over the basis can
+see: identical completed trials would otherwise give an error of 0 and stop any
+candidate one document behind on its first chunk); and the whole procedure's
+leave-one-out error over the basis (ordering included: the documents chosen for
+fitting the basis well fit it better than they predict a new candidate). The
+candidate stops once even the upper end cannot reach the score it must beat.
 
 Pure functions over plain records (`mergetune.eval.evidence`), NumPy only: the
 same numbers come out on every worker and after every resume, given the same
@@ -129,8 +132,31 @@ def predict(basis: np.ndarray, weights: np.ndarray, scored: Sequence[int], value
     intercept = float(rest.mean()) - slope * float(known.mean())
     residuals = rest - (intercept + slope * known)
     variance = float(residuals @ residuals) / max(dof, 1)
-    stderr = math.sqrt(variance * (1 + 1 / n + leverage))
+    unseen = unanimous_variance(basis, weights, order, np.asarray(values), ~mask)
+    stderr = math.sqrt(variance * (1 + 1 / n + leverage) + unseen)
     return Estimate(own + intercept + slope * own, stderr, int(mask.sum()))
+
+
+def unanimous_variance(
+    basis: np.ndarray, weights: np.ndarray, order: np.ndarray, values: np.ndarray, unscored: np.ndarray
+) -> float:
+    """Variance of the candidate's weighted score on the unscored documents every basis trial got alike.
+
+    The regression sees no variation there, yet a new candidate may depart from the
+    basis on any of them: with probability 1 / (n + 2) after n agreeing trials (the
+    rule of succession), or the candidate's own rate of departure where it was scored
+    on such documents, if higher. Each departure moves a document's value by up to 1.
+    """
+    agreed = np.ptp(basis, axis=0) < FLAT
+    rest = agreed & unscored
+    if not rest.any():
+        return 0.0
+    rate = 1 / (len(basis) + 2)
+    seen = agreed[order]
+    if seen.any():
+        departed = np.abs(values[seen] - basis[0, order[seen]]) > FLAT
+        rate = max(rate, float(departed.mean()))
+    return rate * (1 - rate) * float(weights[rest] @ weights[rest])
 
 
 def cross_validated_error(basis: np.ndarray, weights: np.ndarray, count: int, top_fraction: float) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -110,3 +111,23 @@ def test_a_candidate_better_where_scored_than_every_completed_trial_is_never_sto
     basis = np.array([[0, 0, 1, 0.0], [0, 1, 0, 1.0], [1, 0, 0, 0.0]])
     estimate = predict(basis, np.full(4, 0.25), [0, 1], np.array([1.0, 1.0]))
     assert estimate.stderr == math.inf and estimate.upper(1.64) == math.inf
+
+
+def test_identical_completed_trials_cannot_stop_a_candidate_one_document_behind_on_its_first_chunk():
+    # The basis agrees on every document, so its regression sees no variation at all; a new candidate that departs
+    # from it on a scored document may as well depart on unscored ones (here it gains 3 of them and ends ahead).
+    weights = np.full(40, 1 / 40)
+    basis = np.tile((np.random.default_rng(2).random(40) < 0.5).astype(float), (10, 1))
+    model = FitnessModel(basis, weights)
+    scored = model.order[:8]
+    candidate = basis[0].copy()
+    behind = next(i for i in scored if candidate[i] == 1)
+    gains = [i for i in model.order[8:] if candidate[i] == 0][:3]
+    candidate[behind], candidate[gains] = 0, 1
+    bar = float(basis[0] @ weights)
+    assert candidate @ weights > bar
+    estimate = model.estimate(candidate[scored])
+    assert estimate.value == pytest.approx(bar - 1 / 40)
+    assert estimate.upper(NormalDist().inv_cdf(0.8)) > bar  # not stopped at the default confidence
+    alike = model.estimate(basis[0, scored])
+    assert 0 < alike.stderr < estimate.stderr  # departing where scored widens the error bar for the rest
