@@ -25,6 +25,7 @@ from mergetune.demo.skills import (
     write_task_dir,
 )
 from mergetune.demo.tiny import TinySpec
+from mergetune.errors import MergetuneError
 
 #: Seconds to build; too short to learn anything, enough to check determinism and caching.
 TINY = DemoSettings(
@@ -121,6 +122,15 @@ def test_build_is_deterministic_cached_and_keyed_by_settings(tmp_path, caplog):
     key = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(weights(rebuilt["arithmetic"])[key], weights(second["arithmetic"])[key])
 
+
+
+def test_a_model_folder_the_demo_did_not_build_is_refused_and_left_as_it_was(tmp_path):
+    mine = tmp_path / "base" / "model.safetensors"
+    mine.parent.mkdir()
+    mine.write_text("my own weights")
+    with pytest.raises(MergetuneError, match=r"base exists and was not built by the demo \(no demo-models.json"):
+        build_demo_models(tmp_path, TINY)
+    assert mine.read_text() == "my own weights" and sorted(tmp_path.iterdir()) == [mine.parent]
 
 def test_specialists_change_only_attention_and_mlp_of_their_band(tmp_path):
     paths = build_demo_models(tmp_path, TINY)

@@ -40,6 +40,7 @@ import yaml
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mergetune.demo.tiny import TinySpec, build_tokenizer, random_model, save_model
+from mergetune.errors import MergetuneError
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +375,8 @@ def build_demo_models(cache_dir: str | Path, settings: DemoSettings = DemoSettin
     Built once (75–135 s on the 2-core CPUs this project has used, with the default
     settings); a later call with the same settings and data (the stamp file) returns
     the cached directories. Seeds and deterministic kernels make a rebuild identical on the
-    same machine and thread count.
+    same machine and thread count. A model folder already there without the stamp is not the
+    demo's: it is refused, never replaced.
     """
     cache_dir = Path(cache_dir).expanduser().resolve()
     paths = {name: cache_dir / name for name in ("base", *SKILLS)}
@@ -387,10 +389,17 @@ def build_demo_models(cache_dir: str | Path, settings: DemoSettings = DemoSettin
     ):
         log.info("demo models cached in %s", cache_dir)
         return paths
-    stamp.unlink(missing_ok=True)
+    if not stamp.is_file():
+        foreign = next((path for path in paths.values() if path.exists() or path.is_symlink()), None)
+        if foreign is not None:
+            raise MergetuneError(
+                f"{foreign} exists and was not built by the demo (no {stamp.name} beside it); "
+                "choose another output directory or move it away"
+            )
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"building": _BUILD_VERSION}))  # from here on, the folders below are the demo's
     for path in paths.values():
         shutil.rmtree(path, ignore_errors=True)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     tok = demo_tokenizer()
     num_layers = settings.spec.num_hidden_layers
     start = time.perf_counter()
