@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mergetune.errors import MergetuneError
+from mergetune.outputs import check_output_file
 
 if TYPE_CHECKING:  # the package imports torch and lm-eval: not at CLI start-up
     from mergetune.eval import EvalResult, Evaluator
@@ -36,16 +37,6 @@ def _check_model_dir(model_dir: Path, backend: str) -> None:
 def _check_at_least(option: str, value: Optional[int], least: int) -> None:
     if value is not None and value < least:
         raise MergetuneError(f"{option}: must be at least {least}, got {value}")
-
-
-def check_output_file(path: Path, option: str) -> None:
-    """Before any work (an output is written only at the end): the output file's folder exists, and the
-    path is not a folder."""
-    if not path.parent.is_dir():
-        state = "is a file, not a directory" if path.parent.exists() else "does not exist"
-        raise MergetuneError(f"{option} {path}: directory {path.parent} {state}")
-    if path.is_dir():
-        raise MergetuneError(f"{option} {path}: is a directory, expected a file name")
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -148,7 +139,11 @@ def eval_command(
     if dtype not in DTYPES:
         raise MergetuneError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     if json_out is not None:
-        check_output_file(json_out, "--json")
+        inputs = {f"model directory {model_dir}": model_dir}
+        inputs.update({f"task folder {path} (--include-path)": path for path in include_path})
+        if data_dir is not None:
+            inputs[f"data folder {data_dir} (--data-dir)"] = data_dir
+        check_output_file(json_out, "--json", inputs)
     _check_model_dir(model_dir, backend)
     given = {
         "device": device,

@@ -8,14 +8,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from mergetune.errors import MergetuneError
-from mergetune.eval.cli import check_output_file
+from mergetune.outputs import check_distinct_outputs, check_output_file, refuse_protected
 from mergetune.search.study_file import Study, load_study
 
 study_app = typer.Typer(help="Run Optuna studies over merge recipes.", no_args_is_help=True)
@@ -51,28 +51,6 @@ def _check_output_dir(path: Path, what: str) -> None:
     existing = next(part for part in (absolute, *absolute.parents) if part.exists())
     if not existing.is_dir():
         raise MergetuneError(f"{what} {path}: {existing} is a file, not a directory")
-
-
-def _check_output_file(path: Path, option: str, protected: Mapping[str, Path]) -> None:
-    """Before any work: what `check_output_file` checks, and that renaming a new file onto `path` destroys
-    neither a `protected` file (the study's own, as `protected_files` names them) nor a special file (a device,
-    a pipe), which would become a regular one."""
-    check_output_file(path, option)
-    _refuse_protected(path, option, protected)
-    if path.exists() and not path.is_file():
-        raise MergetuneError(f"{option} {path}: is not a regular file (a device, a pipe or a socket); choose a file name")
-
-
-def _refuse_protected(path: Path, option: str, protected: Mapping[str, Path]) -> None:
-    """`path` is none of the `protected` files and folders, nor inside one of the folders."""
-    target = path.resolve()
-    shown = "" if str(path) == str(target) else f" ({target})"
-    for what, kept in protected.items():
-        kept = kept.resolve()
-        if target == kept:
-            raise MergetuneError(f"{option} {path}: is the {what}{shown}; writing there would destroy it, choose another")
-        if kept.is_dir() and kept in target.parents:
-            raise MergetuneError(f"{option} {path}: is inside the {what}{shown}; writing there would change it, choose another")
 
 
 def _write_file(path: Path, text: str, option: str) -> None:
@@ -231,9 +209,10 @@ def leaderboard_command(
 
     check_count("--top", top)
     study = _load(study_file, storage)
+    check_distinct_outputs({"--json": json_out, "--csv": csv_out})
     for option, path in (("--json", json_out), ("--csv", csv_out)):
         if path:
-            _check_output_file(path, option, protected_files(study))
+            check_output_file(path, option, protected_files(study))
     board = build_leaderboard(study, open_storage(study, create=False))
     if markdown:
         typer.echo(to_markdown(board, top))
@@ -286,7 +265,7 @@ def report_command(
 
     _check_output_dir(out_dir, "report directory")
     study = _load(study_file, storage)
-    _refuse_protected(out_dir, "report directory", protected_files(study))
+    refuse_protected(out_dir, "report directory", protected_files(study))
     check_report_dir(out_dir)
     index = write_report(study, out_dir, open_storage(study, create=False))
     typer.echo(f"wrote {index}  (interactive: optuna-dashboard {dashboard_target(study)})")

@@ -153,9 +153,13 @@ def check_scored_weights(study: Study, row: Row, storage: Optional[BaseStorage])
 
 
 def protected_files(study: Study) -> dict[str, Path]:
-    """What a command's output (an export, besides its input models; a leaderboard file) must never overwrite:
-    the study file, its storage and the task folders it scores from."""
+    """What a command's output (an export, a leaderboard file, a report) must never overwrite: the study file,
+    its storage, the models it merges (those on this machine) and the task folders it scores from."""
     files = {"study file": study.path}
+    for index, model in enumerate(study.spec.models):
+        files[f"model {model} (models[{index}])"] = Path(study.resolve(model))
+    if study.spec.base_model:
+        files[f"base model {study.spec.base_model} (base_model)"] = Path(study.resolve(study.spec.base_model))
     storage = local_file(study)
     if storage is not None:
         files["study storage"] = storage

@@ -806,6 +806,26 @@ def test_leaderboard_and_report_leave_the_task_folder_and_someone_else_s_page_al
         assert result.exit_code == 0, result.output
 
 
+
+def test_no_output_may_land_in_an_input_model_or_on_another_output(failing_study, family_f32, tiny_tasks, tmp_path):
+    models_before = {name: checksums(path) for name, path in family_f32.items()}
+    config = family_f32["model_b"] / "config.json"
+    result = runner.invoke(app, ["leaderboard", str(failing_study), "--json", str(config)])
+    assert_one_message(result, f"--json {config}: is inside the model {family_f32['model_b']} (models[1])")
+    result = runner.invoke(app, ["report", str(failing_study), str(family_f32["model_a"])])
+    assert_one_message(result, f"report directory {family_f32['model_a']}: is the model {family_f32['model_a']} (models[0])")
+    same = tmp_path / "board.out"
+    result = runner.invoke(app, ["leaderboard", str(failing_study), "--json", str(same), "--csv", str(same)])
+    assert_one_message(result, f"--csv {same}: is also the --json output; give each its own file")
+    assert not same.exists()
+    model = family_f32["model_a"]
+    for output, what in ((model / "config.json", f"model directory {model}"), (tiny_tasks / "x.json", "task folder")):
+        result = runner.invoke(
+            app, ["eval", str(model), "--tasks", "demo_arithmetic", "--include-path", str(tiny_tasks), "--json", str(output)]
+        )
+        assert_one_message(result, f"--json {output}: is inside the {what}")
+    assert {name: checksums(path) for name, path in family_f32.items()} == models_before
+
 def test_leaderboard_refuses_to_replace_a_special_file_with_a_regular_one(failing_study, tmp_path):
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
