@@ -138,6 +138,10 @@ def eval_command(
         _check_at_least(option, value, least)
     if dtype not in DTYPES:
         raise MergetuneError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if device is not None and "device" in get_backend_class(backend).command_options:
+        from mergetune.devices import check_device
+
+        check_device(device)
     if json_out is not None:
         inputs = {f"model directory {model_dir}": model_dir}
         inputs.update({f"task folder {path} (--include-path)": path for path in include_path})

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 from mergetune import interrupts
+from mergetune.devices import check_device
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.card import RECIPE_FILE, model_card
-from mergetune.merge_ops.execute import check_device, fetch_inputs, run_op
+from mergetune.merge_ops.execute import fetch_inputs, run_op
 from mergetune.merge_ops.plan import MergePlan, validate_recipe
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
 from mergetune.merge_ops.sources import (

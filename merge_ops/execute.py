@@ -14,25 +14,6 @@ from mergetune.merge_ops.plan import TensorInput, TensorOp
 from mergetune.merge_ops.sparsify import compact
 
 Fetch = Callable[[TensorInput], torch.Tensor]
-DEVICE_TYPES = ("cpu", "cuda")
-
-
-def check_device(device: str) -> None:
-    """One clear message for a device this machine lacks, before any model is read (not a CUDA traceback midway)."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise MergetuneError(f"device '{device}': not a device name like cpu, cuda or cuda:1") from None
-    if parsed.type not in DEVICE_TYPES:
-        raise MergetuneError(f"device {device}: merges run on {' or '.join(DEVICE_TYPES)}, not {parsed.type}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MergetuneError(f"device {device}: CUDA is not available on this machine")
-        count = torch.cuda.device_count()
-        if parsed.index is not None and parsed.index >= count:
-            raise MergetuneError(f"device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-
-
 def fetch_inputs(op: TensorOp, fetch: Fetch, device: str = "cpu") -> list[torch.Tensor]:
     return [fetch(item).to(device=device) for item in op.inputs]
 

@@ -9,6 +9,27 @@ import time
 import psutil
 import torch
 
+from mergetune.errors import MergetuneError
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(device: str) -> None:
+    """One clear message for a device this machine lacks, before any model is read (not a CUDA traceback midway):
+    merges, studies and `mergetune eval` check it first."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise MergetuneError(f"device '{device}': not a device name like cpu, cuda or cuda:1") from None
+    if parsed.type not in DEVICE_TYPES:
+        raise MergetuneError(f"device {device}: mergetune runs on {' or '.join(DEVICE_TYPES)}, not {parsed.type}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergetuneError(f"device {device}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise MergetuneError(f"device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
 
 def device_memory(device: str | torch.device) -> tuple[int, int]:
     """(free, total) bytes of `device`: the GPU's, or the machine's for the CPU, where free is also bounded by

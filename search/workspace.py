@@ -19,13 +19,12 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
 
-from mergetune.devices import device_memory, linear_slowdown
+from mergetune.devices import check_device, device_memory, linear_slowdown
 from mergetune.eval import EvalConfig, Evaluator
 from mergetune.eval.evaluator import load_tasks
 from mergetune.eval.backends import engine_backend_names
 from mergetune.eval.tasks import Origins
 from mergetune.merge_ops.disk import write_side_files
-from mergetune.merge_ops.execute import check_device
 from mergetune.merge_ops.inmemory import InMemoryBuilder
 from mergetune.merge_ops.methods import METHODS
 from mergetune.merge_ops.plan import DTYPES, MergePlan

@@ -559,7 +559,7 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
     (
         "merge on the meta device",
         lambda i: run("merge", i.recipe(), str(i.tmp / "out"), "--device", "meta"),
-        "device meta: merges run on cpu or cuda, not meta",
+        "device meta: mergetune runs on cpu or cuda, not meta",
     ),
     (
         "--overwrite onto a file",
@@ -825,6 +825,44 @@ def test_no_output_may_land_in_an_input_model_or_on_another_output(failing_study
         )
         assert_one_message(result, f"--json {output}: is inside the {what}")
     assert {name: checksums(path) for name, path in family_f32.items()} == models_before
+
+
+def _truncated(model: Path) -> None:
+    shard = sorted(model.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+
+
+def _bad_config(model: Path) -> None:
+    (model / "config.json").write_text("{not json")
+
+
+def _no_tokenizer(model: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    "damage, args, message",
+    [
+        (None, ["--device", "tpu"], "device 'tpu': not a device name like cpu, cuda or cuda:1"),
+        (None, ["--device", "meta"], "device meta: mergetune runs on cpu or cuda, not meta"),
+        (None, ["--device", "cuda:7"], "device cuda:7: "),
+        (_truncated, [], "transformers cannot load it: "),
+        (_bad_config, [], "transformers cannot load it: "),
+        (_no_tokenizer, [], "transformers cannot load it: "),
+    ],
+    ids=["device tpu", "device meta", "device cuda:7", "truncated weights", "config not JSON", "no tokenizer"],
+)
+def test_eval_of_a_broken_checkpoint_or_a_missing_device_gives_one_message(damage, args, message, family_f32, tiny_tasks, tmp_path):
+    model = Path(shutil.copytree(family_f32["model_a"], tmp_path / "model"))
+    if damage is not None:
+        damage(model)
+    result = runner.invoke(
+        app, ["eval", str(model), "--tasks", "demo_arithmetic", "--include-path", str(tiny_tasks), "--limit", "2", *args]
+    )
+    assert_one_message(result, message)
+    if damage is not None:
+        assert f"model directory {model}: transformers cannot load it" in result.output
 
 def test_leaderboard_refuses_to_replace_a_special_file_with_a_regular_one(failing_study, tmp_path):
     pipe = tmp_path / "pipe"

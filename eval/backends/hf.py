@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from lm_eval.models.huggingface import HFLM
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mergetune.errors import MergetuneError
@@ -111,8 +112,12 @@ class HFBackend(Backend):
             raise MergetuneError(f"model directory {model_dir} does not exist or has no config.json")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        try:  # a checkpoint's defects surface as whatever transformers, safetensors or tokenizers raise
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            first = (str(error).strip() or type(error).__name__).splitlines()[0]
+            raise MergetuneError(f"model directory {model_dir}: transformers cannot load it: {first}") from None
         return cls(model, tokenizer, **options)
 
     @property
