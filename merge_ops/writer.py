@@ -22,6 +22,7 @@ import psutil
 import torch
 
 from mergetune.errors import MergetuneError
+from mergetune.merge_ops.card import RECIPE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,10 @@ def remove_abandoned_partials(target: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+#: What every merged model holds: a folder with neither is not an earlier output, and --overwrite leaves it alone.
+MODEL_FILES = ("config.json", RECIPE_FILE)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a sibling temporary directory; rename it onto `target` only if the block succeeds.
@@ -184,6 +189,11 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
             raise MergetuneError(f"output directory {target} already exists (use --overwrite to replace it)")
         if target.is_symlink() or not target.is_dir():
             raise MergetuneError(f"output {target} is not a directory (a file or a link); --overwrite replaces only a directory")
+        if any(target.iterdir()) and not any((target / name).is_file() for name in MODEL_FILES):
+            raise MergetuneError(
+                f"output directory {target} holds files but no model ({' or '.join(MODEL_FILES)}); --overwrite "
+                "replaces only an earlier output, never a folder of other files: choose another output directory"
+            )
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_abandoned_partials(target)
     partial = target.parent / f".{target.name}.partial-{os.getpid()}"

@@ -226,6 +226,17 @@ def test_existing_output_is_refused_unless_overwrite(family_f32, tmp_path):
     assert runner.invoke(app, ["merge", recipe, str(out)]).exit_code == 2
     assert runner.invoke(app, ["merge", recipe, str(out), "--overwrite"]).exit_code == 0
     assert (out / "model.safetensors").exists()
+    assert runner.invoke(app, ["merge", recipe, str(out), "--overwrite"]).exit_code == 0  # an earlier output: replaced
+
+
+def test_overwrite_never_replaces_a_folder_that_holds_no_model(family_f32, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    result = runner.invoke(app, ["merge", str(write_recipe(tmp_path, slerp(family_f32))), str(precious), "--overwrite"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"output directory {precious} holds files but no model (config.json or mergekit_config.yml)" in result.output
+    assert [p.name for p in precious.iterdir()] == ["thesis.tex"] and (precious / "thesis.tex").read_text() == "years of work"
 
 
 def test_a_merge_killed_midway_leaves_no_output_directory_and_the_next_merge_clears_its_leftovers(family_f32, tmp_path):
