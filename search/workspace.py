@@ -75,10 +75,14 @@ class Workspace:
         sources = models.sources
         references = list(sources)
         # The scored model takes its shape from the first method's hand-written recipe.
-        first = SEARCHABLE.get(spec.methods[0])
-        first_recipe = recipe_from_dict(first.recipe(first.baseline(spec), spec, study.resolve))
+        baselines = {method: baseline_recipe(study, method) for method in spec.methods}
+        first_recipe = baselines[spec.methods[0]]
         config = eval_config(study)
-        merged = plan_stage(first_recipe, sources)  # shapes only: nothing is loaded yet
+        plans = {method: plan_stage(recipe, sources) for method, recipe in baselines.items()}  # shapes only
+        for method, plan in plans.items():
+            for warning in plan.warnings:  # e.g. a filter of the search space that matches no tensor of these models
+                log.warning("%s (its hand-written recipe, as the study's space writes it): %s", method, warning)
+        merged = plans[spec.methods[0]]
         say("preparing the evaluation tasks")
         tasks = load_tasks(config)  # a wrong task name or missing data is refused before minutes of loading models
         sources_bytes = sum(resident_bytes(source) for source in sources.values())
@@ -126,6 +130,12 @@ class Workspace:
             )
             builder = live
         return cls(study, builder, evaluator, choose_documents(evaluator, spec), models.fingerprints)
+
+
+def baseline_recipe(study: Study, method: str) -> Recipe:
+    """The method's hand-written recipe as the study's search space writes it (filters, curves, models)."""
+    searchable = SEARCHABLE.get(method)
+    return recipe_from_dict(searchable.recipe(searchable.baseline(study.spec), study.spec, study.resolve))
 
 
 @dataclass

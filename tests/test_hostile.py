@@ -111,6 +111,19 @@ def test_the_leaderboard_lists_failed_trials_with_their_reasons_and_ranks_only_t
     ) in " ".join(result.output.split())
 
 
+
+def test_a_search_space_filter_that_matches_no_tensor_is_a_warning_before_the_first_trial(
+    family_f32, tiny_tasks, tmp_path, caplog
+):
+    space = {"slerp": {"filters": ["self_atn"], "control_points": 2}}
+    path = write_study(tmp_path, family_f32, tiny_tasks, budget={"n_trials": 1}, space=space)
+    with caplog.at_level("WARNING", logger="mergetune.search.workspace"):
+        result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "slerp (its hand-written recipe, as the study's space writes it): parameters.t: filter 'self_atn' matches no tensor"
+    ]
+
 def nan_copy(model: Path, directory: Path) -> Path:
     """A copy of `model` with one tensor full of NaN."""
     copy = directory / "nan-model"
