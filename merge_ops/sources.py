@@ -353,8 +353,10 @@ def resolve_model_directory(reference: str) -> Path:
             )
         )
     except Exception as error:  # hub errors come in many types; all mean "can't get it"
+        local = f" ({path.parent}/ is a folder here: a typo in a local path?)" if path.parent.is_dir() else ""
+        first = (str(error).strip() or type(error).__name__).splitlines()[0]
         raise MergetuneError(
-            f"model {reference}: not a local directory, and fetching it from the hub failed: {error}"
+            f"model {reference}: no such local directory{local}, and fetching it from the hub failed: {first}"
         ) from None
 
 

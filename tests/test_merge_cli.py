@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from mergetune.cli import app
 from mergetune.demo.tiny import TinySpec, build_family
+from mergetune.errors import MergetuneError
+from mergetune.merge_ops.sources import resolve_model_directory
 
 runner = CliRunner()
 
@@ -289,3 +291,20 @@ def test_pickled_weights_load_with_allow_pickle(family_f32, tmp_path):
     recipe = write_recipe(tmp_path, slerp({**family_f32, "model_a": pickled}))
     result = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--allow-pickle"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_mistyped_local_path_that_reads_as_a_hub_id_says_so_in_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known\n(a second line of hub detail)")
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(MergetuneError) as raised:
+        resolve_model_directory("models/mistyped")
+    assert str(raised.value) == (
+        "model models/mistyped: no such local directory (models/ is a folder here: a typo in a local path?), "
+        "and fetching it from the hub failed: Name or service not known"
+    )
