@@ -98,6 +98,17 @@ def search_score_note(row: Row, method: Optional[str], trial: Optional[int]) -> 
     )
 
 
+def pending_note(board: Leaderboard, row: Row, trial: Optional[int]) -> Optional[str]:
+    """What to say when the best trial was picked while later, better-searching trials await their held-out score."""
+    if trial is not None or row.method not in board.pending:
+        return None
+    numbers = ", ".join(map(str, board.pending[row.method]))
+    return (
+        f"{row.method} trial(s) {numbers} search better but have no held-out score yet; `mergetune study run` scores "
+        "them, and the best may change"
+    )
+
+
 def score_table(board: Leaderboard, row: Row, fingerprints: Optional[dict[str, str]] = None) -> str:
     """The model card's benchmark section: held-out scores, search scores, the comparisons, and the input
     models' fingerprints (`CheckpointSource.fingerprint`) the scores belong to."""
@@ -195,7 +206,8 @@ def export_trial(
     randomized = any(validate_recipe(stage).randomized for stage in recipe_file.stages)
     device, note = export_device(row.device, device, torch.cuda.is_available(), randomized)
     drawn = draws_note(row.draws, DRAWS, randomized)
-    note = "; ".join(part for part in (search_score_note(row, method, trial), note, drawn) if part) or None
+    parts = (search_score_note(row, method, trial), pending_note(board, row, trial), note, drawn)
+    note = "; ".join(part for part in parts if part) or None
     merged = merge_recipe_file(
         recipe_file,
         out_dir,

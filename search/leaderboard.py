@@ -125,6 +125,7 @@ class Leaderboard:
     races: list[Races] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # what a partial study lacks, method by method
     failures: list[Failure] = field(default_factory=list)
+    pending: dict[str, list[int]] = field(default_factory=dict)  # finalists by search score not scored held-out yet
     warnings: list[str] = field(default_factory=list)  # stored evidence that cannot be taken at its word
 
     def best(self, method: str) -> Optional[Row]:
@@ -146,6 +147,7 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
     records: dict[tuple[str, int], Record] = {}
     warnings: list[str] = []
     failures: list[Failure] = []
+    pending: dict[str, list[int]] = {}
     stored = {method: load_optuna_study(study, method, storage) for method in study.spec.methods}
     if not any(stored.values()):
         raise MergetuneError(_no_such_study(study, storage))
@@ -167,6 +169,9 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
                 f"{method}: trial(s) {', '.join(map(str, doubled))} hold documents scored twice (an estimator race "
                 "stored by mergetune before 2026-12-02), and their search scores count them twice; rank them with care"
             )
+        unscored = pending_finalists(counted, finals, study.spec.evaluation.final.finalists)
+        if unscored:
+            pending[method] = unscored
         for trial in counted:
             if trial.state != TrialState.COMPLETE:
                 continue
@@ -200,8 +205,9 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
         study.spec.name,
         rows,
         races=races_found,
-        missing=missing_parts(stored, rows),
+        missing=missing_parts(stored, rows, pending),
         failures=failures,
+        pending=pending,
         warnings=warnings,
     )
     for method in study.spec.methods:
@@ -231,9 +237,20 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
     return board
 
 
-def missing_parts(stored: dict[str, Optional[optuna.Study]], rows: list[Row]) -> list[str]:
+def pending_finalists(counted: list[StoredTrial], finals: dict[int, Record], finalists: int) -> list[int]:
+    """The trials the runner's `finalize` would score now (the best `finalists` by search score, ties to the lower
+    number) that have no held-out score, where the method has some: a run stopped after adding trials."""
+    if not finals:
+        return []
+    complete = [t for t in counted if t.state == TrialState.COMPLETE]
+    ranked = sorted(complete, key=lambda t: t.value, reverse=True)[:finalists]
+    return [t.number for t in ranked if t.number not in finals]
+
+
+def missing_parts(stored: dict[str, Optional[optuna.Study]], rows: list[Row], pending: dict[str, list[int]]) -> list[str]:
     """What a partial study lacks, so that a board ranked partly by search score says so: methods with no
-    completed trial yet, and methods whose finalists were not scored on held-out documents."""
+    completed trial yet, methods whose finalists were not scored on held-out documents, and methods with
+    finalists scored while later trials that are now among the best by search score were not."""
     lines = []
     for method, optuna_study in stored.items():
         mine = [row for row in rows if row.method == method]
@@ -245,6 +262,13 @@ def missing_parts(stored: dict[str, Optional[optuna.Study]], rows: list[Row]) ->
                 f"{method}: no held-out scores yet (its finalists are scored once its trials are done, or by the next "
                 f"`mergetune study run` of a run stopped before), so its {len(mine)} completed trial(s) show search "
                 "scores and rank below every finalist"
+            )
+        elif method in pending:
+            numbers = ", ".join(map(str, pending[method]))
+            lines.append(
+                f"{method}: trial(s) {numbers} are now among its best by search score but have no held-out score yet "
+                "(finalists are scored once a run's trials are done: the next `mergetune study run` scores them), so "
+                "they rank below the finalists scored earlier"
             )
     return lines
 

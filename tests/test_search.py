@@ -398,6 +398,29 @@ def test_the_leaderboard_warns_of_trials_stored_with_documents_scored_twice(fini
     assert build_leaderboard(load_study(finished_study)).warnings == []
 
 
+
+def test_trials_that_search_better_than_the_scored_finalists_are_named_until_they_are_scored(finished_study, tmp_path):
+    """A run that added trials and stopped before its finalists: the board and export say which wait to be scored."""
+    extended = Path(shutil.copytree(finished_study.parent, tmp_path / "study")) / finished_study.name
+    complete = [t for t in trials(finished_study, "slerp") if t.state == TrialState.COMPLETE]
+    best = sorted(complete, key=lambda t: t.value, reverse=True)[0]
+    assert not best.user_attrs.get("baseline")  # the baseline keeps its held-out score: the method has some
+    with contextlib.closing(sqlite3.connect(extended.parent / "tiny.db")) as db, db:
+        db.execute(
+            "DELETE FROM study_user_attributes WHERE key = ? "
+            "AND study_id = (SELECT study_id FROM studies WHERE study_name = 'tiny.slerp')",
+            (f"final.{best.number}",),
+        )
+    board = build_leaderboard(load_study(extended))
+    assert board.pending == {"slerp": [best.number]}
+    assert (
+        f"slerp: trial(s) {best.number} are now among its best by search score but have no held-out score yet"
+    ) in board.missing[0]
+    assert build_leaderboard(load_study(finished_study)).pending == {}
+    result = runner.invoke(app, ["export", str(extended), str(tmp_path / "out"), "--method", "slerp"])
+    assert result.exit_code == 0, result.output
+    assert f"slerp trial(s) {best.number} search better but have no held-out score yet" in " ".join(result.output.split())
+
 def test_a_partial_study_says_what_it_lacks_and_export_that_it_picked_by_search_score(finished_study, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(finished_study.parent, partial)
