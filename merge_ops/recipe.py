@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, field_validator, model_validator
 
 from mergetune.errors import MergetuneError
-from mergetune.validation import Strict, read_text, validate
+from mergetune.validation import Strict, read_text, validate, yaml_problem
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -185,7 +185,7 @@ def parse_recipes(text: str, source: str = "<recipe>") -> RecipeFile:
     try:
         documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as error:
-        raise MergetuneError(f"{source}: not valid YAML: {error}") from None
+        raise yaml_problem(source, error) from None
     if not documents:
         raise MergetuneError(f"{source}: the file holds no recipe")
     stages = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TypeVar
 
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mergetune.errors import MergetuneError
@@ -17,6 +18,15 @@ from mergetune.errors import MergetuneError
 SHOWN_PROBLEMS = 4  # union types report one failure per alternative; more than a few is noise
 
 Model = TypeVar("Model", bound=BaseModel)
+
+
+def yaml_problem(source: str, error: yaml.YAMLError) -> MergetuneError:
+    """One line: the file, where in it, and what the parser expected (PyYAML names the text '<unicode string>')."""
+    mark = getattr(error, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    return MergetuneError(f"{source}{where}: not valid YAML: {f'{context}: ' if context else ''}{problem}")
 
 
 class Strict(BaseModel):

@@ -21,7 +21,7 @@ from mergetune.eval.backends import search_backend_names
 from mergetune.registry import Registry
 from mergetune.search.methods import SEARCHABLE
 from mergetune.search.samplers import PRUNERS, SAMPLERS
-from mergetune.validation import Strict, read_text, validate
+from mergetune.validation import Strict, read_text, validate, yaml_problem
 
 # Where and how long a study runs, not what its trials mean: free to differ between workers and runs.
 RUN_SETTINGS = frozenset({"storage", "storage_options", "budget", "device", "backend", "engine"})
@@ -380,7 +380,7 @@ def load_study(path: str | Path) -> Study:
     try:
         data = yaml.safe_load(read_text(path, "study file"))
     except yaml.YAMLError as error:
-        raise MergetuneError(f"{path}: not valid YAML: {error}") from None
+        raise yaml_problem(str(path), error) from None
     if not isinstance(data, dict):
         raise MergetuneError(f"{path}: a study file must be a mapping of fields")
     return Study(spec=validate(StudySpec, data, str(path)), path=path.resolve())

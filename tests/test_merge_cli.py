@@ -157,7 +157,11 @@ HOSTILE = [
         "intermediate sizes differ)",
     ),
     ("architectures differ", lambda p, d: slerp(other_architecture_copy(p, d)), "different architectures"),
-    ("not yaml", lambda p, d: "merge_method: [slerp", "not valid YAML"),
+    (
+        "not yaml",
+        lambda p, d: "merge_method: [slerp",
+        "recipe.yaml, line 1, column 21: not valid YAML: while parsing a flow sequence: expected ',' or ']'",
+    ),
     ("not a mapping", lambda p, d: "- just\n- a list\n", "a recipe must be a mapping"),
     ("models and slices", lambda p, d: {**slerp(p), "slices": [{"sources": [{"model": "x", "layer_range": [0, 1]}]}]}, "exactly one of 'models' or 'slices'"),
     ("a LoRA adapter", lambda p, d: slerp({**p, "model_a": f"{p['model_a']}+{p['model_b']}"}), "LoRA adapters (model+adapter) are not supported"),
