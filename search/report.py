@@ -151,21 +151,23 @@ def plot_curves(recipe_text: str, method: str, layers: int, path: Path) -> Path:
 IMPORTANCE_MIN_TRIALS = 10  # PED-ANOVA compares the best tenth of the trials with the rest: below this, noise
 
 
-def plot_importances(optuna_study: optuna.Study, method: str, path: Path) -> Optional[Path]:
+def plot_importances(optuna_study: optuna.Study, method: str, path: Path) -> Path | str:
     """PED-ANOVA importances, named so the title cannot drift from Optuna's default evaluator (fANOVA once);
-    none from fewer than IMPORTANCE_MIN_TRIALS completed trials, whose bars would look like a finding."""
+    none from fewer than IMPORTANCE_MIN_TRIALS completed trials, whose bars would look like a finding: then
+    why not, for the page to say."""
     completed = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if completed < IMPORTANCE_MIN_TRIALS:
-        log.info("no parameter importances for %s: %d completed trials, fewer than %d", method, completed, IMPORTANCE_MIN_TRIALS)
-        return None
+        return (
+            f"no parameter importances for {method}: {completed} completed trials, fewer than "
+            f"{IMPORTANCE_MIN_TRIALS} (with fewer, its bars would be noise that looks like a finding)"
+        )
     try:
         with warnings.catch_warnings():  # Optuna's own "too few trials" notes: the rule above says it
             warnings.simplefilter("ignore", UserWarning)
             evaluator = optuna.importance.PedAnovaImportanceEvaluator()
             importances = optuna.importance.get_param_importances(optuna_study, evaluator=evaluator)
     except (RuntimeError, ValueError, ImportError) as error:
-        log.info("no parameter importances for %s: %s", method, error)
-        return None
+        return f"no parameter importances for {method}: {error}"
     top = list(importances.items())[:15]
     figure, axis = plt.subplots(figsize=(6, 0.3 * len(top) + 1.2))
     axis.barh([name for name, _ in reversed(top)], [value for _, value in reversed(top)])
@@ -230,14 +232,17 @@ def _draw(study: Study, board: Leaderboard, out_dir: Path, storage) -> None:
         best = board.best(method) or next((row for row in board.rows if row.method == method), None)
         if best is not None:
             images.append(plot_curves(best.recipe, method, layers, out_dir / f"{method}-curves.png"))
-        for extra in (
-            plot_estimates(optuna_study, method, out_dir / f"{method}-estimates.png"),
-            plot_importances(optuna_study, method, out_dir / f"{method}-importances.png"),
-        ):
-            if extra:
-                images.append(extra)
+        estimates = plot_estimates(optuna_study, method, out_dir / f"{method}-estimates.png")
+        if estimates:
+            images.append(estimates)
+        importances = plot_importances(optuna_study, method, out_dir / f"{method}-importances.png")
+        if isinstance(importances, Path):
+            images.append(importances)
+        else:
+            log.info(importances)
         figures = "".join(f'<img src="{html.escape(image.name)}" alt="{html.escape(image.stem)}">' for image in images)
-        sections.append(f"<h2>{html.escape(method)}</h2>{figures}")
+        note = "" if isinstance(importances, Path) else f"<p>{html.escape(importances)}</p>"
+        sections.append(f"<h2>{html.escape(method)}</h2>{figures}{note}")
     comparisons = "".join(f"<li>{html.escape(line)}</li>" for line in comparison_lines(board))
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"

@@ -488,6 +488,7 @@ def test_report_draws_pictures_and_a_page(finished_study, tmp_path):
     for name in ("slerp-history.png", "slerp-curves.png", "dare_ties-history.png"):
         assert (tmp_path / "report" / name).stat().st_size > 1000
         assert name in page
+    assert "no parameter importances for slerp: 4 completed trials, fewer than 10" in page  # said, not silently absent
 
 
 def test_parameter_importances_are_drawn_only_from_enough_completed_trials(tmp_path):
@@ -498,9 +499,14 @@ def test_parameter_importances_are_drawn_only_from_enough_completed_trials(tmp_p
         study.optimize(lambda trial: trial.suggest_float("x", 0, 1) + 0 * trial.suggest_float("y", 0, 1), n_trials=n_trials)
         return study
 
-    assert plot_importances(study_of(2), "slerp", tmp_path / "few.png") is None  # its bars would be noise that looks like a finding
+    skipped = plot_importances(study_of(2), "slerp", tmp_path / "few.png")  # its bars would be noise that looks like a finding
+    assert skipped == (
+        "no parameter importances for slerp: 2 completed trials, fewer than 10 (with fewer, its bars would be noise "
+        "that looks like a finding)"
+    )
+    assert not (tmp_path / "few.png").exists()
     drawn = plot_importances(study_of(40), "slerp", tmp_path / "many.png")
-    assert drawn is not None and drawn.stat().st_size > 1000
+    assert isinstance(drawn, Path) and drawn.stat().st_size > 1000
 
 
 def kill_at_scoring_call(path: Path, call: int) -> subprocess.CompletedProcess:
