@@ -12,7 +12,8 @@ standard error is the larger of two: the regression's prediction interval,
 widened by the chance that the candidate departs from the basis on the unscored
 documents every basis trial got alike (which no regression over the basis can
 see: identical completed trials would otherwise give an error of 0 and stop any
-candidate one document behind on its first chunk); and the whole procedure's
+candidate one document behind on its first chunk), learned from how often one
+basis trial departed from all the others; and the whole procedure's
 leave-one-out error over the basis (ordering included: the documents chosen for
 fitting the basis well fit it better than they predict a new candidate). The
 candidate stops once even the upper end cannot reach the score it must beat.
@@ -105,7 +106,13 @@ def discrimination_order(basis: np.ndarray, weights: np.ndarray, top_fraction: f
     return np.lexsort((np.arange(len(weights)), -spread, -np.abs(weights * covariance)))
 
 
-def predict(basis: np.ndarray, weights: np.ndarray, scored: Sequence[int], values: np.ndarray) -> Estimate:
+def predict(
+    basis: np.ndarray,
+    weights: np.ndarray,
+    scored: Sequence[int],
+    values: np.ndarray,
+    departure: float | None = None,
+) -> Estimate:
     """The full search score of a candidate with `values` on the documents `scored` (indices).
 
     Across the basis, the weighted score on the documents not yet scored is
@@ -132,26 +139,42 @@ def predict(basis: np.ndarray, weights: np.ndarray, scored: Sequence[int], value
     intercept = float(rest.mean()) - slope * float(known.mean())
     residuals = rest - (intercept + slope * known)
     variance = float(residuals @ residuals) / max(dof, 1)
-    unseen = unanimous_variance(basis, weights, order, np.asarray(values), ~mask)
+    if departure is None:
+        departure = departure_rate(basis)
+    unseen = unanimous_variance(basis, weights, order, np.asarray(values), ~mask, departure)
     stderr = math.sqrt(variance * (1 + 1 / n + leverage) + unseen)
     return Estimate(own + intercept + slope * own, stderr, int(mask.sum()))
 
 
+def departure_rate(basis: np.ndarray) -> float:
+    """How often a trial got a document otherwise than every other trial, which got it alike, pooled over
+    trials and documents (with one success and one failure added: never 0, 1/2 with nothing to go by)."""
+    events = chances = 0
+    for index in range(len(basis)):
+        others = np.delete(basis, index, axis=0)
+        if not len(others):
+            break
+        alike = np.ptp(others, axis=0) < FLAT
+        chances += int(alike.sum())
+        events += int((alike & (np.abs(basis[index] - others[0]) > FLAT)).sum())
+    return (events + 1) / (chances + 2)
+
+
 def unanimous_variance(
-    basis: np.ndarray, weights: np.ndarray, order: np.ndarray, values: np.ndarray, unscored: np.ndarray
+    basis: np.ndarray, weights: np.ndarray, order: np.ndarray, values: np.ndarray, unscored: np.ndarray, departure: float
 ) -> float:
     """Variance of the candidate's weighted score on the unscored documents every basis trial got alike.
 
     The regression sees no variation there, yet a new candidate may depart from the
-    basis on any of them: with probability 1 / (n + 2) after n agreeing trials (the
-    rule of succession), or the candidate's own rate of departure where it was scored
-    on such documents, if higher. Each departure moves a document's value by up to 1.
+    basis on any of them: as often as one basis trial departed from all the others
+    (`departure`), or as often as the candidate itself did where it was scored on such
+    documents, if more. Each departure moves a document's value by up to 1.
     """
     agreed = np.ptp(basis, axis=0) < FLAT
     rest = agreed & unscored
     if not rest.any():
         return 0.0
-    rate = 1 / (len(basis) + 2)
+    rate = departure
     seen = agreed[order]
     if seen.any():
         departed = np.abs(values[seen] - basis[0, order[seen]]) > FLAT
@@ -159,13 +182,16 @@ def unanimous_variance(
     return rate * (1 - rate) * float(weights[rest] @ weights[rest])
 
 
-def cross_validated_error(basis: np.ndarray, weights: np.ndarray, count: int, top_fraction: float) -> float:
-    """Root mean square error of the estimate from `count` documents, each basis trial predicted by the others."""
+def cross_validated_error(
+    basis: np.ndarray, weights: np.ndarray, count: int, top_fraction: float, departure: float
+) -> float:
+    """Root mean square error of the estimate from `count` documents, each basis trial predicted by the others
+    (with the whole basis's `departure_rate`: computing it again without each trial would cost n times more)."""
     errors = []
     for held_out in range(len(basis)):
         others = np.delete(basis, held_out, axis=0)
         scored = discrimination_order(others, weights, top_fraction)[:count]
-        estimate = predict(others, weights, scored, basis[held_out, scored])
+        estimate = predict(others, weights, scored, basis[held_out, scored], departure)
         errors.append(estimate.value - float(basis[held_out] @ weights))
     return math.sqrt(float(np.mean(np.square(errors))))
 
@@ -178,12 +204,15 @@ class FitnessModel:
         self.weights = weights
         self.top_fraction = top_fraction
         self.order = discrimination_order(basis, weights, top_fraction)
+        self.departure = departure_rate(basis)
         self._errors: dict[int, float] = {}
 
     def estimate(self, values: np.ndarray) -> Estimate:
         """The full score of a candidate whose values on the first `len(values)` documents of `order` are known."""
         count = len(values)
-        regression = predict(self.basis, self.weights, self.order[:count], values)
+        regression = predict(self.basis, self.weights, self.order[:count], values, self.departure)
         if count not in self._errors:
-            self._errors[count] = cross_validated_error(self.basis, self.weights, count, self.top_fraction)
+            self._errors[count] = cross_validated_error(
+                self.basis, self.weights, count, self.top_fraction, self.departure
+            )
         return Estimate(regression.value, max(regression.stderr, self._errors[count]), count)

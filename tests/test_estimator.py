@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mergetune.eval.evidence import summarize
-from mergetune.search.estimator import FitnessModel, Layout, discrimination_order, predict
+from mergetune.search.estimator import FitnessModel, Layout, departure_rate, discrimination_order, predict
 
 
 def record(values: dict[str, list[float]], leaves: int = 1) -> dict:
@@ -131,3 +131,10 @@ def test_identical_completed_trials_cannot_stop_a_candidate_one_document_behind_
     assert estimate.upper(NormalDist().inv_cdf(0.8)) > bar  # not stopped at the default confidence
     alike = model.estimate(basis[0, scored])
     assert 0 < alike.stderr < estimate.stderr  # departing where scored widens the error bar for the rest
+
+
+def test_the_departure_rate_counts_how_often_one_trial_got_otherwise_what_all_the_others_got_alike():
+    basis = np.ones((4, 10))
+    basis[0, 3] = 0  # trial 0 departs once where trials 1-3 agree; the others, with trial 0 among theirs, never can there
+    assert departure_rate(basis) == pytest.approx((1 + 1) / (10 + 3 * 9 + 2))
+    assert departure_rate(basis[:1]) == 0.5  # one trial: nothing to go by
