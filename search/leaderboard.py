@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from mergetune.errors import MergetuneError
 from mergetune.eval.evidence import PairedDifference, Record, Summary, paired_bootstrap, repeated_documents, summarize
 from mergetune.search.storage import storage_errors
-from mergetune.search.trials import COUNTED, StoredTrial, final_records, load_optuna_study
+from mergetune.search.trials import COUNTED, StoredTrial, best_by_search, final_records, load_optuna_study
 from mergetune.search.study_file import Study
 
 
@@ -238,13 +238,12 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
 
 
 def pending_finalists(counted: list[StoredTrial], finals: dict[int, Record], finalists: int) -> list[int]:
-    """The trials the runner's `finalize` would score now (the best `finalists` by search score, ties to the lower
-    number) that have no held-out score, where the method has some: a run stopped after adding trials."""
+    """The trials the runner's `finalize` would score now (`best_by_search`) that have no held-out score, where
+    the method has some: a run stopped after adding trials."""
     if not finals:
         return []
     complete = [t for t in counted if t.state == TrialState.COMPLETE]
-    ranked = sorted(complete, key=lambda t: t.value, reverse=True)[:finalists]
-    return [t.number for t in ranked if t.number not in finals]
+    return [t.number for t in best_by_search(complete, finalists) if t.number not in finals]
 
 
 def missing_parts(stored: dict[str, Optional[optuna.Study]], rows: list[Row], pending: dict[str, list[int]]) -> list[str]:

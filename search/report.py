@@ -235,13 +235,13 @@ def _draw(study: Study, board: Leaderboard, out_dir: Path, storage) -> None:
         estimates = plot_estimates(optuna_study, method, out_dir / f"{method}-estimates.png")
         if estimates:
             images.append(estimates)
-        importances = plot_importances(optuna_study, method, out_dir / f"{method}-importances.png")
+        importances, note = plot_importances(optuna_study, method, out_dir / f"{method}-importances.png"), ""
         if isinstance(importances, Path):
             images.append(importances)
         else:
             log.info(importances)
+            note = f"<p>{html.escape(importances)}</p>"
         figures = "".join(f'<img src="{html.escape(image.name)}" alt="{html.escape(image.stem)}">' for image in images)
-        note = "" if isinstance(importances, Path) else f"<p>{html.escape(importances)}</p>"
         sections.append(f"<h2>{html.escape(method)}</h2>{figures}{note}")
     comparisons = "".join(f"<li>{html.escape(line)}</li>" for line in comparison_lines(board))
     page = (

@@ -291,7 +291,7 @@ class StudyRunner:
         optuna_study = self.optuna_study(method)
         with storage_errors(self.workspace.study.storage_url):
             complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            ranked = sorted(complete, key=lambda t: t.value, reverse=True)[: self.spec.evaluation.final.finalists]
+            ranked = trials.best_by_search(complete, self.spec.evaluation.final.finalists)
             chosen = ranked + [t for t in complete if trials.is_baseline(t) and t not in ranked]
             if chosen:  # workers finishing together start at different finalists
                 offset = self.worker.pid % len(chosen)

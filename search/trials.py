@@ -230,6 +230,12 @@ def final_records(optuna_study: optuna.Study) -> dict[int, Record]:
 # --- read side --------------------------------------------------------------------------------------
 
 
+def best_by_search(completed: list[Any], count: int) -> list[Any]:
+    """The `count` finalists among `completed` trials (FrozenTrial or StoredTrial): highest search score first,
+    ties to the lower number. The runner scores these on held-out documents; the leaderboard checks they were."""
+    return sorted(completed, key=lambda t: t.value, reverse=True)[:count]
+
+
 def worker_attr(trial: AnyTrial) -> Optional[dict[str, Any]]:
     return trial.user_attrs.get(WORKER)
 
