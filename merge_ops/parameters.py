@@ -128,12 +128,15 @@ def _entry(pattern: str) -> str:
 def check_value(coerce: Coerce, value: Any) -> Optional[str]:
     """None if `value` has the parameter's type and is finite, else the reason.
 
-    A NaN would slip past every range check (`nan < 0` is False) into the weights.
+    A NaN would slip past every range check (`nan < 0` is False) into the weights, and `weight: true`
+    is a slip, not a weight of 1 (pydantic's lax mode, hence mergekit, reads it as 1).
     """
     try:
         coerced = coerce(value)
     except ValidationError as error:
         return error.errors()[0]["msg"]
+    if isinstance(value, bool) and not isinstance(coerced, bool):
+        return "true/false where a number is expected"
     if isinstance(coerced, float) and not math.isfinite(coerced):
         return "not a finite number"
     return None

@@ -185,10 +185,10 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     target = Path(target)
     if target.exists() or target.is_symlink():
+        if target.is_symlink() or not target.is_dir():
+            raise MergetuneError(f"output {target} is not a directory (a file or a link); the output must be a new or earlier output directory")
         if not overwrite:
             raise MergetuneError(f"output directory {target} already exists (use --overwrite to replace it)")
-        if target.is_symlink() or not target.is_dir():
-            raise MergetuneError(f"output {target} is not a directory (a file or a link); --overwrite replaces only a directory")
         if any(target.iterdir()) and not any((target / name).is_file() for name in MODEL_FILES):
             raise MergetuneError(
                 f"output directory {target} holds files but no model ({' or '.join(MODEL_FILES)}); --overwrite "

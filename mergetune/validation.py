@@ -36,7 +36,8 @@ class Strict(BaseModel):
 
 
 STRUCTURAL = ("extra_forbidden", "missing")  # a mapping's keys were wrong: the mapping was meant for this model
-SCALAR_TAGS = ("bool", "int", "float", "str")
+SCALAR_FORMS = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string"}
+SCALAR_TAGS = tuple(SCALAR_FORMS)
 
 
 def _is_union_tag(part: object) -> bool:
@@ -55,6 +56,30 @@ def _shown(location: tuple) -> str:
     return ".".join(str(part) for part in location if not _is_union_tag(part)) or "(top level)"
 
 
+def _alternatives(items: list, field: tuple) -> list[str]:
+    """The forms a union field may take, in words, when its value failed every one of them for its type
+    (`t: [[0, 1], 0.5]`: pydantic's one message per alternative says less than the list of forms)."""
+    tags = [
+        item["loc"][len(field)]
+        for item in items
+        if _field_path(item["loc"]) == field and len(item["loc"]) > len(field) and item["type"] not in STRUCTURAL
+    ]
+    return [_form(tag) for tag in dict.fromkeys(tags)]
+
+
+def _form(tag: str) -> str:
+    """`list[ConditionalParameter]` → `a list of ConditionalParameter mappings`; `float` → `a number`."""
+    if tag.startswith("list["):
+        inner = tag[len("list[") : -1]
+        return "a list of values" if inner.startswith("union[") or inner in SCALAR_TAGS else f"a list of {inner} mappings"
+    return SCALAR_FORMS.get(tag, f"a {tag} mapping")
+
+
+def _excerpt(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def describe_validation_error(error: ValidationError, where: str) -> str:
     """`where: field.path: message; ...`, duplicates removed, the first few kept.
 
@@ -70,6 +95,12 @@ def describe_validation_error(error: ValidationError, where: str) -> str:
     ]
     problems = []
     for item in items:
+        field = _field_path(item["loc"])
+        alternatives = _alternatives(items, field)
+        if len(alternatives) > 1:
+            value = min((other for other in items if _field_path(other["loc"]) == field), key=lambda o: len(o["loc"]))["input"]
+            problems.append(f"{_shown(field)}: {_excerpt(value)} is none of: {', '.join(alternatives)}")
+            continue
         message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
         problems.append(f"{_shown(item['loc'])}: {message}")
     unique = list(dict.fromkeys(problems))

@@ -389,6 +389,16 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         "models: Input should be a valid list",
     ),
     (
+        "recipe: a gradient of lists",
+        lambda i: run("merge", i.recipe(parameters={"t": [[0, 1], 0.5]}), str(i.tmp / "out")),
+        "parameters.t: [[0, 1], 0.5] is none of: true/false, an integer, a number, a string, a list of values,",
+    ),
+    (
+        "recipe: true where a weight is expected",
+        lambda i: run("merge", linear_recipe(i, (True, 1)), str(i.tmp / "out")),
+        "parameters.weight: True is not valid: true/false where a number is expected",
+    ),
+    (
         "recipe: unknown key",
         lambda i: run("merge", i.recipe(models=[{"model": str(i.family["base"]), "wieght": 1}]), str(i.tmp / "out")),
         "models.0.wieght: unknown field",
@@ -573,6 +583,11 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         "merge on the meta device",
         lambda i: run("merge", i.recipe(), str(i.tmp / "out"), "--device", "meta"),
         "device meta: mergetune runs on cpu or cuda, not meta",
+    ),
+    (
+        "merge onto a file",
+        lambda i: run("merge", i.recipe(), i.file_at("notes.txt")),
+        "output {tmp}/notes.txt is not a directory (a file or a link)",
     ),
     (
         "--overwrite onto a file",
