@@ -56,6 +56,12 @@ def compute_task_vectors(op: TensorOp, tensors: list[torch.Tensor]) -> list[Opti
     ]
 
 
+def compute_measure(op: TensorOp, method: MethodSpec, tensors: list[torch.Tensor]) -> object:
+    """What `method.measure` gives for `tensors` as the merge sees them (in the op's compute dtype)."""
+    assert method.measure is not None
+    return method.measure([tensor.to(op.compute_dtype) for tensor in tensors], op.base_index)
+
+
 def compute_rankings(
     method: MethodSpec, shape: torch.Size, task_vectors: list[Optional[torch.Tensor]]
 ) -> list[Optional[torch.Tensor]]:
@@ -84,7 +90,7 @@ def run_op(
         tensors = op.vocab.align([item.model for item in op.inputs], tensors)
     try:
         if op.vocab is not None and reuse is not None:  # aligned rows: the cached vectors are the unaligned inputs'
-            reuse = replace(reuse, task_vectors=None, rankings=None)
+            reuse = replace(reuse, task_vectors=None, rankings=None, measured=None)
         result = method.merge(merge_inputs(op, tensors, method, seed, device, reuse), **op.shared)
     except (ValueError, TypeError, RuntimeError) as error:
         raise MergetuneError(f"tensor {op.output}: {method.name} failed: {error}") from None

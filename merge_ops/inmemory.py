@@ -20,8 +20,8 @@ from typing import Callable, Iterator, Mapping, Optional
 import torch
 
 from mergetune.errors import MergetuneError
-from mergetune.merge_ops.execute import compute_rankings, compute_task_vectors, fetch_inputs, run_op
-from mergetune.merge_ops.methods import Reuse, Scratch, SlerpGeometry, slerp_coefficients, slerp_geometry, slerp_into
+from mergetune.merge_ops.execute import compute_measure, compute_rankings, compute_task_vectors, fetch_inputs, run_op
+from mergetune.merge_ops.methods import Reuse, Scratch
 from mergetune.merge_ops.plan import MergePlan, TensorOp
 from mergetune.merge_ops.recipe import Recipe, RecipeFile
 from mergetune.merge_ops.sources import MemorySource, TensorSource, resident_bytes
@@ -85,7 +85,8 @@ class InMemoryBuilder:
         }
         self.model = model
         self.targets = model.state_dict(keep_vars=True) if model is not None else {}
-        self._geometry: dict[tuple, SlerpGeometry] = {}
+        # What a method measures of its inputs alone (`MethodSpec.measure`: SLERP's angles), a few numbers per tensor.
+        self._measured: dict[tuple, object] = {}
 
     @classmethod
     def for_recipe(
@@ -198,23 +199,6 @@ class InMemoryBuilder:
         def fetch(item):
             return sources[item.model].get(item.name, self.device)
 
-        if plan.method.name == "slerp" and op.vocab is None and op.compute_dtype in (torch.bfloat16, torch.float16, torch.float32):
-            base = fetch(op.inputs[op.base_index]).to(op.compute_dtype)
-            other = fetch(op.inputs[1 - op.base_index]).to(op.compute_dtype)
-            # Only the builder's own resident sources are stable enough to cache against.
-            cacheable = all(sources[item.model] is self.sources.get(item.model) for item in op.inputs)
-            key = (op.inputs, op.compute_dtype)
-            geometry = self._geometry.get(key) if cacheable else None
-            if geometry is None:
-                geometry = slerp_geometry(base, other)
-                if cacheable:
-                    self._geometry[key] = geometry
-            coefficients = slerp_coefficients(op.shared["t"], geometry)
-            if target.dtype == op.compute_dtype and target.is_contiguous():
-                slerp_into(base, other, coefficients, target)
-            else:  # round through the compute dtype, as the disk path does
-                target.copy_(slerp_into(base, other, coefficients, torch.empty_like(base)))
-            return
         # Only the builder's own resident sources are stable enough to cache against.
         cacheable = all(sources[item.model] is self.sources.get(item.model) for item in op.inputs)
         tensors = fetch_inputs(op, fetch, self.device)
@@ -237,5 +221,11 @@ class InMemoryBuilder:
                 if rankings is None:
                     shape = tensors[op.base_index].shape
                     rankings = self._rankings[ranked] = compute_rankings(plan.method, shape, vectors)
-        reuse = Reuse(vectors, rankings, out=target, scratch=self._scratch)
+        measured = None
+        if plan.method.measure is not None and cacheable and op.vocab is None and op.compute_dtype.is_floating_point:
+            measure_key = (plan.method.name, op.inputs, op.base_index, op.compute_dtype)
+            measured = self._measured.get(measure_key)
+            if measured is None:
+                measured = self._measured[measure_key] = compute_measure(op, plan.method, tensors)
+        reuse = Reuse(vectors, rankings, measured, out=target, scratch=self._scratch)
         target.copy_(run_op(op, plan.method, tensors, seed, self.device, reuse))  # no copy if written in place

@@ -93,6 +93,8 @@ class Reuse:
     # Rank-based pruning: each input's ranking of its task vector (the method's `ranking`), where the caller
     # keeps it with the task vector, None where it must be computed; never modified.
     rankings: Optional[list[Optional[torch.Tensor]]] = None
+    # What the method's `measure` gives for these inputs (SLERP: the pair's angle), where the caller keeps it.
+    measured: Optional[object] = None
     # Where to write the result, if its shape and dtype are the result's (the live model's parameter).
     out: Optional[torch.Tensor] = None
     scratch: Optional[Scratch] = None
@@ -145,6 +147,9 @@ class MethodSpec:
     # Prunes by magnitude rank: how it ranks a task vector's entries (`sparsify.RANKINGS`), which does not
     # depend on the density; it accepts the rankings precomputed in `Reuse.rankings`.
     ranking: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # What the merge needs of its inputs alone, whatever its parameters (SLERP: the angle between the pair),
+    # from (tensors in the compute dtype, base index); it accepts the value precomputed in `Reuse.measured`.
+    measure: Optional[Callable[[list[torch.Tensor], Optional[int]], object]] = None
     # For a search over parameter ranges, where values inside the declared ranges fail together (DELLA's
     # density ± epsilon): the ranges searched unless a study says otherwise, and why a box of ranges
     # (name → (low, high); a fixed value is (v, v)) holds a combination that cannot merge, or None.
@@ -252,14 +257,24 @@ def slerp_into(base: torch.Tensor, other: torch.Tensor, coefficients: tuple[floa
     return out
 
 
+def slerp_measure(tensors: list[torch.Tensor], base_index: Optional[int]) -> SlerpGeometry:
+    """The pair's geometry: all of SLERP's work that does not depend on `t`."""
+    assert base_index is not None
+    return slerp_geometry(tensors[base_index], tensors[1 - base_index])
+
+
 def slerp(inputs: MergeInputs, t: float) -> torch.Tensor:
     """Spherical interpolation from the base (t=0) to the other model (t=1)."""
     if not inputs.tensors[0].is_floating_point():
         raise TypeError("SLERP requires floating-point tensors")
     base = inputs.tensors[inputs.base_index]
     other = inputs.tensors[1 - inputs.base_index]
-    coefficients = slerp_coefficients(t, slerp_geometry(base, other))
-    return slerp_into(base, other, coefficients, torch.empty_like(base))
+    geometry = inputs.reuse.measured
+    if geometry is None:
+        geometry = slerp_measure(inputs.tensors, inputs.base_index)
+    out = inputs.reuse.out
+    fits = out is not None and out.shape == base.shape and out.dtype == base.dtype and out.is_contiguous()
+    return slerp_into(base, other, slerp_coefficients(t, geometry), out if fits else torch.empty_like(base))
 
 
 # -------------------------------------------------------------------------- nuslerp
@@ -762,6 +777,7 @@ for _spec in (
         min_inputs=2,
         max_inputs=2,
         reference="https://en.wikipedia.org/wiki/Slerp",
+        measure=slerp_measure,
     ),
     MethodSpec(
         "nuslerp",

@@ -93,3 +93,30 @@ def test_rank_based_methods_rank_each_task_vector_once(method, ranking, family_f
     assert sorted_now == []  # ranked once, by the cache (the registered function), then passed in
     for name, tensor in builder.model.state_dict().items():
         assert torch.equal(tensor, uncached.model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("family", ["family_f32", "family_bf16_tied"])
+def test_slerp_measures_each_pair_once_and_builds_every_t_as_on_disk(family, request, monkeypatch, tmp_path):
+    """SLERP's angles do not depend on `t` (`MethodSpec.measure`): the builder measures each tensor pair for
+    the first candidate only, and every candidate's tensors are still the disk merge's, bit for bit."""
+    from mergetune.merge_ops import methods
+
+    measured = []
+    original = methods.slerp_geometry
+    monkeypatch.setattr(methods, "slerp_geometry", lambda a, b: measured.append(a.numel()) or original(a, b))
+    recipe = with_paths(method_recipe("slerp"), request.getfixturevalue(family))
+    builder = None
+    for number, t in enumerate([0.3, [0.9, 0.1]]):
+        candidate = copy.deepcopy(recipe)
+        candidate["parameters"] = {"t": t}
+        recipe_file = parse_recipes(yaml.safe_dump(candidate))
+        merge_recipe_file(recipe_file, tmp_path / f"disk{number}")
+        disk = load_state(tmp_path / f"disk{number}")
+        if builder is None:
+            sources = {name: open_source(name) for name in recipe_file.final.referenced_models()}
+            dtype = next(iter(disk.values())).dtype
+            builder = InMemoryBuilder.for_recipe(recipe_file.final, sources, dtype=dtype)
+        measured.clear()
+        builder.build(recipe_file)
+        assert (measured == []) == (number > 0)  # the second candidate measures nothing
+        assert_identical(disk, builder.model.state_dict())
