@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mergetune.dtypes import MODEL_DTYPES
 from mergetune.errors import MergetuneError
 from mergetune.outputs import check_output_file
 
@@ -39,7 +40,7 @@ def _check_at_least(option: str, value: Optional[int], least: int) -> None:
         raise MergetuneError(f"{option}: must be at least {least}, got {value}")
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *MODEL_DTYPES)
 
 
 def _doc_ids_from(path: Path) -> dict[str, list[int]]:

@@ -35,6 +35,7 @@ from mergetune.merge_ops.sources import (
 )
 from mergetune.merge_ops.stages import final_stage
 from mergetune.merge_ops.vocab import tokenizer_directory, tokenizer_donor
+from mergetune.outputs import check_output_apart
 from mergetune.merge_ops.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorEntry, atomic_directory
 
 log = logging.getLogger(__name__)
@@ -179,30 +180,6 @@ def merge_stage(
         writer.abort()
         raise
     write_side_files(directory, recipe, plan, sources, recipe_yaml, seed, chat_template, card_extra)
-
-
-def check_output_apart(out_dir: Path, inputs: Mapping[str, Path]) -> None:
-    """Refuse an output directory that is, holds or lies inside an input (symlinks followed).
-
-    Writing there, or replacing it with --overwrite, would destroy the input, so
-    not even --overwrite allows it. `inputs` maps a description to its path.
-    """
-    target = out_dir.resolve()
-    for what, path in inputs.items():
-        where = path.resolve()
-        if target == where:
-            relation = "is"
-        elif target in where.parents:
-            relation = "contains"
-        elif where in target.parents:
-            relation = "lies inside"
-        else:
-            continue
-        shown = "" if str(where) in what else f" ({where})"
-        raise MergetuneError(
-            f"output directory {out_dir} {relation} the {what}{shown}; "
-            "choose an output outside the inputs (--overwrite never replaces an input)"
-        )
 
 
 def merge_recipe_file(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from mergetune.dtypes import RECIPE_DTYPES
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.methods import METHODS, REQUIRED, BasePolicy, MethodSpec, ParamSpec, Scope
 from mergetune.merge_ops.parameters import (
@@ -47,7 +48,7 @@ LAYER_PATTERN = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks|layer))\.(?P<in
 #: Buffers older checkpoints saved that transformers recomputes from the config (rotary frequencies);
 #: mergekit 0.1.5 plans only its architectures' weights, so they are not merged or written.
 NOT_WEIGHTS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {name: getattr(torch, name) for name in RECIPE_DTYPES}
 
 
 @dataclass(frozen=True)

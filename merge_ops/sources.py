@@ -38,7 +38,8 @@ TOKENIZER_FILES = (
 )
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap: a longer "header" is damage
 FINGERPRINT_SAMPLE_BYTES = 64  # read at a tensor's start and middle for `CheckpointSource.fingerprint`
-_SAFETENSORS_DTYPES = {
+#: A safetensors header's dtype names (the format's own), read here and written by `writer`.
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -133,11 +134,11 @@ class CheckpointSource:
         offsets, shape, dtype_name = entry.get("data_offsets"), entry.get("shape"), entry.get("dtype")
         if not (_naturals(offsets) and len(offsets) == 2 and _naturals(shape) and isinstance(dtype_name, str)):
             raise self._corrupt(shard, f"bad entry for tensor {name}")
-        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        dtype = SAFETENSORS_DTYPES.get(dtype_name)
         if dtype is None:
             raise MergetuneError(
                 f"model {self.label}: tensor {name} in {shard} has dtype {dtype_name}, which mergetune does not "
-                f"read ({', '.join(_SAFETENSORS_DTYPES)}); quantized checkpoints are not supported"
+                f"read ({', '.join(SAFETENSORS_DTYPES)}); quantized checkpoints are not supported"
             )
         begin, end = offsets
         if data_start + end > size:

@@ -23,21 +23,11 @@ import torch
 
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.card import RECIPE_FILE
+from mergetune.merge_ops.sources import SAFETENSORS_DTYPES
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 CHECK_CHUNK_ELEMENTS = 1 << 20  # the finiteness check runs on slices that stay in cache
 SHOWN_TENSORS = 3

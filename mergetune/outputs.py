@@ -22,16 +22,46 @@ def check_output_file(path: Path, option: str, protected: Mapping[str, Path] | N
         raise MergetuneError(f"{option} {path}: is not a regular file (a device, a pipe or a socket); choose a file name")
 
 
+def relation(path: Path, other: Path) -> str | None:
+    """How `path` stands to `other`, links followed: "is", "contains", "lies inside", or None (apart)."""
+    target, where = path.resolve(), other.resolve()
+    if target == where:
+        return "is"
+    if target in where.parents:
+        return "contains"
+    if where in target.parents:
+        return "lies inside"
+    return None
+
+
 def refuse_protected(path: Path, option: str, protected: Mapping[str, Path]) -> None:
-    """`path` is none of the `protected` files and folders, nor inside one of the folders."""
+    """`path` is none of the `protected` files and folders, nor inside one of the folders (a file written there
+    adds to a folder; it replaces nothing else)."""
     target = path.resolve()
     shown = "" if str(path) == str(target) else f" ({target})"
     for what, kept in protected.items():
-        kept = kept.resolve()
-        if target == kept:
+        found = relation(path, kept)
+        if found == "is":
             raise MergetuneError(f"{option} {path}: is the {what}{shown}; writing there would destroy it, choose another")
-        if kept.is_dir() and kept in target.parents:
+        if found == "lies inside":
             raise MergetuneError(f"{option} {path}: is inside the {what}{shown}; writing there would change it, choose another")
+
+
+def check_output_apart(out_dir: Path, inputs: Mapping[str, Path]) -> None:
+    """Refuse an output directory that is, holds or lies inside an input (links followed).
+
+    Writing there, or replacing it with --overwrite, would destroy the input, so
+    not even --overwrite allows it. `inputs` maps a description to its path.
+    """
+    for what, path in inputs.items():
+        found = relation(out_dir, path)
+        if found is not None:
+            where = path.resolve()
+            shown = "" if str(where) in what else f" ({where})"
+            raise MergetuneError(
+                f"output directory {out_dir} {found} the {what}{shown}; "
+                "choose an output outside the inputs (--overwrite never replaces an input)"
+            )
 
 
 def check_distinct_outputs(outputs: Mapping[str, Path | None]) -> None:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, Field, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
+from mergetune.dtypes import ModelDtype
 from mergetune.errors import MergetuneError
 from mergetune.eval.backends import search_backend_names
 from mergetune.registry import Registry
@@ -191,7 +192,7 @@ class StudySpec(Strict):
     models: list[str] = Field(min_length=2)
     base_model: Optional[str] = None
     methods: Names = Field(default_factory=lambda: ["slerp", "dare_ties"], min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: ModelDtype = "bfloat16"
     space: Space = Space()
     evaluation: Evaluation
     backend: str = "hf"
