@@ -224,14 +224,16 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
                     paired_bootstrap(records[(method, hand.trial)], records[(method, searched.trial)], bootstrap_iterations),
                 )
             )
-    slerp, dare = board.best("slerp"), board.best("dare_ties")
-    if slerp and dare:
+    # Between methods: the study's first method (with a finalist) against each other one, in the study's order.
+    bests = [(method, best) for method in study.spec.methods if (best := board.best(method)) is not None]
+    for other, b in bests[1:]:
+        first, a = bests[0]
         board.comparisons.append(
             Comparison(
-                "best slerp − best dare_ties",
-                dare,
-                slerp,
-                paired_bootstrap(records[("dare_ties", dare.trial)], records[("slerp", slerp.trial)], bootstrap_iterations),
+                f"best {first} − best {other}",
+                b,
+                a,
+                paired_bootstrap(records[(other, b.trial)], records[(first, a.trial)], bootstrap_iterations),
             )
         )
     return board

@@ -823,6 +823,8 @@ def test_any_mergekit_method_is_searched_from_its_declaration(family_f32, task_d
     assert result.exit_code == 0, result.output
     board = build_leaderboard(load_study(path))
     assert {row.method for row in board.rows} == {"della", "multislerp"}
+    # Any two methods are compared, the study's first against the other (not only slerp against dare_ties).
+    assert [c.label for c in board.comparisons if "hand-written" not in c.label] == ["best della − best multislerp"]
     della = [yaml.safe_load(t.user_attrs["recipe"]) for t in trials(path, "della") if t.state == TrialState.COMPLETE]
     assert len({yaml.safe_dump(recipe) for recipe in della}) == len(della)  # each trial a different candidate
     merged = della[-1]["models"][1]["parameters"]
