@@ -21,8 +21,8 @@ import yaml  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from mergetune.errors import MergetuneError  # noqa: E402
-from mergetune.merge_ops.parameters import coercer, evaluate_setting  # noqa: E402
-from mergetune.merge_ops.recipe import recipe_from_dict  # noqa: E402
+from mergetune.merge_ops.parameters import check_value, coercer, evaluate_setting, numeric_leaves  # noqa: E402
+from mergetune.merge_ops.recipe import ParameterSetting, Recipe, recipe_from_dict  # noqa: E402
 from mergetune.search.leaderboard import Leaderboard, build_leaderboard, comparison_lines, table_rows  # noqa: E402
 from mergetune.search.storage import dashboard_target  # noqa: E402
 from mergetune.search.study_file import Study  # noqa: E402
@@ -125,25 +125,33 @@ def plot_estimates(optuna_study: optuna.Study, method: str, path: Path) -> Optio
     return _save(figure, axis, path, "estimated search score (avg %)", "measured score / bar (avg %)", f"{method}: the estimator")
 
 
-def plot_curves(recipe_text: str, method: str, layers: int, path: Path) -> Path:
-    """Values of every gradient parameter across layers, per filter, for one recipe."""
-    recipe = recipe_from_dict(yaml.safe_load(recipe_text))
+def curve_settings(recipe: Recipe) -> list[tuple[str, ParameterSetting]]:
+    """Every numeric parameter of the recipe, labelled with its owner: a flag (normalize, nuslerp_flatten) is
+    not a curve, whatever its name."""
     as_float = coercer(float)
-    positions = [index / (layers - 1) if layers > 1 else 1.0 for index in range(layers)]
-    figure, axis = plt.subplots(figsize=(6, 3.5))
     scopes = [("", recipe.parameters or {})] + [
         (Path(model.model).name + " ", model.parameters or {}) for model in recipe.models or []
     ]
-    for owner, parameters in scopes:
-        for name, setting in parameters.items():
-            if name in ("normalize", "int8_mask"):
-                continue
-            entries = setting if isinstance(setting, list) and setting and hasattr(setting[0], "filter") else None
-            filters = [entry.filter or "other" for entry in entries] if entries else [None]
-            for label in filters:
-                probe = f"layers.0.{label}" if label not in (None, "other") else "layers.0.other"
-                values = [evaluate_setting(probe, setting, t, as_float) for t in positions]
-                axis.plot(range(layers), values, marker=".", label=f"{owner}{name}" + (f" [{label}]" if label else ""))
+    return [
+        (f"{owner}{name}", setting)
+        for owner, parameters in scopes
+        for name, setting in parameters.items()
+        if not any(check_value(as_float, value) for value in numeric_leaves(setting))
+    ]
+
+
+def plot_curves(recipe_text: str, method: str, layers: int, path: Path) -> Path:
+    """Values of every gradient parameter across layers, per filter, for one recipe."""
+    as_float = coercer(float)
+    positions = [index / (layers - 1) if layers > 1 else 1.0 for index in range(layers)]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for label, setting in curve_settings(recipe_from_dict(yaml.safe_load(recipe_text))):
+        entries = setting if isinstance(setting, list) and setting and hasattr(setting[0], "filter") else None
+        filters = [entry.filter or "other" for entry in entries] if entries else [None]
+        for name in filters:
+            probe = f"layers.0.{name}" if name not in (None, "other") else "layers.0.other"
+            values = [evaluate_setting(probe, setting, t, as_float) for t in positions]
+            axis.plot(range(layers), values, marker=".", label=label + (f" [{name}]" if name else ""))
     axis.set_ylim(-0.05, 1.05)
     return _save(figure, axis, path, "layer", "value", f"best {method}: parameters across layers")
 

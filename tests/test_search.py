@@ -491,6 +491,19 @@ def test_report_draws_pictures_and_a_page(finished_study, tmp_path):
     assert "no parameter importances for slerp: 4 completed trials, fewer than 10" in page  # said, not silently absent
 
 
+def test_the_report_draws_a_curve_for_every_numeric_parameter_and_none_for_flags():
+    from mergetune.search.report import curve_settings
+
+    from mergetune.merge_ops.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict({
+        "merge_method": "nuslerp",
+        "models": [{"model": "m/a", "parameters": {"weight": [0, 1]}}, {"model": "m/b", "parameters": {"weight": "0.5"}}],
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+    })
+    assert [label for label, _ in curve_settings(recipe)] == ["a weight", "b weight"]
+
+
 def test_parameter_importances_are_drawn_only_from_enough_completed_trials(tmp_path):
     from mergetune.search.report import plot_importances
 
