@@ -12,7 +12,10 @@ Checked against Optuna 4.0 – 5.1 (`Study._storage`, `Study._study_id`,
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from typing import Union
 
 import optuna
@@ -27,6 +30,15 @@ CHECKED_VERSIONS = ((4, 0), (5, 1))  # oldest and newest major.minor this adapte
 def _major_minor(version: str) -> tuple[int, int]:
     major, minor = (int(part) for part in version.split(".")[:2])
     return major, minor
+
+
+@contextlib.contextmanager
+def experimental() -> Iterator[None]:
+    """Optuna's experimental features that mergetune relies on (heartbeats and their retry callback, the
+    multivariate TPE, the heartbeat storage options), used without a warning at every trial."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
 
 
 if not CHECKED_VERSIONS[0] <= _major_minor(optuna.__version__) <= CHECKED_VERSIONS[1]:

@@ -10,7 +10,6 @@ itself from the study's completed trials, `mergetune.search.estimator`).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
@@ -23,6 +22,7 @@ from optuna.samplers import BaseSampler
 from mergetune.eval.evidence import Record, summarize
 from mergetune.registry import Registry
 from mergetune.search.estimator import Estimate, FitnessModel, Layout
+from mergetune.search.optuna_adapter import experimental
 
 if TYPE_CHECKING:
     from mergetune.search.documents import DocIds, Documents
@@ -60,8 +60,7 @@ SAMPLERS.register("random", _random)
 
 
 def make_sampler(name: str, seed: int) -> BaseSampler:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with experimental():
         return SAMPLERS.get(name)(seed=seed)
 
 

@@ -10,7 +10,6 @@ file — and samples with a seed of its own.
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Optional
 
 import optuna
@@ -20,6 +19,7 @@ from optuna.storages import BaseStorage
 from mergetune.errors import MergetuneError
 from mergetune.search import trials
 from mergetune.search.methods import SEARCHABLE
+from mergetune.search.optuna_adapter import experimental
 from mergetune.search.samplers import PRUNERS, make_sampler
 from mergetune.search.storage import open_storage, storage_errors
 from mergetune.search.study_file import RUN_SETTINGS, Study, StudySpec, upgraded
@@ -37,8 +37,7 @@ def open_optuna_study(
     storage = storage or open_storage(study)
     name = trials.optuna_study_name(spec, method)
     pruner = PRUNERS.get(spec.pruning).pruner(spec.evaluation)
-    with storage_errors(study.storage_url), warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with storage_errors(study.storage_url), experimental():
         try:
             sampler = make_sampler(spec.sampler, spec.seed)
             optuna_study = optuna.create_study(

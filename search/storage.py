@@ -18,7 +18,6 @@ import random
 import re
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 from urllib.parse import unquote
@@ -30,6 +29,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 
 from mergetune.errors import MergetuneError
+from mergetune.search.optuna_adapter import experimental
 from mergetune.search.study_file import Study, redact_url
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ def open_storage(study: Study, create: bool = True) -> BaseStorage:
     if dialect(url) in ("postgresql", "mysql", "mariadb"):
         engine_kwargs["connect_args"] = {"connect_timeout": options.connect_timeout}
     _parse_url(engine_url, url)
-    with storage_errors(url), warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with storage_errors(url), experimental():
         try:
             for attempt in range(1, CREATE_ATTEMPTS + 1):
                 try:

@@ -20,7 +20,6 @@ import logging
 import os
 import socket
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,7 +31,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from mergetune.search import trials
-from mergetune.search.optuna_adapter import stale_trial_ids, storage_of, trial_id, was_enqueued
+from mergetune.search.optuna_adapter import experimental, stale_trial_ids, storage_of, trial_id, was_enqueued
 from mergetune.search.storage import heartbeat_interval
 
 log = logging.getLogger(__name__)
@@ -176,7 +175,6 @@ class Reaper:
             return False
         retry = copy.deepcopy(failed)
         retry.user_attrs = trials.retried_attrs(failed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with experimental():
             RetryHeartbeatStaleTrialCallback()(optuna_study, retry)
         return True
