@@ -17,23 +17,6 @@ from mergetune.outputs import check_output_file
 if TYPE_CHECKING:  # the package imports torch and lm-eval: not at CLI start-up
     from mergetune.eval import EvalResult, Evaluator
 
-#: Backends whose MODEL_DIR holds only the served model's tokenizer (see the argument's help).
-TOKENIZER_ONLY_BACKENDS = ("server",)
-#: What transformers (and vLLM) load a checkpoint's weights from.
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
-
-
-def _check_model_dir(model_dir: Path, backend: str) -> None:
-    """Before the task index (tens of seconds) and the model: the directory has what the backend will load."""
-    if not model_dir.is_dir():
-        raise MergetuneError(f"model directory {model_dir} does not exist")
-    if backend in TOKENIZER_ONLY_BACKENDS:
-        return
-    if not (model_dir / "config.json").is_file():
-        raise MergetuneError(f"model directory {model_dir} has no config.json")
-    if not any(next(model_dir.glob(pattern), None) for pattern in WEIGHT_FILES):
-        raise MergetuneError(f"model directory {model_dir} has no weights ({' or '.join(WEIGHT_FILES)} files)")
-
 
 def _check_at_least(option: str, value: Optional[int], least: int) -> None:
     if value is not None and value < least:
@@ -149,7 +132,6 @@ def eval_command(
         if data_dir is not None:
             inputs[f"data folder {data_dir} (--data-dir)"] = data_dir
         check_output_file(json_out, "--json", inputs)
-    _check_model_dir(model_dir, backend)
     given = {
         "device": device,
         "batch_size": batch_size,

@@ -161,7 +161,7 @@ class Evaluator:
         if not model_dir.is_dir():
             raise MergetuneError(f"model directory {model_dir} does not exist")
         backend_class = get_backend_class(backend)
-        backend_class.check_directory(**backend_options)
+        backend_class.check_directory(model_dir, **backend_options)
         tasks = load_tasks(config)  # before the model loads: configuration errors come first
         return cls(backend_class.for_directory(model_dir, **backend_options), config, tasks)
 

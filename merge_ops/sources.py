@@ -36,6 +36,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+#: What a checkpoint's weights are stored in, as transformers (and vLLM) look for them: safetensors, or pickles.
+SAFETENSORS_FILES, PICKLED_FILES = "*.safetensors", "pytorch_model*.bin"
+WEIGHT_FILES = (SAFETENSORS_FILES, PICKLED_FILES)
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap: a longer "header" is damage
 FINGERPRINT_SAMPLE_BYTES = 64  # read at a tensor's start and middle for `CheckpointSource.fingerprint`
 #: A safetensors header's dtype names (the format's own), read here and written by `writer`.
@@ -154,9 +157,9 @@ class CheckpointSource:
         return MergetuneError(f"model {self.label}: {shard} is corrupt or truncated ({reason})")
 
     def _load_pickled(self, directory: Path, label: str, allow_pickle: bool) -> None:
-        files = sorted(directory.glob("pytorch_model*.bin"))
+        files = sorted(directory.glob(PICKLED_FILES))
         if not files:
-            raise MergetuneError(f"model {label}: no *.safetensors (or pytorch_model*.bin) weights in {directory}")
+            raise MergetuneError(f"model {label}: no {SAFETENSORS_FILES} (or {PICKLED_FILES}) weights in {directory}")
         if not allow_pickle:
             raise MergetuneError(
                 f"model {label}: only pickled weights ({files[0].name}) in {directory}; pickles can run code when "
@@ -325,7 +328,7 @@ def _safetensors_shards(directory: Path, label: str) -> list[Path]:
         if missing:
             raise MergetuneError(f"model {label}: {index.name} lists shard(s) that are missing: {', '.join(missing)}")
         return shards
-    return sorted(directory.glob("*.safetensors"))
+    return sorted(directory.glob(SAFETENSORS_FILES))
 
 
 def resolve_model_directory(reference: str) -> Path:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from mergetune.errors import MergetuneError
 from mergetune.eval.backends import live_backend_names
 from mergetune.eval.lm_eval_adapter import encode_request, loglikelihood_tokens
+from mergetune.merge_ops.sources import WEIGHT_FILES
 
 if TYPE_CHECKING:
     from lm_eval.api.model import TemplateLM
@@ -35,8 +36,13 @@ class Backend:
         )
 
     @classmethod
-    def check_directory(cls, **options: Any) -> None:
-        """Refuse, before anything slow starts, `for_directory` options that cannot work."""
+    def check_directory(cls, model_dir: Path, **options: Any) -> None:
+        """Refuse, before anything slow starts (the task index, the model), a directory or options
+        `for_directory` cannot load: by default, a checkpoint without its config or weights."""
+        if not (model_dir / "config.json").is_file():
+            raise MergetuneError(f"model directory {model_dir} has no config.json")
+        if not any(next(model_dir.glob(pattern), None) for pattern in WEIGHT_FILES):
+            raise MergetuneError(f"model directory {model_dir} has no weights ({' or '.join(WEIGHT_FILES)} files)")
 
     @classmethod
     def for_live_model(cls, model: Any, tokenizer: Any, checkpoint_dir: str | Path | None, **options: Any) -> Backend:

@@ -72,7 +72,8 @@ class ServerBackend(Backend):
         )
 
     @classmethod
-    def check_directory(cls, *, base_url: str | None = None, **options: Any) -> None:
+    def check_directory(cls, model_dir: Path, *, base_url: str | None = None, **options: Any) -> None:
+        """MODEL_DIR holds only the served model's tokenizer (and config): no weights to look for."""
         if not base_url:
             raise MergetuneError("the server backend needs the server's URL (--base-url)")
 
