@@ -3,7 +3,8 @@
 mergetune tokenizes each request once and scores it many times, which lm-eval's
 public `LM.loglikelihood` (tokenize, then score, in one call) cannot do. So it
 calls the two halves lm-eval keeps private, probes and times HFLM's forward
-passes through its private hooks, quiets one private module's logger, and
+passes through its private hooks, quiets one private module's logger and one
+module's progress bars, and
 re-reads the task files the private task index skips (to name them). Those
 names may change in any lm-eval release without notice; nothing else in
 mergetune touches them, and tests/test_lm_eval_adapter.py fails, naming what
@@ -17,8 +18,11 @@ range a warning is logged at import; after running tests/test_lm_eval_adapter.py
 from __future__ import annotations
 
 import abc
+import importlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +39,10 @@ log = logging.getLogger(__name__)
 #: lm-eval versions (inclusive) whose private API this module was checked against.
 CHECKED_VERSIONS = (Version("0.4.13"), Version("0.4.13"))
 
+#: The module whose `tqdm` draws a bar per `Task.build_all_requests` call: in a study, one per trial step,
+#: interleaved with the study's own bar. lm-eval offers no switch for it.
+REQUEST_PROGRESS_MODULE = "lm_eval.api.task"
+
 #: The logger of lm-eval's private task-index module; it warns once per task a user's YAML shadows.
 TASK_INDEX_LOGGER = "lm_eval.tasks._index"
 
@@ -42,6 +50,18 @@ TASK_INDEX_LOGGER = "lm_eval.tasks._index"
 TokenBatchItem = tuple[tuple[str, str], list[int], list[int]]
 #: HFLM's forward pass: (input ids, attention mask, labels) -> logits.
 ModelCall = Callable[..., "torch.Tensor"]
+
+
+@contextmanager
+def no_request_progress() -> Iterator[None]:
+    """Inside the block, lm-eval's request building draws no progress bar (its module's `tqdm` replaced)."""
+    module = importlib.import_module(REQUEST_PROGRESS_MODULE)
+    original = module.tqdm
+    module.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original
 
 
 def installed_version() -> Version:

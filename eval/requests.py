@@ -18,7 +18,7 @@ from typing import Any
 from lm_eval.api.task import Task
 
 from mergetune.errors import MergetuneError
-from mergetune.eval.quiet import no_request_progress
+from mergetune.eval.lm_eval_adapter import no_request_progress
 
 log = logging.getLogger(__name__)
 

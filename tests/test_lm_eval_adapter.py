@@ -90,6 +90,15 @@ def test_the_task_index_logger_is_the_private_modules_own():
     assert adapter.TASK_INDEX_LOGGER in loggers, f"{module.__name__} logs through {loggers}, not its own logger"
 
 
+def test_request_building_draws_its_bars_with_the_module_s_tqdm_which_the_adapter_silences():
+    module = importlib.import_module(adapter.REQUEST_PROGRESS_MODULE)
+    assert "tqdm(" in inspect.getsource(module.Task.build_all_requests), "lm-eval no longer draws this bar with tqdm"
+    drawn = module.tqdm
+    with adapter.no_request_progress():
+        assert module.tqdm([1, 2]).disable
+    assert module.tqdm is drawn
+
+
 @pytest.fixture(scope="module")
 def hflm(eval_models) -> HFLM:
     model = AutoModelForCausalLM.from_pretrained(eval_models["base"]).eval()
