@@ -49,16 +49,18 @@ REPO = Path(__file__).resolve().parents[1]
 TIMED_LM_EVAL = textwrap.dedent(
     """
     import atexit, os, sys, time
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.__main__ import cli_evaluate
-    model_call, spent = HFLM._model_call, [0.0]
-    def timed(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return model_call(self, *args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - start
-    HFLM._model_call = timed
+    from mergetune.eval.lm_eval_adapter import wrap_every_model_call
+    spent = [0.0]
+    def timed(model_call):
+        def call(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return model_call(self, *args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return call
+    wrap_every_model_call(timed)
     atexit.register(lambda: open(os.environ["FORWARD_SECONDS_FILE"], "w").write(str(spent[0])))
     sys.exit(cli_evaluate())
     """

@@ -123,6 +123,14 @@ def wrap_model_call(lm: HFLM, wrap: Callable[[ModelCall], ModelCall]) -> None:
     lm._model_call = wrap(lm._model_call)
 
 
+def wrap_every_model_call(wrap: Callable[[ModelCall], ModelCall]) -> None:
+    """Route the forward passes of every HFLM made from now on in this process (the `lm_eval` CLI's own,
+    which a benchmark times) through `wrap(original)`."""
+    from lm_eval.models.huggingface import HFLM
+
+    HFLM._model_call = wrap(HFLM._model_call)
+
+
 def skipped_task_files(root: str | Path) -> dict[Path, str]:
     """The YAML files under `root` that lm-eval's task index skips, with why (one line each).
 

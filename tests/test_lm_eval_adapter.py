@@ -153,6 +153,24 @@ def test_the_model_call_hook_sees_every_forward_pass_and_the_batch_size_probe_ru
     assert len(calls) > scored, "HFLM's batch-size probe no longer goes through `_model_call`"
 
 
+def test_every_hflm_s_forward_passes_can_be_wrapped_as_the_lm_eval_cli_makes_them(hflm, monkeypatch):
+    """bench/bench_eval.py times the `lm_eval` CLI's forward passes this way: its HFLM is made inside the CLI."""
+    calls: list[int] = []
+
+    def counting(model_call):
+        def counted(self, *args, **kwargs):
+            calls.append(1)
+            return model_call(self, *args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(HFLM, "_model_call", HFLM._model_call)  # the original is put back after the test
+    adapter.wrap_every_model_call(counting)
+    batch = [(pair, *adapter.encode_request(hflm, *pair)) for pair in REQUESTS]
+    adapter.loglikelihood_tokens(hflm, batch, override_bs=len(batch))
+    assert calls, "HFLM's scoring no longer goes through the class's `_model_call`"
+
+
 class _CharacterLM(adapter.TokenScoringLM):
     """One token per character; scores each request by its continuation length."""
 
