@@ -126,7 +126,8 @@ def test_only_the_adapters_touch_private_third_party_api():
     """Private attributes of Optuna and lm-eval objects are used in their adapters alone."""
     assert private_attribute_uses("x = study._storage  # study._study_id\ny = 'lm._model_call'") == [(1, "_storage")]
     offenders = []
-    for path in [*ROOT.glob("search/*.py"), *ROOT.glob("eval/**/*.py"), *ROOT.glob("merge_ops/*.py")]:
+    packages = ("search/*.py", "eval/**/*.py", "merge_ops/*.py", "mergetune/**/*.py", "bench/*.py")
+    for path in [path for pattern in packages for path in ROOT.glob(pattern)]:
         if path.name in ("optuna_adapter.py", "lm_eval_adapter.py"):
             continue
         offenders += [f"{path.relative_to(ROOT)}:{line}: .{name}" for line, name in private_attribute_uses(path.read_text())]
