@@ -85,6 +85,20 @@ def test_every_mergekit_method_is_listed_for_the_search():
     assert set(MERGEKIT_METHODS) == set(METHODS), "search.methods.MERGEKIT_METHODS must list merge_ops.methods.METHODS"
 
 
+def test_the_hand_written_spaces_restate_their_methods_declarations_exactly():
+    """The search side restates what it needs of a method (without importing torch); each must match."""
+    from mergetune.merge_ops.methods import METHODS, BasePolicy
+    from mergetune.search.methods import WeightedMethod
+
+    weighted = {name: SEARCHABLE.get(name) for name in SEARCHABLE if isinstance(SEARCHABLE.get(name), WeightedMethod)}
+    assert weighted
+    for name, method in weighted.items():
+        declared = METHODS.get(name)
+        assert method.needs_base == (declared.base == BasePolicy.REQUIRED), name
+        prunes = declared.randomized or declared.ranking is not None  # DARE's draws, TIES' magnitude ranking
+        assert method.sparsifying == prunes, name
+
+
 def test_pruners_say_where_a_candidate_may_stop():
     from mergetune.search.study_file import Evaluation
 
