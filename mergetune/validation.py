@@ -35,6 +35,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Settings(Strict):
+    """A study file's section: strict, and none of its numbers NaN or infinite (a range from NaN would reach
+    Optuna and fail every trial, and be stored with the study's definition)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 STRUCTURAL = ("extra_forbidden", "missing")  # a mapping's keys were wrong: the mapping was meant for this model
 SCALAR_FORMS = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string"}
 SCALAR_TAGS = tuple(SCALAR_FORMS)
@@ -59,12 +66,12 @@ def _shown(location: tuple) -> str:
 def _alternatives(items: list, field: tuple) -> list[str]:
     """The forms a union field may take, in words, when its value failed every one of them for its type
     (`t: [[0, 1], 0.5]`: pydantic's one message per alternative says less than the list of forms)."""
-    tags = [
-        item["loc"][len(field)]
+    forms = [
+        "a finite number" if item["type"] == "finite_number" else _form(item["loc"][len(field)])
         for item in items
         if _field_path(item["loc"]) == field and len(item["loc"]) > len(field) and item["type"] not in STRUCTURAL
     ]
-    return [_form(tag) for tag in dict.fromkeys(tags)]
+    return list(dict.fromkeys(forms))
 
 
 def _form(tag: str) -> str:

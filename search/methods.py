@@ -27,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mergetune.errors import MergetuneError
 from mergetune.registry import Registry
-from mergetune.validation import Strict
+from mergetune.validation import Settings
 
 if TYPE_CHECKING:
     from mergetune.merge_ops.methods import MethodSpec, ParamSpec
@@ -41,7 +41,7 @@ REST = "rest"  # the values for every tensor no filter matched
 NOT_SEARCHABLE = ("passthrough",)  # stacks layers as given: nothing to blend, nothing to search
 
 
-class Range(Strict):
+class Range(Settings):
     low: float
     high: float
 
@@ -90,7 +90,7 @@ class SearchableMethod(ABC):
     """One merge method as a search: its space, its baseline, its recipe."""
 
     name: str
-    space: type[Strict]  # the study file's `space.<name>` section
+    space: type[Settings]  # the study file's `space.<name>` section
     model_count: Optional[int] = None  # how many models it merges, when fixed
     needs_base: bool = False
 
@@ -114,7 +114,7 @@ class SearchableMethod(ABC):
         """The mergekit recipe (as a dict) a trial's parameters stand for."""
 
 
-class SlerpSpace(Strict):
+class SlerpSpace(Settings):
     """A t-curve of `control_points` values in [0, 1] per filter, plus one for all other tensors."""
 
     filters: list[str] = Field(default_factory=lambda: ["self_attn", "mlp"])
@@ -158,7 +158,7 @@ class SlerpMethod(SearchableMethod):
         }
 
 
-class WeightedSpace(Strict):
+class WeightedSpace(Settings):
     """Weight (and density, for sparsifying methods) per model; optionally a curve across layers."""
 
     weight: Range = DEFAULT_RANGES["weight"]
@@ -247,7 +247,7 @@ MERGEKIT_METHODS = (
 )
 
 
-class DeclaredSpace(Strict):
+class DeclaredSpace(Settings):
     """`space.<method>` for a method searched from its declarations."""
 
     parameters: dict[str, Range] = Field(

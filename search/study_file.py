@@ -22,7 +22,7 @@ from mergetune.eval.backends import search_backend_names
 from mergetune.registry import Registry
 from mergetune.search.methods import SEARCHABLE
 from mergetune.search.samplers import PRUNERS, SAMPLERS
-from mergetune.validation import Strict, read_text, validate, yaml_problem
+from mergetune.validation import Settings, read_text, validate, yaml_problem
 
 # Where and how long a study runs, not what its trials mean: free to differ between workers and runs.
 RUN_SETTINGS = frozenset({"storage", "storage_options", "budget", "device", "backend", "engine"})
@@ -30,9 +30,11 @@ MAX_STUDY_FILE_BYTES = 1_000_000
 LEGACY_PRUNING = ("successive_halving", "none")  # the pruners `pruning: true/false` meant
 PRUNING_FIELDS = frozenset(field for name in PRUNERS for field in PRUNERS.get(name).fields)  # evaluation.*
 
+MAX_SEED = 2**32 - 1  # numpy's generators (Optuna's samplers) take seeds in [0, 2**32)
+
 # `space:` has one section per searchable method, each that method's own settings model.
 Space = create_model(
-    "Space", __base__=Strict, **{name: (SEARCHABLE.get(name).space, SEARCHABLE.get(name).space()) for name in SEARCHABLE}
+    "Space", __base__=Settings, **{name: (SEARCHABLE.get(name).space, SEARCHABLE.get(name).space()) for name in SEARCHABLE}
 )
 
 
@@ -52,7 +54,7 @@ def _registered(registry: Registry, value: str) -> str:
     return value
 
 
-class Final(Strict):
+class Final(Settings):
     """The finalists' evaluation: more documents, none of them seen by the search."""
 
     tasks: Names = Field(
@@ -62,10 +64,10 @@ class Final(Strict):
     )
     limit: Optional[int] = Field(200, ge=1)
     finalists: int = Field(3, ge=1)
-    seed: int = 1
+    seed: int = Field(1, ge=0, le=MAX_SEED)
 
 
-class EstimatorSettings(Strict):
+class EstimatorSettings(Settings):
     """How `pruning: estimator` races a candidate (`mergetune.search.samplers.Estimator`)."""
 
     min_trials: int = Field(
@@ -97,7 +99,7 @@ class EstimatorSettings(Strict):
     )
 
 
-class Evaluation(Strict):
+class Evaluation(Settings):
     suite: Optional[str] = None
     tasks: Names = Field(default_factory=list)
     include_paths: list[str] = Field(default_factory=list)
@@ -146,7 +148,7 @@ class Evaluation(Strict):
         return self
 
 
-class StorageOptions(Strict):
+class StorageOptions(Settings):
     """How workers share a storage: a running trial's heartbeat, when silence means death, how long to wait for a database."""
 
     heartbeat_interval: int = Field(30, ge=1, description="seconds between a running trial's heartbeats (RDB storages)")
@@ -164,7 +166,7 @@ class StorageOptions(Strict):
         return self
 
 
-class Engine(Strict):
+class Engine(Settings):
     """Settings of an engine backend (`backend: vllm`); unset ones take the backend's defaults."""
 
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine spans; every rank builds the same candidate")
@@ -173,7 +175,7 @@ class Engine(Strict):
     enforce_eager: Optional[bool] = Field(None, description="no CUDA graphs: slower, less memory, faster start")
 
 
-class Budget(Strict):
+class Budget(Settings):
     n_trials: Optional[int] = Field(
         30, ge=1, description="completed (or pruned) trials per method (default 30, none when only a timeout is given)"
     )
@@ -187,7 +189,7 @@ class Budget(Strict):
         return self
 
 
-class StudySpec(Strict):
+class StudySpec(Settings):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     models: list[str] = Field(min_length=2)
     base_model: Optional[str] = None
@@ -203,7 +205,7 @@ class StudySpec(Strict):
     pruning: Union[str, bool] = Field(
         "successive_halving", description="a registered pruner; true/false stand for successive_halving/none"
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="the samplers' seed")
     storage: Optional[str] = None
     storage_options: StorageOptions = StorageOptions()
     baselines: bool = True

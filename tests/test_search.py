@@ -667,6 +667,11 @@ def test_a_checkpoint_s_fingerprint_follows_its_weights_not_its_sharding(family_
             "evaluation.estimator only makes sense with pruning: estimator (this study has pruning: successive_halving)",
         ),
         ({"pruning": "estimator", "evaluation": {"estimator": {"chunk": 0}}}, "evaluation.estimator.chunk: Input should be greater than 0"),
+        # A range from NaN reached Optuna and failed every trial, and was stored with the study's definition.
+        ({"space": {"dare_ties": {"density": {"low": float("nan"), "high": 1.0}}}}, "space.dare_ties.density.low: Input should be a finite number"),
+        ({"space": {"dare_ties": {"weight": {"low": 0.0, "high": float("inf")}}}}, "space.dare_ties.weight.high: Input should be a finite number"),
+        ({"seed": -1}, "seed: Input should be greater than or equal to 0"),  # numpy's seeds: a traceback after loading
+        ({"evaluation": {"final": {"seed": 2**32}}}, "evaluation.final.seed: Input should be less than or equal to 4294967295"),
         (
             {"pruning": False, "evaluation": {"limit": 40, "first_limit": None, "final": {"tasks": [], "finalists": 2}}},
             "the search scores all 40 of its documents",
@@ -678,6 +683,7 @@ def test_bad_study_files_get_one_clear_message(change, message, family_f32, task
     result = runner.invoke(app, ["study", "run", str(path)])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["study.yaml"]  # no storage made for a study that cannot run
 
 
 REPO = Path(__file__).resolve().parents[1]
