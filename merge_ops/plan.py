@@ -353,7 +353,7 @@ class Planner:
         ]
         for name in self._non_layer_names(post, "post"):
             ops.append(self._op(name, [(s, name) for s in post.sources], post_base, post, 0.0, vocab))
-        config = self._output_config(donor, out_layer, vocab)
+        config = self._output_config(donor, out_layer, vocab, separate_head=any(_is_tied_head(op.output) for op in ops))
         plan = MergePlan(self.recipe, self.method, ops, config, donor)
         plan.warnings.extend(plan_warnings + range_warnings(self.recipe, self.method) + self._filter_warnings(ops))
         for warning in plan.warnings:
@@ -472,8 +472,17 @@ class Planner:
                     warnings.append(f"{where}.{name}: the {entry} never applies: the earlier {earlier} matches first")
         return warnings
 
-    def _output_config(self, donor: str, num_layers: int, vocab: Optional["VocabAlignment"]) -> dict[str, Any]:
+    def _output_config(
+        self, donor: str, num_layers: int, vocab: Optional["VocabAlignment"], separate_head: bool
+    ) -> dict[str, Any]:
+        """The donor's config, with the output's layer count, dtype, vocabulary size, and untied embeddings where
+        a merged lm_head is written: it differs from the merged embeddings, and under a tied config transformers
+        warns and vLLM ties them anyway, scoring with the embeddings as the head (the donor may be a tied model
+        merged with untied ones)."""
         config = copy.deepcopy(self.sources[donor].config)
+        if separate_head and config.get("tie_word_embeddings"):
+            log.info("the merged lm_head is written beside the embeddings: tie_word_embeddings set to false")
+            config["tie_word_embeddings"] = False
         if "num_hidden_layers" in config or "n_layer" not in config:
             config["num_hidden_layers"] = num_layers
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -187,6 +188,30 @@ def test_live_model_after_build_matches_the_merged_checkpoint_loaded_by_transfor
     tokens = torch.tensor([[1, 5, 9, 13, 2]])
     with torch.no_grad():
         torch.testing.assert_close(builder.model(tokens).logits, reference(tokens).logits)
+
+
+def test_a_tied_model_merged_with_an_untied_one_gives_an_untied_model_with_its_merged_head(
+    family_bf16_tied, family_f32, tmp_path
+):
+    """The tied model donates the config, the untied one an lm_head: the merged head is written, so the config must
+    not tie it to the embeddings (transformers would warn and vLLM score with the embeddings as the head), and the
+    live model must not share one tensor for both (building the head would overwrite the embeddings)."""
+    from transformers import AutoModelForCausalLM
+
+    tied, untied = str(family_bf16_tied["model_a"]), str(family_f32["model_a"])
+    text = yaml.safe_dump(
+        {"merge_method": "linear", "dtype": "float32", "models": [{"model": m, "parameters": {"weight": 1}} for m in (tied, untied)]}
+    )
+    recipe = parse_recipes(text).final
+    merged(text, tmp_path / "disk", seed=None)
+    assert json.loads((tmp_path / "disk" / "config.json").read_text())["tie_word_embeddings"] is False
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").eval()
+    assert not torch.equal(reference.lm_head.weight, reference.model.embed_tokens.weight)
+    builder = InMemoryBuilder.for_recipe(recipe, {name: open_source(name) for name in recipe.referenced_models()})
+    builder.build(recipe)
+    assert builder.model.lm_head.weight.data_ptr() != builder.model.model.embed_tokens.weight.data_ptr()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(builder.model.state_dict()[name], tensor), name
 
 
 def test_recipe_yaml_round_trips(family_f32):
