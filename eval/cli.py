@@ -89,7 +89,8 @@ def eval_command(
     dtype: str = typer.Option(
         "auto",
         "--dtype",
-        help="hf, vllm: auto (the checkpoint's), float32, bfloat16 or float16. On a CPU, float32 gives the same "
+        help="hf, vllm: auto, float32, bfloat16 or float16. auto is the checkpoint's dtype for hf; vllm, like "
+        "lm-eval's vllm model, runs a float32 checkpoint in half precision with auto. On a CPU, float32 gives the same "
         "per-document results at any batch size; bfloat16 may flip near-ties between batch sizes, as in lm-eval.",
     ),
     no_shared_prefix: bool = typer.Option(

@@ -20,6 +20,7 @@ memory, and whether vLLM shares blocks between requests of one batch.
 
 from __future__ import annotations
 
+import logging
 import importlib
 import sys
 import types
@@ -75,6 +76,17 @@ def vllm_wire(value, frames=None):
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     raise TypeError(f"Object of type {type(value)} is not serializable")
+
+
+@pytest.mark.parametrize("version, said", [("0.33.0", False), ("0.34.2", False), ("0.32.1", True), ("0.35.0rc1", True)])
+def test_a_vllm_the_backend_was_not_written_against_is_said(version, said, caplog):
+    from packaging.version import Version
+
+    from mergetune.eval.backends.vllm import warn_if_unchecked
+
+    with caplog.at_level(logging.WARNING):
+        warn_if_unchecked(Version(version))
+    assert (f"vLLM {version} is outside the versions" in caplog.text) == said
 
 
 def test_only_plain_data_crosses_the_engine_boundary():
@@ -359,6 +371,14 @@ def test_shared_contexts_are_read_from_the_cache_only_up_to_the_first_scored_row
     assert checked == prompts and "prompt_logprob_start" not in plain.kwargs
     evaluator.backend.lm.score_tokens(requests)
     assert len(calls) == 3
+
+
+def test_an_empty_continuation_goes_as_a_plain_request_which_vllm_accepts(fake_vllm, eval_models, toy_task_dir):
+    """vLLM 0.34 refuses a `prompt_logprob_start` at the prompt's last row, where an empty continuation would put it."""
+    evaluator = engine_evaluator(eval_models, toy_task_dir)
+    evaluator.backend.build(parse_recipes(recipe_text("slerp", {"a": eval_models["base"], "b": eval_models["other"]})))
+    scores = evaluator.backend.lm.score_tokens([(("", ""), [5, 6, 7], []), (("", ""), [5, 6, 7], [8])])
+    assert scores[0] == (0.0, True) and scores[1][0] < 0
 
 
 def test_cached_scores_that_disagree_with_full_scoring_turn_the_cache_off_with_a_warning(

@@ -45,6 +45,9 @@ WORKER_EXTENSION = "mergetune.eval.backends.vllm_worker.MergeExtension"
 # (`SamplingParams.prompt_logprob_start` with `prompt_logprobs`; `Request.get_prefix_cache_hit_limit`);
 # its pre-releases and dev builds are not trusted with it.
 PREFIX_SCORING_VERSION = Version("0.34.0")
+# The vLLM releases (major, minor) whose source this backend was written against (read, not run: no GPU here);
+# weight loading changed between these two (0.33 refuses a tied model's lm_head loaded alone), so another is said.
+CHECKED_VERSIONS = ((0, 33), (0, 34))
 # The engine's first requests are scored with and without the prefix cache; agreement within this many nats per
 # continuation token (kernels differ with the batch) keeps the cache.
 CHECKED_REQUESTS = 16
@@ -60,7 +63,19 @@ def import_vllm() -> Any:
             "the vllm backend needs vLLM, which is not installed: pip install 'mergetune[vllm]' "
             "(on a machine with a GPU that vLLM supports)"
         ) from error
+    warn_if_unchecked(Version(vllm.__version__))
     return vllm
+
+
+def warn_if_unchecked(installed: Version) -> None:
+    """A log line where the installed vLLM is not one this backend was written against."""
+    low, high = CHECKED_VERSIONS
+    if not low <= installed.release[:2] <= high:
+        log.warning(
+            "vLLM %s is outside the versions mergetune's vllm backend was written against (%s – %s): its weight "
+            "loading and prompt log-probabilities may differ; compare a study's first trials with the hf backend",
+            installed, ".".join(map(str, low)), ".".join(map(str, high)),
+        )
 
 
 def scores_from_prefix_cache(vllm: Any) -> bool:
@@ -143,18 +158,22 @@ class _VLLMLM(TokenScoringLM):
         vllm = import_vllm()
         from vllm.inputs import TokensPrompt
 
+        plain = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
         if cache:
             # Rows before the one predicting the first continuation token are not needed: they may come from
-            # the prefix cache (vLLM caps its hits there) and come back as None.
+            # the prefix cache (vLLM caps its hits there) and come back as None. An empty continuation reads no
+            # row, and vLLM refuses a start at the last one: it goes as a plain request.
             params = [
                 vllm.SamplingParams(
                     max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False,
                     prompt_logprob_start=max(0, len(tokens) - len(continuation) - 1), skip_reading_prefix_cache=False,
                 )
+                if continuation
+                else plain
                 for tokens, continuation in zip(sequences, continuations, strict=True)
             ]
         else:
-            params = vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, detokenize=False)
+            params = plain
         start = perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
         self.forward_seconds += perf_counter() - start
