@@ -89,6 +89,23 @@ def test_a_vllm_the_backend_was_not_written_against_is_said(version, said, caplo
     assert (f"vLLM {version} is outside the versions" in caplog.text) == said
 
 
+def test_a_text_that_starts_with_bos_gets_no_second_one_as_lm_eval_s_vllm_model_tokenizes_it():
+    from tokenizers import processors
+
+    from mergetune.demo.tiny import build_tokenizer
+    from mergetune.eval.backends.vllm import _VLLMLM
+
+    tokenizer = build_tokenizer()
+    bos = tokenizer.bos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    lm = _VLLMLM(llm=None, tokenizer=tokenizer, max_length=64, prefix_cache=False)
+    plain = lm.tok_encode("the capital")
+    assert plain[0] == bos and plain[1] != bos  # the tokenizer's own default adds one
+    assert lm.tok_encode("<s> the capital") == plain  # not two
+    assert lm.tok_encode("the capital", add_special_tokens=False) == plain[1:]
+    assert lm.tok_encode("") == []
+
+
 def test_only_plain_data_crosses_the_engine_boundary():
     assert vllm_wire(("recipe: text", 7, None)) == ["recipe: text", 7, None]
     assert vllm_wire([("w", torch.zeros(2, 3))]) == [["w", ["float32", [2, 3], 1]]]  # not a tensor any more

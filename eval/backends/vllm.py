@@ -28,6 +28,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from lm_eval.models.utils import has_bos_prefix
 from packaging.version import Version
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -110,8 +111,13 @@ class _VLLMLM(TokenScoringLM):
         return bos if bos is not None else self.tokenizer.eos_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        # As HFLM: the tokenizer's own special-token default unless told otherwise.
+        """As lm-eval's vllm model: the tokenizer's own special-token default unless told otherwise, and none
+        added to a text that already starts with the BOS token (no double BOS)."""
+        if not string:
+            return []
         options = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        if has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            options["add_special_tokens"] = False
         return self.tokenizer.encode(string, **options)
 
     def score_tokens(self, requests: Sequence[TokenBatchItem]) -> list[tuple[float, bool]]:
