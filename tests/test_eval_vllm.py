@@ -131,6 +131,7 @@ class EngineModel:
         self.layout = engine_layout(self.hf_params)
         self.params = {t: torch.cat([self.hf_params[n].detach().clone() for n in parts]) for t, parts in self.layout.items()}
         self.skip = skip
+        self.tied = hf_model.config.tie_word_embeddings  # the head is the embeddings: no parameter of its own
 
     def named_parameters(self):
         return iter(self.params.items())
@@ -150,6 +151,8 @@ class EngineModel:
                 raise TypeError(f"{name}: expected a tensor, got {type(tensor).__name__} {tensor!r:.60}")
             if self.skip and self.skip in name:
                 continue
+            if self.tied and name == "lm_head.weight":  # vLLM 0.33, loaded without the embeddings in the same call
+                raise ValueError("'lm_head.weight' was skipped because it is tied to 'model.embed_tokens.weight'")
             target = next(t for t, parts in self.layout.items() if name in parts)
             self.params[target][self._rows(target, name)].copy_(tensor)
             loaded.add(target)
@@ -329,9 +332,9 @@ def test_the_worker_side_build_is_the_disk_merge_bit_for_bit(name, family_f32, t
     assert all(torch.equal(streamed[key], on_disk[key]) for key in on_disk), name
 
 
-def engine_evaluator(eval_models, toy_task_dir, **options):
+def engine_evaluator(eval_models, toy_task_dir, first_recipe: str = SLERP, **options):
     models = {"a": eval_models["base"], "b": eval_models["other"]}
-    first = parse_recipes(SLERP.format(**models)).stages[0]
+    first = parse_recipes(first_recipe.format(**models)).stages[0]
     sources = {str(path): open_source(str(path)) for path in models.values()}
     config = EvalConfig(tasks=(TOY_TASK,), include_paths=(toy_task_dir,))
     skeleton = write_skeleton(first, plan_merge(first, sources), sources)
@@ -369,6 +372,21 @@ def test_each_candidate_is_merged_inside_the_engine_and_scores_as_the_disk_merge
     assert FakeLLM.instances == [engine] and engine.prefix_cache_resets == 2  # one engine, cache dropped per candidate
     # Each document's answer choices share its context: with the cache, it is computed about once.
     assert (engine.computed_tokens < 0.7 * engine.prompt_tokens) if prefix_cache else (engine.computed_tokens == engine.prompt_tokens)
+
+
+def test_a_tied_model_merged_with_an_untied_one_loads_its_merged_head_into_the_engine(
+    fake_vllm, family_bf16_tied, family_f32, toy_task_dir, tmp_path
+):
+    """The tied model donates the config and the untied one a head: the engine starts untied, so the merged head is
+    loaded (vLLM 0.33 refuses a head loaded into a tied model) and scores as the disk merge does."""
+    models = {"base": family_bf16_tied["model_a"], "other": family_f32["model_a"]}
+    linear = "merge_method: linear\nmodels: [{{model: {a}, parameters: {{weight: 0.5}}}}, {{model: {b}, parameters: {{weight: 0.5}}}}]\ndtype: float32\n"
+    evaluator = engine_evaluator(models, toy_task_dir, first_recipe=linear)
+    recipe = parse_recipes(linear.format(a=models["base"], b=models["other"]))
+    evaluator.backend.build(recipe)
+    merge_recipe_file(recipe, tmp_path / "disk")
+    disk = Evaluator.from_dir(tmp_path / "disk", EvalConfig(tasks=(TOY_TASK,), include_paths=(toy_task_dir,)), device="cpu")
+    assert evaluator.score().tasks[TOY_TASK].metrics == disk.score().tasks[TOY_TASK].metrics
 
 
 def test_shared_contexts_are_read_from_the_cache_only_up_to_the_first_scored_row(fake_vllm, eval_models, toy_task_dir):
