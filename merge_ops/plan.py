@@ -353,6 +353,7 @@ class Planner:
         ]
         for name in self._non_layer_names(post, "post"):
             ops.append(self._op(name, [(s, name) for s in post.sources], post_base, post, 0.0, vocab))
+        _check_vocabulary_rows(ops)
         config = self._output_config(donor, out_layer, vocab, separate_head=any(_is_tied_head(op.output) for op in ops))
         plan = MergePlan(self.recipe, self.method, ops, config, donor)
         plan.warnings.extend(plan_warnings + range_warnings(self.recipe, self.method) + self._filter_warnings(ops))
@@ -500,6 +501,24 @@ def plan_merge(
     recipe: Recipe, sources: Mapping[str, TensorSource], vocab: Optional["VocabAlignment"] = None
 ) -> MergePlan:
     return Planner(recipe, sources).plan(vocab)
+
+
+#: The tensors indexed by token id: a model's embeddings and head must index the same vocabulary.
+VOCABULARY_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+
+
+def _check_vocabulary_rows(ops: Sequence[TensorOp]) -> None:
+    """Embeddings and head taken from different models (a passthrough stack's first and last slices) have the same
+    rows: each op checks its own inputs' shapes, but these come from different ops."""
+    indexed = [op for op in ops if op.output.endswith(VOCABULARY_TENSORS)]
+    for op in indexed[1:]:
+        first = indexed[0]
+        if op.shape[0] != first.shape[0]:
+            raise MergetuneError(
+                f"tensor {op.output}: {op.shape[0]} rows (from {op.inputs[0].model}) but {first.output} has "
+                f"{first.shape[0]} (from {first.inputs[0].model}): the models have different vocabularies"
+                + _shape_hint(op.output, first.shape, op.shape)
+            )
 
 
 def _shape_hint(output: str, first: tuple[int, ...], other: tuple[int, ...]) -> str:

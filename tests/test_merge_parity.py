@@ -527,6 +527,25 @@ def test_different_vocabularies_without_tokenizer_source_name_the_tensor(family_
         run_mergetune(yaml.safe_dump(recipe), tmp_path / "out")
 
 
+def test_a_stack_of_models_with_different_vocabularies_is_refused_unless_aligned(family_other_vocab, tmp_path):
+    """mergekit 0.1.5 writes model_x's head under base's embeddings (a model transformers cannot load); with a
+    tokenizer_source both are re-indexed to one vocabulary."""
+    from mergetune.errors import MergetuneError
+
+    recipe = with_paths(
+        {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": "base", "layer_range": [0, 2]}]}, {"sources": [{"model": "model_x", "layer_range": [2, 4]}]}
+        ]},
+        family_other_vocab,
+    )
+    with pytest.raises(MergetuneError, match=r"tensor lm_head.weight: \d+ rows \(from .*model_x\) but model.embed_tokens.weight has \d+ .* set tokenizer_source"):
+        run_mergetune(yaml.safe_dump(recipe), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    recipe["tokenizer_source"] = str(family_other_vocab["model_x"])
+    state = load_state(run_mergetune(yaml.safe_dump(recipe), tmp_path / "aligned"))
+    assert state["model.embed_tokens.weight"].shape == state["lm_head.weight"].shape
+
+
 def test_rotary_frequency_buffers_of_older_checkpoints_are_not_merged_like_mergekit(family_bf16_tied, tmp_path):
     """Checkpoints saved by older transformers hold `rotary_emb.inv_freq` buffers; mergekit writes only weights."""
     from safetensors.torch import load_file, save_file
