@@ -86,6 +86,11 @@ def open_storage(study: Study, create: bool = True) -> BaseStorage:
     instead of creating an empty one: a mistyped path must not leave a new file behind.
     """
     path = local_file(study)
+    if path is None and dialect(study.storage_url) == "sqlite":
+        raise MergetuneError(
+            f"storage {study.storage_display}: an in-memory SQLite database keeps nothing after the run (a crash or "
+            "Ctrl-C would lose every trial, and leaderboard and export could not read it); name a file: sqlite:///study.db"
+        )
     if path is not None:
         _check_local_file(study, path, create)
     if journal_path(study) is not None:

@@ -363,6 +363,11 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         "budget.n_trials: Input should be a valid integer",
     ),
     (
+        "study: an in-memory database",
+        lambda i: run("study", "run", i.study(storage="sqlite:///:memory:")),
+        "storage sqlite:///:memory:: an in-memory SQLite database keeps nothing after the run",
+    ),
+    (
         "study: unknown key",
         lambda i: run("study", "run", i.study(storage_options={"heartbeat": 3})),
         "storage_options.heartbeat: unknown field",
