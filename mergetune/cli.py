@@ -17,6 +17,7 @@ import typer
 
 from mergetune import interrupts
 from mergetune.errors import MergetuneError
+from mergetune.outputs import check_output_dir
 
 app = typer.Typer(
     help="Search merge recipes for open-weight LLMs; build them; score them.",
@@ -122,6 +123,7 @@ def demo(
     from mergetune.search.export import export_trial
 
     check_count("--n-trials", n_trials)  # before the demo's study file is written with it
+    check_output_dir(out_dir, "--out-dir")
     typer.echo(f"building (or reusing) the demo's tiny models and tasks in {out_dir}/")
     study = prepare_demo(out_dir, n_trials)
     if not fresh and outdated_trials(study):

@@ -22,6 +22,14 @@ def check_output_file(path: Path, option: str, protected: Mapping[str, Path] | N
         raise MergetuneError(f"{option} {path}: is not a regular file (a device, a pipe or a socket); choose a file name")
 
 
+def check_output_dir(path: Path, what: str) -> None:
+    """Before any work: `path` can be a directory (it is one, or the nearest part of it that exists is one)."""
+    absolute = path.absolute()
+    existing = next(part for part in (absolute, *absolute.parents) if part.exists())
+    if not existing.is_dir():
+        raise MergetuneError(f"{what} {path}: {existing} is a file, not a directory")
+
+
 def relation(path: Path, other: Path) -> str | None:
     """How `path` stands to `other`, links followed: "is", "contains", "lies inside", or None (apart)."""
     target, where = path.resolve(), other.resolve()

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mergetune.errors import MergetuneError
-from mergetune.outputs import check_distinct_outputs, check_output_file, refuse_protected
+from mergetune.outputs import check_distinct_outputs, check_output_dir, check_output_file, refuse_protected
 from mergetune.search.study_file import Study, load_study
 
 study_app = typer.Typer(help="Run Optuna studies over merge recipes.", no_args_is_help=True)
@@ -43,14 +43,6 @@ def check_count(option: str, value: Optional[float]) -> None:
     usage panel, not the one-line message every other input error gets)."""
     if value is not None and not (math.isfinite(value) and value >= 1):
         raise MergetuneError(f"{option}: must be a finite number of at least 1, got {value:g}")
-
-
-def _check_output_dir(path: Path, what: str) -> None:
-    """Before any work: `path` can be a directory (it is one, or the nearest part of it that exists is one)."""
-    absolute = path.absolute()
-    existing = next(part for part in (absolute, *absolute.parents) if part.exists())
-    if not existing.is_dir():
-        raise MergetuneError(f"{what} {path}: {existing} is a file, not a directory")
 
 
 def _write_file(path: Path, text: str, option: str) -> None:
@@ -240,7 +232,7 @@ def export_command(
     from mergetune.search.export import export_trial
     from mergetune.search.storage import open_storage
 
-    _check_output_dir(out_dir, "output directory")
+    check_output_dir(out_dir, "output directory")
     study = _load(study_file, storage)
     result = export_trial(
         study, out_dir, method, trial, overwrite, storage=open_storage(study, create=False), device=device,
@@ -263,7 +255,7 @@ def report_command(
     from mergetune.search.report import check_report_dir, write_report
     from mergetune.search.storage import dashboard_target, open_storage
 
-    _check_output_dir(out_dir, "report directory")
+    check_output_dir(out_dir, "report directory")
     study = _load(study_file, storage)
     refuse_protected(out_dir, "report directory", protected_files(study))
     check_report_dir(out_dir)

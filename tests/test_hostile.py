@@ -595,6 +595,11 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         "output {tmp}/notes.txt is not a directory (a file or a link)",
     ),
     (
+        "demo into a file",
+        lambda i: run("demo", "--out-dir", i.file_at("notes.txt")),
+        "--out-dir {tmp}/notes.txt: {tmp}/notes.txt is a file, not a directory",
+    ),
+    (
         "--overwrite onto a file",
         lambda i: run("merge", i.recipe(), i.file_at("notes.txt"), "--overwrite"),
         "output {tmp}/notes.txt is not a directory",
