@@ -49,7 +49,7 @@ def user_errors(func: F) -> F:
 
 @app.callback()
 def main(
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging (-vv for debug)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging: -v for info, -vv for debug (a flag to repeat; it takes no number)."),
 ) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
