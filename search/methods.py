@@ -322,9 +322,15 @@ class DeclaredMethod(SearchableMethod):
         if declaration.base == BasePolicy.REQUIRED and not spec.base_model:
             raise MergetuneError(f"{self.name} needs a base_model (the models' common ancestor)")
         if not searched:
+            numeric = [p.name for p in declaration.params if p.value_type in (int, float) and p.name not in settings.fixed]
+            remedy = (
+                f"give one of {', '.join(numeric)} a range in {where}.parameters, or score it once outside a search"
+                if numeric
+                else "it has nothing to search: score it once outside a search (mergetune merge, then mergetune eval)"
+            )
             raise MergetuneError(
                 f"{where}: {self.name} declares no numeric parameter with a range, so every candidate would be the "
-                f"same; give one a range in {where}.parameters, or score it once outside a search"
+                f"same; {remedy}"
             )
         if declaration.check_ranges is not None:
             problem = declaration.check_ranges(self._ranges(spec))

@@ -871,7 +871,8 @@ def test_della_s_default_space_proposes_only_candidates_it_can_merge(family_f32,
     [
         ({"della": {"parameters": {"lambda_": {"low": 0, "high": 1}}}}, "space.della.parameters: della has no parameter lambda_"),
         ({"della": {"parameters": {"density": {"low": 0.5, "high": 1.5}}}}, "density: [0.5, 1.5] is outside della's declared range (0.0, 1.0]"),
-        ({"karcher": {}}, "karcher declares no numeric parameter with a range"),
+        ({"karcher": {}}, "karcher declares no numeric parameter with a range, so every candidate would be the same; give one of max_iter, tol a range"),
+        ({"model_stock": {}}, "model_stock declares no numeric parameter with a range, so every candidate would be the same; it has nothing to search"),
         (
             {"della": {"parameters": {"density": {"low": 0.3, "high": 0.8}, "epsilon": {"low": 0.01, "high": 0.5}}}},
             "space.della: density 0.3…0.8 with epsilon up to 0.5 gives density ± epsilon outside (0, 1)",
