@@ -20,10 +20,10 @@ builds its `space:` model from this registry when it is first imported.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional, Union
 
 import optuna
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from mergetune.errors import MergetuneError
 from mergetune.registry import Registry
@@ -38,6 +38,22 @@ Resolve = Callable[[str], str]
 
 DIGITS = 4  # recipe values are rounded so the exported YAML is exactly what was built
 REST = "rest"  # the values for every tensor no filter matched
+
+
+def _check_filters(values: list[str]) -> list[str]:
+    """Each filter names its own tensors: a repeat would search a value no tensor gets, `rest` is the name of
+    the tensors no filter matched, and an empty filter matches every tensor."""
+    repeated = sorted({value for value in values if values.count(value) > 1})
+    if repeated:
+        raise ValueError(f"listed more than once: {', '.join(repeated)}")
+    if REST in values:
+        raise ValueError(f"'{REST}' names the tensors no filter matches, which always get their own value; it cannot be a filter")
+    if any(not value.strip() for value in values):
+        raise ValueError("an empty filter matches every tensor; leave it out (the rest gets its own value)")
+    return values
+
+
+Filters = Annotated[list[str], AfterValidator(_check_filters)]
 NOT_SEARCHABLE = ("passthrough",)  # stacks layers as given: nothing to blend, nothing to search
 
 
@@ -117,7 +133,7 @@ class SearchableMethod(ABC):
 class SlerpSpace(Settings):
     """A t-curve of `control_points` values in [0, 1] per filter, plus one for all other tensors."""
 
-    filters: list[str] = Field(default_factory=lambda: ["self_attn", "mlp"])
+    filters: Filters = Field(default_factory=lambda: ["self_attn", "mlp"])
     control_points: int = Field(5, ge=1, le=64)
 
 
@@ -254,7 +270,7 @@ class DeclaredSpace(Settings):
         default_factory=dict, description="ranges to search, narrowing the declared ones or adding parameters"
     )
     fixed: dict[str, Union[bool, int, float]] = Field(default_factory=dict, description="values set, not searched")
-    filters: list[str] = Field(default_factory=list, description="one value per filter (e.g. self_attn, mlp) plus the rest")
+    filters: Filters = Field(default_factory=list, description="one value per filter (e.g. self_attn, mlp) plus the rest")
     curve_points: Optional[int] = Field(None, ge=2, le=64, description="each value a curve across layers")
     baseline: dict[str, float] = Field(
         default_factory=dict, description="the hand-written value of searched parameters (default: declared default, else mid-range)"

@@ -667,6 +667,8 @@ def test_a_checkpoint_s_fingerprint_follows_its_weights_not_its_sharding(family_
             "evaluation.estimator only makes sense with pruning: estimator (this study has pruning: successive_halving)",
         ),
         ({"pruning": "estimator", "evaluation": {"estimator": {"chunk": 0}}}, "evaluation.estimator.chunk: Input should be greater than 0"),
+        ({"space": {"slerp": {"filters": ["rest", "mlp"]}}}, "space.slerp.filters: 'rest' names the tensors no filter matches"),
+        ({"space": {"slerp": {"filters": ["mlp", "mlp"]}}}, "space.slerp.filters: listed more than once: mlp"),
         # A range from NaN reached Optuna and failed every trial, and was stored with the study's definition.
         ({"space": {"dare_ties": {"density": {"low": float("nan"), "high": 1.0}}}}, "space.dare_ties.density.low: Input should be a finite number"),
         ({"space": {"dare_ties": {"weight": {"low": 0.0, "high": float("inf")}}}}, "space.dare_ties.weight.high: Input should be a finite number"),
