@@ -6,6 +6,7 @@ import html
 import json
 import logging
 import math
+import re
 import os
 import tempfile
 import warnings
@@ -206,6 +207,15 @@ def check_report_dir(out_dir: Path) -> None:
         )
 
 
+def earlier_figures(out_dir: Path) -> set[str]:
+    """The figures an earlier report in `out_dir` shows (its index.html's images): this report replaces them all."""
+    index = out_dir / "index.html"
+    if not index.is_file():
+        return set()
+    names = {html.unescape(name) for name in re.findall(r'<img src="([^"]+)"', index.read_text(encoding="utf-8", errors="replace"))}
+    return {name for name in names if name == Path(name).name and name.endswith(".png")}
+
+
 def write_report(study: Study, out_dir: Path, storage=None) -> Path:
     """Draw the report in a hidden folder beside `out_dir`, then move it into place: a failure (a full disk,
     a study without trials) leaves no half-drawn report."""
@@ -219,6 +229,9 @@ def write_report(study: Study, out_dir: Path, storage=None) -> Path:
             staging.chmod(0o755)  # mkdtemp's folder is private; the report is not
             _draw(study, board, staging, storage)
             if out_dir.exists():
+                drawn = {file.name for file in staging.iterdir()}
+                for name in earlier_figures(out_dir) - drawn:  # not left beside a page that no longer shows them
+                    (out_dir / name).unlink(missing_ok=True)
                 for file in staging.iterdir():
                     os.replace(file, out_dir / file.name)
             else:

@@ -491,6 +491,18 @@ def test_report_draws_pictures_and_a_page(finished_study, tmp_path):
     assert "no parameter importances for slerp: 4 completed trials, fewer than 10" in page  # said, not silently absent
 
 
+def test_a_report_drawn_over_an_earlier_one_leaves_none_of_its_figures_and_nothing_else_changed(finished_study, tmp_path):
+    folder = tmp_path / "report"
+    folder.mkdir()
+    (folder / "index.html").write_text('<title>old — mergetune report</title><img src="ties-history.png">')
+    (folder / "ties-history.png").write_bytes(b"old figure")
+    (folder / "notes.png").write_bytes(b"someone's own")
+    result = runner.invoke(app, ["report", str(finished_study), str(folder)])
+    assert result.exit_code == 0, result.output
+    assert not (folder / "ties-history.png").exists()  # the old report's, shown by no page now
+    assert (folder / "notes.png").read_bytes() == b"someone's own" and (folder / "slerp-history.png").exists()
+
+
 def test_the_report_draws_a_curve_for_every_numeric_parameter_and_none_for_flags():
     from mergetune.search.report import curve_settings
 
