@@ -9,6 +9,7 @@ everything (weights, config, tokenizer, recipe, model card) is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import secrets
@@ -17,7 +18,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 from mergetune import interrupts
 from mergetune.devices import check_device
@@ -182,6 +183,18 @@ def merge_stage(
     write_side_files(directory, recipe, plan, sources, recipe_yaml, seed, chat_template, card_extra)
 
 
+@contextlib.contextmanager
+def _in_recipe(recipe_file: RecipeFile, stage: Optional[Recipe] = None) -> Iterator[None]:
+    """A problem with what the recipe says (its models, parameters, layer ranges) names the file, and the stage
+    of a multi-stage file."""
+    try:
+        yield
+    except MergetuneError as error:
+        multi = len(recipe_file.stages) > 1 and stage is not None and stage.name
+        where = recipe_file.source + (f" (stage {stage.name})" if multi else "")
+        raise MergetuneError(f"{where}: {error}") from None
+
+
 def merge_recipe_file(
     recipe_file: RecipeFile,
     out_dir: Path,
@@ -203,7 +216,8 @@ def merge_recipe_file(
     """
     check_device(device)
     for stage in recipe_file.stages:
-        validate_recipe(stage)
+        with _in_recipe(recipe_file, stage):
+            validate_recipe(stage)
     if not any(_randomized(stage) for stage in recipe_file.stages):
         seed = None  # it would change nothing: not in the card, not in the command that reproduces the merge
     elif seed is None:
@@ -233,7 +247,8 @@ def merge_recipe_file(
                 warnings.extend(plan.warnings)
                 return CheckpointSource(stage.name, directory)
 
-            plan, sources = final_stage(recipe_file.stages, cache.get, write_intermediate)
+            with _in_recipe(recipe_file):
+                plan, sources = final_stage(recipe_file.stages, cache.get, write_intermediate)
             final_yaml = recipe_file.to_yaml()
             merge_stage(
                 recipe_file.final, plan, sources, partial, final_yaml, seed, device, shard_bytes, progress, card_extra

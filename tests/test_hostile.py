@@ -394,6 +394,19 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         "models: Input should be a valid list",
     ),
     (
+        "recipe: a method's contract, named with the file",
+        lambda i: run("merge", i.recipe(base_model=None), str(i.tmp / "out")),
+        "{tmp}/recipe.yaml: slerp needs a base_model",
+    ),
+    (
+        "recipe: a layer range past the model's layers, named with the file",
+        lambda i: run("merge", i.recipe(
+            merge_method="passthrough", base_model=None, models=None, parameters=None,
+            slices=[{"sources": [{"model": str(i.family["base"]), "layer_range": [0, 9]}]}],
+        ), str(i.tmp / "out")),
+        "{tmp}/recipe.yaml: slice 0: layer_range [0, 9] of ",
+    ),
+    (
         "recipe: a gradient of lists",
         lambda i: run("merge", i.recipe(parameters={"t": [[0, 1], 0.5]}), str(i.tmp / "out")),
         "parameters.t: [[0, 1], 0.5] is none of: true/false, an integer, a number, a string, a list of values,",
