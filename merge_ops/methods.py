@@ -60,8 +60,9 @@ class ParamSpec:
         return self.high is not None and value > self.high
 
     def range_text(self) -> str:
+        """`[0.0, 1.0]`, `(0.0, 1.0]`, `[0, ∞)` where there is no upper end."""
         opening = "[" if self.low_inclusive else "("
-        return f"{opening}{self.low}, {self.high}]"
+        return f"{opening}{self.low}, ∞)" if self.high is None else f"{opening}{self.low}, {self.high}]"
 
 
 class Scratch:
