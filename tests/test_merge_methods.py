@@ -251,3 +251,11 @@ def test_the_finite_check_finds_nan_and_inf(dtype):
         tensor = torch.zeros(3, 5, dtype=dtype)
         tensor[2, 4] = bad
         assert not bool(all_finite(tensor))
+
+
+def test_a_range_is_written_as_intervals_are():
+    from mergetune.merge_ops.methods import ParamSpec, Scope
+
+    assert ParamSpec("t", float, Scope.SHARED, low=0.0, high=1.0).range_text() == "[0.0, 1.0]"
+    assert ParamSpec("density", float, Scope.NON_BASE, low=0.0, high=1.0, low_inclusive=False).range_text() == "(0.0, 1.0]"
+    assert ParamSpec("max_iter", int, Scope.SHARED, low=0).range_text() == "[0, ∞)"  # not "[0, None]"
