@@ -50,6 +50,8 @@ class Row:
 
 @dataclass
 class Comparison:
+    """`b` − `a` on the documents both were scored on, as the label says ("best slerp − best dare_ties": b is slerp's)."""
+
     label: str
     a: Row
     b: Row
@@ -421,7 +423,12 @@ def to_json(board: Leaderboard) -> dict[str, Any]:
             for row in board.rows
         ],
         "comparisons": [
-            {"label": c.label, "a_trial": c.a.trial, "b_trial": c.b.trial, **asdict(c.difference)}
+            {
+                "label": c.label,
+                "of": {"method": c.b.method, "trial": c.b.trial},  # the difference is this row's score ...
+                "minus": {"method": c.a.method, "trial": c.a.trial},  # ... minus this one's
+                **asdict(c.difference),
+            }
             for c in board.comparisons
         ],
         "races": [asdict(races) for races in board.races],

@@ -370,6 +370,11 @@ def test_leaderboard_outputs_markdown_json_and_csv(finished_study, tmp_path):
     assert "best slerp − best dare_ties" in result.output
     data = json.loads(out_json.read_text())
     assert data["rows"][0]["rank"] == 1 and data["rows"][0]["final"] is not None
+    [between] = [c for c in data["comparisons"] if c["label"] == "best slerp − best dare_ties"]
+    assert (between["of"]["method"], between["minus"]["method"]) == ("slerp", "dare_ties")  # the label's order
+    finals = {(row["method"], row["trial"]): row["final"]["average"] for row in data["rows"] if row["final"]}
+    of, minus = finals[(between["of"]["method"], between["of"]["trial"])], finals[(between["minus"]["method"], between["minus"]["trial"])]
+    assert between["mean"] == pytest.approx(of - minus, abs=1e-6)
     assert out_csv.read_text().startswith("rank,method,trial,origin,scored on")
     searched_only = [row for row in csv.DictReader(io.StringIO(out_csv.read_text())) if row["scored on"] == "search"]
     assert searched_only and all(row["final avg"] == "" for row in searched_only)  # a number column: empty, not a dash
