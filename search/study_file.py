@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
@@ -269,8 +270,9 @@ class StudySpec(Settings):
         return stored_hash == self.definition_hash() or self.comparable_definition(stored) == upgraded(stored)
 
     def comparable_definition(self, stored: dict) -> dict:
-        """This file's definition without the fields `stored` lacks that still hold their defaults."""
-        return _without_new_defaults(self.definition(), stored, type(self))
+        """This file's definition without the fields `stored` lacks that still hold their defaults, its paths
+        normalized as `upgraded` normalizes the stored ones."""
+        return _without_new_defaults(normalized_paths(self.definition()), stored, type(self))
 
     def definition(self) -> dict:
         """The fields that define the trials; stored with the study (never the storage URL and its password).
@@ -331,7 +333,25 @@ def upgraded(stored: dict) -> dict:
     pruning = stored.get("pruning")
     if isinstance(pruning, bool):
         stored = {**stored, "pruning": LEGACY_PRUNING[not pruning]}
-    return without_other_pruners(stored)
+    return normalized_paths(without_other_pruners(stored))
+
+
+def normalized_paths(definition: dict) -> dict:
+    """The definition with its model and data references as normalized paths: `./models/a/` and `models/a` name
+    the same folder (from the same study file), so an edit that only rewrites one is not a different study."""
+
+    def paths(value: object) -> object:
+        if isinstance(value, str):
+            return os.path.normpath(value)
+        return [paths(item) for item in value] if isinstance(value, list) else value
+
+    result = {key: paths(value) if key in ("models", "base_model") else value for key, value in definition.items()}
+    evaluation = result.get("evaluation")
+    if isinstance(evaluation, dict):
+        result["evaluation"] = {
+            key: paths(value) if key in ("include_paths", "data_dir") else value for key, value in evaluation.items()
+        }
+    return result
 
 
 def without_other_pruners(definition: dict) -> dict:

@@ -587,6 +587,16 @@ def test_a_different_study_definition_under_the_same_name_is_refused(finished_st
     assert "model(s)" not in result.output  # refused before any model loads
 
 
+def test_the_same_study_with_its_paths_written_another_way_is_the_same_study(finished_study, tmp_path):
+    spec = yaml.safe_load(finished_study.read_text())
+    spec["models"] = [f"{Path(model).parent}/./{Path(model).name}/" for model in spec["models"]]
+    spec["storage"] = load_study(finished_study).storage_url
+    other = tmp_path / "study.yaml"
+    other.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["study", "run", str(other), "--quiet"])
+    assert result.exit_code == 0 and "different study file" not in result.output, result.output
+
+
 def test_a_worker_whose_checkpoint_under_a_model_s_name_holds_other_weights_is_refused(family_f32, task_dir, tmp_path):
     models = {name: shutil.copytree(family_f32[name], tmp_path / "models" / name) for name in ("base", "model_a", "model_b")}
     path = write_study(tmp_path, models, task_dir, methods=["slerp"], budget={"n_trials": 1})
