@@ -158,7 +158,7 @@ def check_scored_weights(study: Study, row: Row, storage: Optional[BaseStorage])
         current,
         "the study scored",
         f"the export would not be the candidate it scored. Restore that checkpoint, or merge trial {row.trial}'s "
-        "recipe (`mergetune leaderboard --json`: rows[].recipe) knowingly with `mergetune merge`",
+        "recipe (`mergetune leaderboard --json`: rows[].recipe and rows[].seed) knowingly with `mergetune merge --seed`",
     )
     return current
 

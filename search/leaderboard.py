@@ -419,6 +419,11 @@ def to_json(board: Leaderboard) -> dict[str, Any]:
                 "gap": row.gap,
                 "estimate": None if row.estimate is None else {"value": row.estimate[0], "docs": row.estimate[1]},
                 "recipe": row.recipe,
+                # With the recipe, what rebuilds the scored tensors: `mergetune merge recipe out --seed S` on `device`
+                # (random masks: DARE, DELLA), drawn under the `draws` scheme.
+                "seed": row.seed,
+                "device": row.device,
+                "draws": row.draws,
             }
             for row in board.rows
         ],

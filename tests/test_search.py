@@ -370,6 +370,7 @@ def test_leaderboard_outputs_markdown_json_and_csv(finished_study, tmp_path):
     assert "best slerp − best dare_ties" in result.output
     data = json.loads(out_json.read_text())
     assert data["rows"][0]["rank"] == 1 and data["rows"][0]["final"] is not None
+    assert all(isinstance(row["seed"], int) and row["device"] == "cpu" for row in data["rows"])  # rebuilds the masks
     [between] = [c for c in data["comparisons"] if c["label"] == "best slerp − best dare_ties"]
     assert (between["of"]["method"], between["minus"]["method"]) == ("slerp", "dare_ties")  # the label's order
     finals = {(row["method"], row["trial"]): row["final"]["average"] for row in data["rows"] if row["final"]}
