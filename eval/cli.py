@@ -31,10 +31,30 @@ def _doc_ids_from(path: Path) -> dict[str, list[int]]:
     try:
         data = json.loads(path.read_text())
         if "tasks" in data:
-            return {task: ids for entry in data["tasks"].values() for task, ids in entry["doc_ids"].items()}
-        return {task: [int(i) for i in ids] for task, ids in data.items()}
+            found = {task: ids for entry in data["tasks"].values() for task, ids in entry["doc_ids"].items()}
+        else:
+            found = dict(data)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise MergetuneError(f"--doc-ids {path}: not a mergetune --json output nor a {{task: [ids]}} file ({error})") from error
+    for task, ids in found.items():
+        problem = _ids_problem(ids)
+        if problem:
+            raise MergetuneError(f"--doc-ids {path}: task {task}: {problem}")
+    return found
+
+
+def _ids_problem(ids: object) -> Optional[str]:
+    """Why `ids` is not a list of distinct document ids (whole numbers from 0), or None: a float, a string or a
+    boolean would be read as another document, and a repeat silently scored once."""
+    if not isinstance(ids, list):
+        return f"expected a list of document ids, got {json.dumps(ids)}"
+    wrong = next((i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0), None)
+    if wrong is not None:
+        return f"{json.dumps(wrong)} is not a document id (a whole number from 0)"
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        return f"document id(s) {', '.join(map(str, repeated))} listed more than once"
+    return None
 
 
 def _doc_ids_to_score(evaluator: Evaluator, wanted: dict[str, list[int]], path: Path) -> dict[str, list[int]]:
@@ -77,7 +97,7 @@ def eval_command(
     include_path: list[Path] = typer.Option([], "--include-path", help="A directory of your own lm-eval task YAMLs."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Seeded random sample of N documents per task (stratified for groups)."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot count for every task (default: per task)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the document sample."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the document sample (default 0)."),
     doc_ids: Optional[Path] = typer.Option(None, "--doc-ids", help="Score the documents of an earlier --json output."),
     backend: str = typer.Option("hf", "--backend", help="hf, vllm, server: a name registered in mergetune.eval.backends."),
     device: Optional[str] = typer.Option(None, "--device", help="hf: cpu, cuda, cuda:1, ... (default: cuda if available)."),
@@ -111,8 +131,9 @@ def eval_command(
     transformers_logging.disable_progress_bar()
     if suite is None and not tasks:
         raise MergetuneError("give --suite leaderboard or --tasks a,b,... (with --doc-ids too: the tasks to score)")
-    if doc_ids is not None and limit is not None:
-        raise MergetuneError("--limit and --doc-ids: give one (the ids say which documents to score)")
+    for option, value in (("--limit", limit), ("--seed", seed)):
+        if doc_ids is not None and value is not None:
+            raise MergetuneError(f"{option} and --doc-ids: give one (the ids say which documents to score)")
     wanted = _doc_ids_from(doc_ids) if doc_ids is not None else None  # a bad file fails before anything loads
     if backend not in backend_names():
         raise MergetuneError(f"unknown --backend {backend!r}; use {', '.join(backend_names())}")
@@ -155,7 +176,7 @@ def eval_command(
         data_dir=data_dir,
         num_fewshot=num_fewshot,
         limit=limit,
-        seed=seed,
+        seed=seed or 0,
     )
     # from_dir loads the tasks (checking the data and task directories) before the model.
     typer.echo(f"loading the tasks, then {model_dir} ({backend})", err=True)

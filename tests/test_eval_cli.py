@@ -82,6 +82,7 @@ def test_leaderboard_suite_on_local_data_uses_its_fewshot_counts_and_labels_the_
         (["--tasks", TOY_TASK, "--batch-size", "big"], "--batch-size must be an integer or 'auto'"),
         (["--tasks", TOY_TASK, "--doc-ids", "/nonexistent/ids.json"], "--doc-ids /nonexistent/ids.json: not a mergetune --json output"),
         (["--tasks", TOY_TASK, "--doc-ids", "/nonexistent/ids.json", "--limit", "3"], "--limit and --doc-ids: give one"),
+        (["--tasks", TOY_TASK, "--doc-ids", "/nonexistent/ids.json", "--seed", "3"], "--seed and --doc-ids: give one"),
         (["--tasks", TOY_TASK, "--dtype", "half"], "--dtype 'half': use one of auto, float32, bfloat16, float16"),
     ],
 )
@@ -89,6 +90,23 @@ def test_user_errors_are_one_line_and_exit_2(eval_models, toy_task_dir, args, me
     result = run(eval_models["base"], "--include-path", toy_task_dir, *args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"tasks": {TOY_TASK: {"doc_ids": {TOY_TASK: [1.5, 2]}}}}, "1.5 is not a document id"),  # was a KeyError traceback
+        ({TOY_TASK: ["7", 2]}, '"7" is not a document id'),
+        ({TOY_TASK: [True, 2]}, "true is not a document id"),  # was scored as document 1
+        ({TOY_TASK: None}, "expected a list of document ids, got null"),
+        ({TOY_TASK: [3, 3]}, "document id(s) 3 listed more than once"),  # was scored once, silently
+    ],
+)
+def test_document_ids_that_are_not_distinct_whole_numbers_are_refused(eval_models, toy_task_dir, tmp_path, content, message):
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps(content))
+    result = run(eval_models["base"], "--include-path", toy_task_dir, "--tasks", TOY_TASK, "--doc-ids", ids)
+    assert result.exit_code == 2 and f"--doc-ids {ids}: task {TOY_TASK}: {message}" in result.output, result.output
 
 
 def test_missing_model_directory_is_named(tmp_path, toy_task_dir):
