@@ -175,19 +175,22 @@ def missing_folder_message(origin: str, data_dir: Path, task: str) -> str | None
     )
 
 
-def check_data_dir(data_dir: str | Path, origin: str = "--data-dir") -> Path:
-    """`data_dir` resolved, if it serves at least one task; else one MergetuneError naming what is missing.
-
-    `origin` says where the setting came from ("--data-dir", or a study file's field).
-    """
+def existing_data_dir(data_dir: str | Path, origin: str = "--data-dir") -> Path:
+    """`data_dir` resolved, if it is a directory."""
     data_dir = Path(data_dir).expanduser().resolve()
     if not data_dir.is_dir():
         raise MergetuneError(f"{origin} {data_dir} does not exist or is not a directory")
-    if not local_task_configs(data_dir):
-        incomplete = missing_split_files(data_dir)
-        if incomplete:
-            task, (split, file) = next(iter(incomplete.items()))
-            raise MergetuneError(missing_split_message(origin, data_dir, task, split, file))
+    return data_dir
+
+
+def check_data_dir(data_dir: str | Path, origin: str = "--data-dir") -> Path:
+    """`data_dir` resolved, if it holds a dataset folder (a folder missing a split file is named by the tasks that
+    need it, `suite_tasks`: not by another task); else one MergetuneError listing the folders expected.
+
+    `origin` says where the setting came from ("--data-dir", or a study file's field).
+    """
+    data_dir = existing_data_dir(data_dir, origin)
+    if not local_task_configs(data_dir) and not missing_split_files(data_dir):
         expected = ", ".join(d.folder for d in (*LOCAL_DATASETS, _MMLU))
         raise MergetuneError(
             f"{origin} {data_dir} holds none of the known datasets "
@@ -200,7 +203,7 @@ def check_data_dir(data_dir: str | Path, origin: str = "--data-dir") -> Path:
 def local_task_dir(data_dir: Path, origin: str = "--data-dir") -> Path:
     """Write (once per process, removed at exit) an lm-eval include_path that serves `data_dir`'s tasks.
 
-    Raises MergetuneError (`check_data_dir`'s) when the directory serves no task.
+    Raises MergetuneError (`check_data_dir`'s) when the directory holds no dataset folder.
     """
     data_dir = check_data_dir(data_dir, origin)
     configs = local_task_configs(data_dir)

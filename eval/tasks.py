@@ -26,6 +26,7 @@ from mergetune.eval.lm_eval_adapter import TASK_INDEX_LOGGER, skipped_task_files
 from mergetune.eval.local_data import (
     PROXY_TASKS,
     check_data_dir,
+    existing_data_dir,
     local_task_configs,
     local_task_dir,
     missing_folder_message,
@@ -186,7 +187,7 @@ def suite_tasks(
         raise MergetuneError(f"unknown suite {suite!r}; known suites: {', '.join(SUITES)}")
     entries = list(SUITES[suite]) if suite else []
     if data_dir is not None:
-        data_dir = Path(data_dir).expanduser().resolve()
+        data_dir = existing_data_dir(data_dir, origins.data_dir)
         incomplete = missing_split_files(data_dir)
         for name in (*(e.name for e in entries), *tasks):
             if name in incomplete:

@@ -129,3 +129,7 @@ def test_a_data_dir_missing_a_split_file_names_the_task_the_file_and_the_option(
     result = run(eval_models["base"], "--tasks", "arc_easy", "--data-dir", tmp_path / "data")
     assert result.exit_code == 2
     assert f"--data-dir {tmp_path / 'data'}: task 'arc_easy' needs its 'validation' split, {folder / 'validation.jsonl'}" in result.output
+    # Another task is told what it lacks itself, not arc_easy's missing file.
+    result = run(eval_models["base"], "--tasks", "winogrande", "--data-dir", tmp_path / "data")
+    assert result.exit_code == 2
+    assert f"--data-dir {tmp_path / 'data'}: has no data for task 'winogrande' (a folder {tmp_path / 'data' / 'winogrande'}" in result.output
