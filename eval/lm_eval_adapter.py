@@ -131,6 +131,15 @@ def wrap_every_model_call(wrap: Callable[[ModelCall], ModelCall]) -> None:
     HFLM._model_call = wrap(HFLM._model_call)
 
 
+def declared_output_type(manager: Any, name: str) -> str | None:
+    """The output type a task's own YAML declares, read from the task index (`Entry.cfg`) without loading its
+    data, which for a hub dataset offline means a minute of retries; None for a group or tag, or where the type
+    comes from a file the YAML includes."""
+    entry = manager.task_index.get(name)
+    config = getattr(entry, "cfg", None)
+    return config.get("output_type") if isinstance(config, dict) else None
+
+
 def skipped_task_files(root: str | Path) -> dict[Path, str]:
     """The YAML files under `root` that lm-eval's task index skips, with why (one line each).
 

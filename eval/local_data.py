@@ -175,6 +175,11 @@ def missing_folder_message(origin: str, data_dir: Path, task: str) -> str | None
     )
 
 
+def local_task_families() -> list[str]:
+    """The tasks a data directory can serve, for messages: every dataset's tasks, then MMLU and its subjects."""
+    return [name for dataset in LOCAL_DATASETS for name in dataset.tasks] + [f"{_MMLU_GROUP} and its subjects"]
+
+
 def existing_data_dir(data_dir: str | Path, origin: str = "--data-dir") -> Path:
     """`data_dir` resolved, if it is a directory."""
     data_dir = Path(data_dir).expanduser().resolve()

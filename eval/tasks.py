@@ -22,11 +22,12 @@ from lm_eval.api.task import Task
 from lm_eval.tasks import TaskManager
 
 from mergetune.errors import MergetuneError
-from mergetune.eval.lm_eval_adapter import TASK_INDEX_LOGGER, skipped_task_files
+from mergetune.eval.lm_eval_adapter import TASK_INDEX_LOGGER, declared_output_type, skipped_task_files
 from mergetune.eval.local_data import (
     PROXY_TASKS,
     check_data_dir,
     existing_data_dir,
+    local_task_families,
     local_task_configs,
     local_task_dir,
     missing_folder_message,
@@ -222,12 +223,16 @@ def _fewshot(task: Task, suite_shots: int | None, override: int | None) -> int:
     return configured or 0
 
 
-def _check_scorable(task: Task) -> None:
-    if task.OUTPUT_TYPE not in SUPPORTED_OUTPUT_TYPES:
+def _check_output_type(name: str, output_type: str) -> None:
+    if output_type not in SUPPORTED_OUTPUT_TYPES:
         raise MergetuneError(
-            f"task {task.task_name!r} has output type {task.OUTPUT_TYPE!r}; mergetune scores "
+            f"task {name!r} has output type {output_type!r}; mergetune scores "
             f"log-likelihood tasks only ({', '.join(SUPPORTED_OUTPUT_TYPES)})"
         )
+
+
+def _check_scorable(task: Task) -> None:
+    _check_output_type(task.task_name, task.OUTPUT_TYPE)
     if task.config.filter_list is not None:
         raise MergetuneError(f"task {task.task_name!r} defines response filters; they are not supported")
 
@@ -250,14 +255,17 @@ def _load(manager: TaskManager, name: str, origins: Origins) -> dict:
             + f"unknown task {name!r}: not an lm-eval task, group or tag, nor in the include paths"
             + _skipped_files_note(manager)
         )
+    declared = declared_output_type(manager, name)
+    if declared is not None:  # before its data: a hub dataset offline is a minute of retries first
+        _check_output_type(name, declared)
     try:
         return manager.load([name])
     except MergetuneError:  # our own data loader's, already naming the file
         raise
     except Exception as error:  # lm-eval raises whatever the dataset loader raised
         raise MergetuneError(
-            f"task {name!r} could not be loaded ({type(error).__name__}: {error}); "
-            "without network access, point --data-dir at local copies of the data"
+            f"task {name!r} could not be loaded ({type(error).__name__}: {error}); without network access, point "
+            f"--data-dir at local copies of the data (it serves {', '.join(local_task_families())})"
         ) from error
 
 

@@ -113,6 +113,15 @@ def test_configuration_errors_name_the_problem(config, message):
         load_tasks(config)
 
 
+def test_a_generation_task_of_lm_eval_is_refused_before_its_data_is_fetched(monkeypatch):
+    """gsm8k's data is on the hub: offline, fetching it retried for half a minute before the refusal came."""
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setattr(TaskManager, "load", lambda *args, **kwargs: pytest.fail("the task's data was loaded"))
+    with pytest.raises(MergetuneError, match="task 'gsm8k' has output type 'generate_until'; mergetune scores log-likelihood"):
+        load_tasks(EvalConfig(tasks=("gsm8k",)))
+
+
 def test_unknown_task_names_are_named(toy_task_dir):
     with pytest.raises(MergetuneError, match="unknown task 'no_such_task'"):
         load_tasks(EvalConfig(tasks=(TOY_TASK, "no_such_task"), include_paths=(toy_task_dir,)))

@@ -84,6 +84,12 @@ def test_the_private_methods_exist_and_take_the_arguments_the_adapter_passes():
     )
 
 
+def test_the_task_index_holds_each_task_s_own_config_without_loading_its_data():
+    manager = TaskManager()
+    assert adapter.declared_output_type(manager, "gsm8k") == "generate_until", "the index no longer keeps a task's cfg"
+    assert adapter.declared_output_type(manager, "mmlu") is None  # a group: its tasks declare theirs
+
+
 def test_the_task_index_logger_is_the_private_modules_own():
     module = importlib.import_module(adapter.TASK_INDEX_LOGGER)  # ModuleNotFoundError: the module moved
     loggers = [value.name for value in vars(module).values() if isinstance(value, logging.Logger)]
