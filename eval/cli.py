@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -44,14 +45,14 @@ def _doc_ids_from(path: Path) -> dict[str, list[int]]:
 
 
 def _ids_problem(ids: object) -> Optional[str]:
-    """Why `ids` is not a list of distinct document ids (whole numbers from 0), or None: a float, a string or a
-    boolean would be read as another document, and a repeat silently scored once."""
+    """Why `ids` is not a list of distinct document ids (whole numbers from 0), or None: lm-eval's own files hold
+    integers, a float or a boolean was read as another document, and a repeat was silently scored once."""
     if not isinstance(ids, list):
         return f"expected a list of document ids, got {json.dumps(ids)}"
     wrong = next((i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0), None)
     if wrong is not None:
         return f"{json.dumps(wrong)} is not a document id (a whole number from 0)"
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    repeated = sorted(i for i, count in Counter(ids).items() if count > 1)
     if repeated:
         return f"document id(s) {', '.join(map(str, repeated))} listed more than once"
     return None

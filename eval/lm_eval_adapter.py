@@ -132,9 +132,9 @@ def wrap_every_model_call(wrap: Callable[[ModelCall], ModelCall]) -> None:
 
 
 def declared_output_type(manager: Any, name: str) -> str | None:
-    """The output type a task's own YAML declares, read from the task index (`Entry.cfg`) without loading its
-    data, which for a hub dataset offline means a minute of retries; None for a group or tag, or where the type
-    comes from a file the YAML includes."""
+    """The output type a task's YAML declares (the index resolves its `include`s), read from the task index
+    (`Entry.cfg`) without loading its data, which for a hub dataset offline means half a minute of retries; None
+    for a group, a tag or a task defined by a Python class."""
     entry = manager.task_index.get(name)
     config = getattr(entry, "cfg", None)
     return config.get("output_type") if isinstance(config, dict) else None

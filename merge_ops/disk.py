@@ -9,7 +9,6 @@ everything (weights, config, tokenizer, recipe, model card) is written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import secrets
@@ -18,7 +17,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from mergetune import interrupts
 from mergetune.devices import check_device
@@ -34,7 +33,7 @@ from mergetune.merge_ops.sources import (
     open_source,
     read_json_object,
 )
-from mergetune.merge_ops.stages import final_stage
+from mergetune.merge_ops.stages import final_stage, in_recipe
 from mergetune.merge_ops.vocab import tokenizer_directory, tokenizer_donor
 from mergetune.outputs import check_output_apart
 from mergetune.merge_ops.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorEntry, atomic_directory
@@ -183,18 +182,6 @@ def merge_stage(
     write_side_files(directory, recipe, plan, sources, recipe_yaml, seed, chat_template, card_extra)
 
 
-@contextlib.contextmanager
-def _in_recipe(recipe_file: RecipeFile, stage: Optional[Recipe] = None) -> Iterator[None]:
-    """A problem with what the recipe says (its models, parameters, layer ranges) names the file, and the stage
-    of a multi-stage file."""
-    try:
-        yield
-    except MergetuneError as error:
-        multi = len(recipe_file.stages) > 1 and stage is not None and stage.name
-        where = recipe_file.source + (f" (stage {stage.name})" if multi else "")
-        raise MergetuneError(f"{where}: {error}") from None
-
-
 def merge_recipe_file(
     recipe_file: RecipeFile,
     out_dir: Path,
@@ -216,8 +203,10 @@ def merge_recipe_file(
     """
     check_device(device)
     for stage in recipe_file.stages:
-        with _in_recipe(recipe_file, stage):
+        try:
             validate_recipe(stage)
+        except MergetuneError as error:
+            raise in_recipe(recipe_file.source, recipe_file.stages, stage, error) from None
     if not any(_randomized(stage) for stage in recipe_file.stages):
         seed = None  # it would change nothing: not in the card, not in the command that reproduces the merge
     elif seed is None:
@@ -247,8 +236,7 @@ def merge_recipe_file(
                 warnings.extend(plan.warnings)
                 return CheckpointSource(stage.name, directory)
 
-            with _in_recipe(recipe_file):
-                plan, sources = final_stage(recipe_file.stages, cache.get, write_intermediate)
+            plan, sources = final_stage(recipe_file.stages, cache.get, write_intermediate, recipe_file.source)
             final_yaml = recipe_file.to_yaml()
             merge_stage(
                 recipe_file.final, plan, sources, partial, final_yaml, seed, device, shard_bytes, progress, card_extra

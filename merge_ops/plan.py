@@ -481,7 +481,7 @@ class Planner:
         warns and vLLM ties them anyway, scoring with the embeddings as the head (the donor may be a tied model
         merged with untied ones)."""
         config = copy.deepcopy(self.sources[donor].config)
-        if separate_head and config.get("tie_word_embeddings"):
+        if separate_head and config.get("tie_word_embeddings") is not False:  # absent: some architectures tie
             log.info("the merged lm_head is written beside the embeddings: tie_word_embeddings set to false")
             config["tie_word_embeddings"] = False
         if "num_hidden_layers" in config or "n_layer" not in config:
@@ -504,7 +504,7 @@ def plan_merge(
 
 
 #: The tensors indexed by token id: a model's embeddings and head must index the same vocabulary.
-VOCABULARY_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+VOCABULARY_TENSORS = ("embed_tokens.weight", "wte.weight", "lm_head.weight")
 
 
 def _check_vocabulary_rows(ops: Sequence[TensorOp]) -> None:

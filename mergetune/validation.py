@@ -45,6 +45,7 @@ class Settings(Strict):
 STRUCTURAL = ("extra_forbidden", "missing")  # a mapping's keys were wrong: the mapping was meant for this model
 SCALAR_FORMS = {"bool": "true/false", "int": "an integer", "float": "a number", "str": "a string"}
 SCALAR_TAGS = tuple(SCALAR_FORMS)
+MAPPING_FORMS = {"ConditionalParameter": "a {filter, value} mapping"}  # what the user writes, not the class's name
 
 
 def _is_union_tag(part: object) -> bool:
@@ -75,11 +76,11 @@ def _alternatives(items: list, field: tuple) -> list[str]:
 
 
 def _form(tag: str) -> str:
-    """`list[ConditionalParameter]` → `a list of ConditionalParameter mappings`; `float` → `a number`."""
+    """`float` → `a number`; `ConditionalParameter` → `a {filter, value} mapping`; `list[X]` → `a list of` them."""
     if tag.startswith("list["):
         inner = tag[len("list[") : -1]
-        return "a list of values" if inner.startswith("union[") or inner in SCALAR_TAGS else f"a list of {inner} mappings"
-    return SCALAR_FORMS.get(tag, f"a {tag} mapping")
+        return "a list of values" if inner.startswith("union[") or inner in SCALAR_TAGS else f"a list of {_form(inner)[2:]}s"
+    return SCALAR_FORMS.get(tag, MAPPING_FORMS.get(tag, f"a {tag} mapping"))
 
 
 def _excerpt(value: object) -> str:

@@ -228,14 +228,14 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
             )
     # Between methods: the study's first method (with a finalist) against each other one, in the study's order.
     bests = [(method, best) for method in study.spec.methods if (best := board.best(method)) is not None]
-    for other, b in bests[1:]:
-        first, a = bests[0]
+    for other, other_row in bests[1:]:
+        first, first_row = bests[0]
         board.comparisons.append(
             Comparison(
                 f"best {first} − best {other}",
-                b,
-                a,
-                paired_bootstrap(records[(other, b.trial)], records[(first, a.trial)], bootstrap_iterations),
+                other_row,  # a: subtracted
+                first_row,
+                paired_bootstrap(records[(other, other_row.trial)], records[(first, first_row.trial)], bootstrap_iterations),
             )
         )
     return board

@@ -338,9 +338,10 @@ class DeclaredMethod(SearchableMethod):
         if declaration.base == BasePolicy.REQUIRED and not spec.base_model:
             raise MergetuneError(f"{self.name} needs a base_model (the models' common ancestor)")
         if not searched:
-            numeric = [p.name for p in declaration.params if p.value_type in (int, float) and p.name not in settings.fixed]
+            numeric = [p.name for p in declaration.params if p.value_type is float and p.name not in settings.fixed]
             remedy = (
-                f"give one of {', '.join(numeric)} a range in {where}.parameters, or score it once outside a search"
+                f"give {'one of ' if len(numeric) > 1 else ''}{', '.join(numeric)} a range in {where}.parameters, "
+                "or score it once outside a search"
                 if numeric
                 else "it has nothing to search: score it once outside a search (mergetune merge, then mergetune eval)"
             )

@@ -65,7 +65,7 @@ class Final(Settings):
     )
     limit: Optional[int] = Field(200, ge=1)
     finalists: int = Field(3, ge=1)
-    seed: int = Field(1, ge=0, le=MAX_SEED)
+    seed: int = 1  # Python's random.Random: any integer
 
 
 class EstimatorSettings(Settings):

@@ -214,6 +214,32 @@ def test_a_tied_model_merged_with_an_untied_one_gives_an_untied_model_with_its_m
         assert torch.equal(builder.model.state_dict()[name], tensor), name
 
 
+def test_a_donor_config_silent_on_tying_is_untied_where_a_head_is_written(family_bf16_tied, family_f32, tmp_path):
+    """Gemma's and GPT-2's configs tie by default and may leave the key out: a written head unties them too."""
+    silent = shutil.copytree(family_bf16_tied["model_a"], tmp_path / "silent")
+    config = json.loads((silent / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (silent / "config.json").write_text(json.dumps(config))
+    models = [{"model": str(m), "parameters": {"weight": 1}} for m in (silent, family_f32["model_a"])]
+    recipe = parse_recipes(yaml.safe_dump({"merge_method": "linear", "dtype": "float32", "models": models})).final
+    plan = plan_merge(recipe, {name: open_source(name) for name in recipe.referenced_models()})
+    assert "lm_head.weight" in {op.output for op in plan.ops} and plan.config["tie_word_embeddings"] is False
+
+
+def test_a_problem_in_one_stage_of_a_recipe_file_names_the_file_and_the_stage(family_f32, tmp_path):
+    from mergetune.errors import MergetuneError
+
+    a, b = family_f32["model_a"], family_f32["model_b"]
+    text = (
+        f"name: blend\nmerge_method: slerp\nmodels: [{{model: {a}}}, {{model: {b}}}]\nparameters: {{t: 0.5}}\n---\n"
+        f"merge_method: linear\nmodels: [{{model: blend, parameters: {{weight: 1}}}}, {{model: {a}, parameters: {{weight: 1}}}}]\n"
+    )
+    recipe_file = parse_recipes(text, source="two.yaml")
+    with pytest.raises(MergetuneError, match=r"^two\.yaml \(stage blend\): slerp needs a base_model"):
+        merge_recipe_file(recipe_file, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_recipe_yaml_round_trips(family_f32):
     text = yaml.safe_dump(
         {

@@ -701,7 +701,6 @@ def test_a_checkpoint_s_fingerprint_follows_its_weights_not_its_sharding(family_
         ({"space": {"dare_ties": {"density": {"low": float("nan"), "high": 1.0}}}}, "space.dare_ties.density.low: Input should be a finite number"),
         ({"space": {"dare_ties": {"weight": {"low": 0.0, "high": float("inf")}}}}, "space.dare_ties.weight.high: Input should be a finite number"),
         ({"seed": -1}, "seed: Input should be greater than or equal to 0"),  # numpy's seeds: a traceback after loading
-        ({"evaluation": {"final": {"seed": 2**32}}}, "evaluation.final.seed: Input should be less than or equal to 4294967295"),
         (
             {"pruning": False, "evaluation": {"limit": 40, "first_limit": None, "final": {"tasks": [], "finalists": 2}}},
             "the search scores all 40 of its documents",
@@ -901,7 +900,7 @@ def test_della_s_default_space_proposes_only_candidates_it_can_merge(family_f32,
     [
         ({"della": {"parameters": {"lambda_": {"low": 0, "high": 1}}}}, "space.della.parameters: della has no parameter lambda_"),
         ({"della": {"parameters": {"density": {"low": 0.5, "high": 1.5}}}}, "density: [0.5, 1.5] is outside della's declared range (0.0, 1.0]"),
-        ({"karcher": {}}, "karcher declares no numeric parameter with a range, so every candidate would be the same; give one of max_iter, tol a range"),
+        ({"karcher": {}}, "karcher declares no numeric parameter with a range, so every candidate would be the same; give tol a range"),
         ({"model_stock": {}}, "model_stock declares no numeric parameter with a range, so every candidate would be the same; it has nothing to search"),
         (
             {"della": {"parameters": {"density": {"low": 0.3, "high": 0.8}, "epsilon": {"low": 0.01, "high": 0.5}}}},
