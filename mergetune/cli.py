@@ -91,7 +91,8 @@ def merge(
 
 
 def parse_size(text: str) -> int:
-    """'5GB' → 5_000_000_000; plain numbers are bytes."""
+    """'5GB' → 5_000_000_000; plain numbers are bytes, as in mergekit, but a small one must say so ('100B'):
+    `--shard-size 100` meant 100 MB more likely than a shard per tensor."""
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     cleaned = text.strip().upper()
     for unit, factor in units.items():
@@ -99,13 +100,18 @@ def parse_size(text: str) -> int:
             number = cleaned[: -len(unit)].strip()
             break
     else:
-        number, factor = cleaned, 1
+        number, factor = cleaned, None
     try:
-        amount = float(number) * factor
+        amount = float(number) * (factor or 1)
     except ValueError:
         raise MergetuneError(f"--shard-size: cannot read '{text}' as a size like 5GB or 500MB") from None
     if not math.isfinite(amount) or int(amount) <= 0:
         raise MergetuneError(f"--shard-size: must be a finite, positive size like 5GB, got '{text}'")
+    if factor is None and amount < 10**6:
+        raise MergetuneError(
+            f"--shard-size {text}: {int(amount)} bytes would put every tensor in a shard of its own; give a unit "
+            f"({text.strip()}MB, {text.strip()}GB), or {text.strip()}B if bytes are meant"
+        )
     return int(amount)
 
 

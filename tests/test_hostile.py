@@ -591,6 +591,7 @@ HOSTILE: list[tuple[str, Callable[[Inputs], list[str]], str]] = [
         lambda i: run("merge", i.recipe(merge_method="dare_ties", parameters={"weight": 1, "density": "-0.5"}), str(i.tmp / "out")),
         "parameters.density: '-0.5' is below 0.0: dare_ties cannot merge it",
     ),
+    ("shard size without a unit", lambda i: run("merge", i.recipe(), str(i.tmp / "out"), "--shard-size", "100"), "--shard-size 100: 100 bytes would put every tensor in a shard of its own; give a unit (100MB, 100GB), or 100B"),
     ("shard size inf", lambda i: run("merge", i.recipe(), str(i.tmp / "out"), "--shard-size", "inf"), "--shard-size: must be a finite"),
     (
         "merge on a device this machine lacks",
