@@ -228,8 +228,8 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
             )
     # Between methods: the study's first method (with a finalist) against each other one, in the study's order.
     bests = [(method, best) for method in study.spec.methods if (best := board.best(method)) is not None]
+    first, first_row = bests[0] if bests else (None, None)
     for other, other_row in bests[1:]:
-        first, first_row = bests[0]
         board.comparisons.append(
             Comparison(
                 f"best {first} − best {other}",

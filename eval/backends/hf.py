@@ -106,10 +106,9 @@ class HFBackend(Backend):
     def for_directory(
         cls, model_dir: str | Path, *, device: str | None = None, dtype: str = "auto", **options: Any
     ) -> HFBackend:
-        """Load a checkpoint the way `lm_eval --model hf --model_args pretrained=DIR` does."""
+        """Load a checkpoint the way `lm_eval --model hf --model_args pretrained=DIR` does (its config and weights
+        checked by `check_directory`)."""
         model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise MergetuneError(f"model directory {model_dir} does not exist or has no config.json")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         try:  # a checkpoint's defects surface as whatever transformers, safetensors or tokenizers raise

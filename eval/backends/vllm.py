@@ -249,9 +249,7 @@ class VLLMBackend(Backend):
         (`scores_from_prefix_cache`) and `shared_prefix` asks for it; `build` drops
         the cache, so keys computed with one candidate's weights never serve the next.
         """
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise MergetuneError(f"model directory {model_dir} does not exist or has no config.json")
+        model_dir = Path(model_dir)  # a checkpoint `check_directory` passed, or a skeleton `for_candidates` wrote
         vllm = import_vllm()
         prefix_cache = shared_prefix and scores_from_prefix_cache(vllm)
         if shared_prefix and not prefix_cache:
