@@ -33,8 +33,9 @@ def _record_and_raise(signum: int, frame: object) -> None:
 @contextlib.contextmanager
 def _handling(handler: Callable[[int, object], None]) -> Iterator[bool]:
     """SIGINT goes to `handler` inside the block; yields False (and changes nothing) off the main
-    thread, the only one that receives signals."""
-    if threading.current_thread() is not threading.main_thread():
+    thread, the only one that receives signals, and where SIGINT is ignored: a shell starts a background
+    job (`mergetune study run … &`) so, to keep Ctrl-C at the terminal for the foreground, as Python does."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield False
         return
     previous = signal.signal(signal.SIGINT, handler)

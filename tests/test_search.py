@@ -958,29 +958,59 @@ def test_a_ctrl_c_as_a_trial_starts_fails_it_as_interrupted_and_the_next_run_goe
     assert [t.user_attrs for t in after[:2]] == [t.user_attrs for t in before[:2]]
 
 
+@pytest.fixture
+def at_a_terminal():
+    """SIGINT raises KeyboardInterrupt, as in a terminal, whatever pytest inherited: a shell's background job
+    (`pytest &` in a script) starts with SIGINT ignored, and mergetune then leaves Ctrl-C alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+ASK = optuna.Study.ask
+
+
+def ask_with_ctrl_c_at_trial_2(self, *args, **kwargs):
+    """Optuna's `ask`, with a SIGINT delivered while it has created trial 2 but not yet returned it."""
+    trial = ASK(self, *args, **kwargs)
+    if trial.number == 2:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the signal is handled here, inside `ask`
+    return trial
+
+
 def test_a_ctrl_c_inside_ask_is_held_until_the_trial_exists_and_then_fails_it_as_interrupted(
-    family_f32, task_dir, tmp_path, monkeypatch, caplog
+    family_f32, task_dir, tmp_path, monkeypatch, caplog, at_a_terminal
 ):
     """SIGINT while Optuna's `ask` has created trial 2 but not yet returned it: raised there, it would leave the
     trial RUNNING and unnamed, for the next run to wait out the grace period."""
     path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 4})
-    ask = optuna.Study.ask
-
-    def ask_with_ctrl_c_at_trial_2(self, *args, **kwargs):
-        trial = ask(self, *args, **kwargs)
-        if trial.number == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.2)  # the signal is handled here, inside `ask`
-        return trial
-
     before, after = interrupted_then_run_again(path, "optuna.Study.ask", ask_with_ctrl_c_at_trial_2, monkeypatch, caplog)
     assert len(before) == 3 and before[2].state == TrialState.FAIL and before[2].user_attrs == {"fail_reason": "interrupted"}
     assert counted(after) == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
 
 
-def test_a_ctrl_c_that_python_drops_in_a_finalizer_while_tasks_load_still_stops_the_study(
+def test_a_study_started_as_a_background_job_with_ctrl_c_ignored_leaves_it_ignored_and_runs_on(
     family_f32, task_dir, tmp_path, monkeypatch
+):
+    """A shell starts `mergetune study run … &` with SIGINT ignored so that a Ctrl-C at the terminal stops only the
+    foreground; taking SIGINT over would let that Ctrl-C stop the study too."""
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 4})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        monkeypatch.setattr(optuna.Study, "ask", ask_with_ctrl_c_at_trial_2)
+        result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.exit_code == 0, result.output
+    stored = trials(path, "slerp")
+    assert counted(stored) == 4 and TrialState.FAIL not in {t.state for t in stored}
+
+
+def test_a_ctrl_c_that_python_drops_in_a_finalizer_while_tasks_load_still_stops_the_study(
+    family_f32, task_dir, tmp_path, monkeypatch, at_a_terminal
 ):
     """Python prints a KeyboardInterrupt raised inside a `__del__` or weakref callback (garbage collected in datasets
     or lm-eval as the tasks load) as "Exception ignored" and goes on: the study ran to its budget and exited 0."""
