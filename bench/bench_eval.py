@@ -14,7 +14,10 @@ Reported per loop: candidates per hour, and the share of each trial spent outsid
 forward passes (both loops time the model's forward calls; for lm_eval, by
 wrapping HFLM._model_call in the child process, which otherwise is the lm_eval CLI);
 for (a) against (a'): forward tokens (padding included; independent of machine load)
-and forward seconds per candidate, for the suite and per task.
+and forward seconds per candidate, for the suite and per task; and the linear floor:
+(a)'s forward tokens through the decoder's linear maps at this machine's measured
+GEMM rate, the least time any scorer of those tokens needs, so the most candidates
+per hour it could reach against (b).
 
     python bench/bench_eval.py --candidates 5 --limit 10
 """
@@ -168,6 +171,30 @@ def naive_trial(base, tokenizer, candidate, work: Path, suite: Path, include_pat
     return {"seconds": seconds, "forward_seconds": float(forward_file.read_text()), "results": results}
 
 
+def linear_floor(model: torch.nn.Module, tokens: int, naive_seconds: float) -> dict:
+    """What the decoder layers' linear maps alone cost for `tokens` positions at this machine's GEMM rate (timed on
+    the model's largest one, at the run's thread count): a lower bound on any scorer's forward seconds with these
+    tokens (attention, norms and the kept logits come on top), hence on its candidates per hour against the naive
+    loop's mean trial of `naive_seconds`."""
+    linears = [m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    flops_per_token = 2 * sum(w.numel() for w in linears)
+    weight = max(linears, key=torch.Tensor.numel).detach()
+    rows = torch.randn(2048, weight.shape[1], dtype=weight.dtype)
+    with torch.no_grad():
+        torch.nn.functional.linear(rows, weight)
+        start = time.perf_counter()
+        for _ in range(20):
+            torch.nn.functional.linear(rows, weight)
+        rate = 20 * 2 * rows.shape[0] * weight.numel() / (time.perf_counter() - start)
+    seconds = tokens * flops_per_token / rate
+    return {
+        "flops_per_token": flops_per_token,
+        "gemm_flops_per_second": rate,
+        "forward_seconds": seconds,
+        "max_speedup_over_naive": naive_seconds / seconds,
+    }
+
+
 def summarize(trials: list[dict], setup_seconds: float = 0.0) -> dict:
     """Per-trial figures; for mergetune, trial 1 also builds and tokenizes every prompt (once per process)."""
     seconds = [t["seconds"] for t in trials]
@@ -285,6 +312,7 @@ def main() -> None:
             "per_task": tasks,
         },
         "scores_agree": {"without_shared_prefix": "exactly", "shared_prefix": agreement},
+        "linear_floor": linear_floor(live, tokens, statistics.mean(b["trial_seconds"])),
     }
     print(json.dumps(report, indent=2))
     if args.json:
