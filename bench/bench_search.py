@@ -220,13 +220,6 @@ def main() -> None:
         "--estimator", nargs="+", default=[], metavar="KEY=VALUE", help="evaluation.estimator settings, e.g. confidence=0.8"
     )
     args = parser.parse_args()
-
-    study = load_study(args.study) if args.study else prepare_demo(args.work_dir)
-    if args.estimator:
-        spec = study.spec.model_copy(update={"evaluation": with_estimator(study.spec.evaluation, args.estimator)})
-        study = study.model_copy(update={"spec": spec})
-    workspace = Workspace.open(study)
-    evaluation = study.spec.evaluation
     configs = [
         (sampler, pruner, multiple)
         for sampler, name, multiple in CONFIGS
@@ -234,6 +227,19 @@ def main() -> None:
         for pruner in args.pruners
         if pruner.partition(":")[0] == name
     ]
+    if not configs:
+        known = ", ".join(f"{sampler}/{name} ×{multiple}" for sampler, name, multiple in CONFIGS)
+        parser.error(f"no benchmark row matches --samplers, --pruners and --multiples; the rows are {known}")
+    unreferenced = sorted({s for s, _, _ in configs} - {s for s, p, m in configs if p == "none" and m == 1})
+    if unreferenced:  # every row is read against its sampler's run without pruning at --trials
+        parser.error(f"{', '.join(unreferenced)}: the rows need their run without pruning (--pruners none, --multiples 1)")
+
+    study = load_study(args.study) if args.study else prepare_demo(args.work_dir)
+    if args.estimator:
+        spec = study.spec.model_copy(update={"evaluation": with_estimator(study.spec.evaluation, args.estimator)})
+        study = study.model_copy(update={"spec": spec})
+    workspace = Workspace.open(study)
+    evaluation = study.spec.evaluation
     rows = []
     for sampler, pruner, multiple in configs:
         for seed in args.seeds:
