@@ -217,7 +217,13 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=5)
     parser.add_argument("--suite", default="leaderboard")
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "benchmarks")
-    parser.add_argument("--limit", type=int, default=10, help="documents per task (MMLU: at least one per subject)")
+    parser.add_argument("--limit", type=int, default=10, help="documents per task (MMLU: see --group-limit)")
+    parser.add_argument(
+        "--group-limit", type=int, default=None,
+        help="documents per group task such as MMLU, stratified over its subjects as a study samples them (default and "
+        "least: one per subject, since lm_eval scores every subject left out of --samples); e.g. 570, as many as "
+        "`lm_eval --limit 10` scores of MMLU, spread in proportion to the subjects' sizes",
+    )
     parser.add_argument("--num-fewshot", type=int, default=None, help="default: the suite's per-task counts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--hidden", type=int, default=256)
@@ -261,7 +267,8 @@ def main() -> None:
     groups = [name for name, task in evaluator.tasks.items() if task.group is not None]
     doc_ids = evaluator.sample_doc_ids([name for name in evaluator.tasks if name not in groups], limit=args.limit)
     for group in groups:  # lm_eval scores all of a subtask left out of --samples: sample every subject
-        doc_ids |= evaluator.sample_doc_ids([group], limit=max(args.limit, len(evaluator.tasks[group].leaves)))
+        subjects = len(evaluator.tasks[group].leaves)
+        doc_ids |= evaluator.sample_doc_ids([group], limit=max(args.group_limit or args.limit, subjects))
     print(f"{sum(map(len, doc_ids.values()))} documents in {len(doc_ids)} lm-eval tasks; {len(weights)} candidates")
 
     suite = suite_yaml(evaluator, args.work_dir / "suite.yaml")
