@@ -33,7 +33,9 @@ SEED = 11
 
 def method_recipe(method: str) -> dict:
     """The first parity recipe of `method`; a random one at density 0.6, so its seeded draws are compared too."""
-    recipe = copy.deepcopy(next(RECIPES[name] for name in sorted(RECIPES) if RECIPES[name]["merge_method"] == method))
+    found = next((RECIPES[name] for name in sorted(RECIPES) if RECIPES[name]["merge_method"] == method), None)
+    assert found is not None, f"{method} has no recipe in test_merge_parity.RECIPES, which checks it against mergekit"
+    recipe = copy.deepcopy(found)
     if METHODS.get(method).randomized and METHODS.get(method).param("density"):
         for model in recipe["models"]:
             model.setdefault("parameters", {})["density"] = 0.6
