@@ -287,7 +287,8 @@ class StudyRunner:
         return self.score(self.workspace.documents.final)
 
     def finalize(self, method: str, say: Callable[[str], None] = log.info) -> list[int]:
-        """Score the best trials and the baseline on the held-out documents (once each, whichever worker does it)."""
+        """Score the best trials and the baseline on the held-out documents (once each, whichever worker does it:
+        a worker claims a finalist before scoring it, and the others wait for its result)."""
         optuna_study = self.optuna_study(method)
         with storage_errors(self.workspace.study.storage_url):
             complete = optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -296,16 +297,40 @@ class StudyRunner:
             if chosen:  # workers finishing together start at different finalists
                 offset = self.worker.pid % len(chosen)
                 chosen = chosen[offset:] + chosen[:offset]
-            done = []
-            for trial in chosen:
+            done, waiting = [], []
+            for trial in chosen:  # those no other worker is scoring
                 interrupts.check()
                 if trials.has_final(optuna_study, trial.number):
                     continue
-                say(f"{method}: final evaluation of trial {trial.number}")
-                record = self.score_final(trial)
-                trials.set_final(optuna_study, trial.number, record)
-                done.append(trial.number)
+                if self._score_final_unless_held(optuna_study, method, trial, say):
+                    done.append(trial.number)
+                else:
+                    waiting.append(trial)
+            for trial in waiting:  # then another worker's result, or the trial itself once that worker is gone
+                announced = False
+                while not trials.has_final(optuna_study, trial.number):
+                    interrupts.check()
+                    if self._score_final_unless_held(optuna_study, method, trial, say):
+                        done.append(trial.number)
+                        break
+                    holder = self.worker.holding(trials.final_claim(optuna_study, trial.number))
+                    if holder is not None and not announced:
+                        say(f"{method}: waiting for trial {trial.number}'s held-out score from worker {holder.host}:{holder.pid}")
+                        announced = True
+                    time.sleep(POLL_SECONDS)
         return done
+
+    def _score_final_unless_held(
+        self, optuna_study: optuna.Study, method: str, trial: FrozenTrial, say: Callable[[str], None]
+    ) -> bool:
+        """Score `trial` on the held-out documents, unless another worker's claim on it holds (False)."""
+        if self.worker.holding(trials.final_claim(optuna_study, trial.number)) is not None:
+            return False
+        if not trials.claim_final(optuna_study, trial.number, self.worker.as_attr()):
+            return False
+        say(f"{method}: final evaluation of trial {trial.number}")
+        trials.set_final(optuna_study, trial.number, self.score_final(trial))
+        return True
 
 
 def _best_value(stored: list[FrozenTrial]) -> Optional[float]:

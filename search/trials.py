@@ -57,24 +57,28 @@ reaper succeeds), ``value`` (search score of a COMPLETE trial),
 
 Study user attributes (`Study.user_attrs`):
 
-=======================  ==========================================  =========================================
-key                      written by, when                            read by
-=======================  ==========================================  =========================================
-``definition``           setup, by the worker that created the       setup (to say what differs)
-                         study: what the trials mean
-``definition_hash``      setup, with ``definition``                  setup (refuse another study file), demo
-``model_fingerprints``   setup, with ``definition`` (or by the       setup (refuse a worker whose checkpoint
-                         first worker to run an older study): each   under a model's name has other weights),
-                         model as the study file names it, to        export (refuse to re-merge other weights
-                         `CheckpointSource.fingerprint`              than the study scored)
-``final.<number>``       finalists, once per trial (whichever        leaderboard (held-out score), export,
-                         worker gets there): held-out evidence       benchmarks
-=======================  ==========================================  =========================================
+=========================  ==========================================  =========================================
+key                        written by, when                            read by
+=========================  ==========================================  =========================================
+``definition``             setup, by the worker that created the       setup (to say what differs)
+                           study: what the trials mean
+``definition_hash``        setup, with ``definition``                  setup (refuse another study file), demo
+``model_fingerprints``     setup, with ``definition`` (or by the       setup (refuse a worker whose checkpoint
+                           first worker to run an older study): each   under a model's name has other weights),
+                           model as the study file names it, to        export (refuse to re-merge other weights
+                           `CheckpointSource.fingerprint`              than the study scored)
+``final.<number>``         finalists, once per trial (whichever        leaderboard (held-out score), export,
+                           worker gets there): held-out evidence       benchmarks
+``final_claim.<number>``   finalists, before a worker scores that      finalists (another worker skips it, then
+                           trial's held-out documents: its ``worker``  waits for its ``final.<number>`` or takes
+                           and the time (``at``); last writer wins     it over once that worker is gone)
+=========================  ==========================================  =========================================
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -105,6 +109,7 @@ DEFINITION = "definition"
 DEFINITION_HASH = "definition_hash"
 MODEL_FINGERPRINTS = "model_fingerprints"
 FINAL_PREFIX = "final."
+FINAL_CLAIM_PREFIX = "final_claim."
 
 FAIL_REASON_CHARS = 2000
 AnyTrial = Union[optuna.Trial, FrozenTrial]
@@ -216,6 +221,19 @@ def set_final(optuna_study: optuna.Study, number: int, record: Record) -> None:
 
 def has_final(optuna_study: optuna.Study, number: int) -> bool:
     return f"{FINAL_PREFIX}{number}" in optuna_study.user_attrs
+
+
+def claim_final(optuna_study: optuna.Study, number: int, worker: dict[str, Any]) -> bool:
+    """Say that `worker` scores trial `number`'s held-out documents; False when another worker's claim, written
+    at the same moment, stands instead (the storage keeps the last one written)."""
+    key, claim = f"{FINAL_CLAIM_PREFIX}{number}", {"worker": worker, "at": time.time()}
+    optuna_study.set_user_attr(key, claim)
+    return optuna_study.user_attrs.get(key) == claim
+
+
+def final_claim(optuna_study: optuna.Study, number: int) -> Optional[dict[str, Any]]:
+    """The last claim on trial `number`'s held-out scoring: {"worker": ..., "at": seconds since the epoch}."""
+    return optuna_study.user_attrs.get(f"{FINAL_CLAIM_PREFIX}{number}")
 
 
 def final_records(optuna_study: optuna.Study) -> dict[int, Record]:

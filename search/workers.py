@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 COUNTED = trials.COUNTED
 AHEAD = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 DIED = "worker died mid-trial"
+#: How long a claim on a finalist's held-out scoring by a worker on another machine holds: no heartbeat tells
+#: whether that worker still runs (on this machine its process does), and a held-out scoring takes minutes.
+FINAL_CLAIM_SECONDS = 6 * 3600
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,11 @@ class Worker:
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> Optional["Worker"]:
-        value = trials.worker_attr(trial)
+        return cls.of_attr(trials.worker_attr(trial))
+
+    @classmethod
+    def of_attr(cls, value: object) -> Optional["Worker"]:
+        """The worker a stored `as_attr` names (None if it names none)."""
         try:
             return cls(**value) if isinstance(value, dict) else None
         except TypeError:
@@ -79,6 +86,18 @@ class Worker:
             return abs(psutil.Process(other.pid).create_time() - other.started) > 1.0
         except psutil.NoSuchProcess:
             return True
+
+    def holding(self, claim: Optional[dict], now: Optional[float] = None) -> Optional["Worker"]:
+        """The other worker whose claim (`trials.final_claim`) still holds, or None: no claim, this worker's own,
+        its worker gone from this machine (or the machine restarted since), or, from another machine, older than
+        FINAL_CLAIM_SECONDS."""
+        holder = None if claim is None else Worker.of_attr(claim.get("worker"))
+        if holder is None or holder == self:
+            return None
+        if holder.host == self.host:
+            return None if holder.boot != self.boot or self.died_here(holder) else holder
+        age = (time.time() if now is None else now) - float(claim.get("at", 0))
+        return holder if age < FINAL_CLAIM_SECONDS else None
 
 
 def _boot_id() -> str:

@@ -15,11 +15,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 import optuna
+import psutil
 import pytest
 import torch
 import yaml
@@ -32,8 +34,16 @@ from mergetune.eval.evidence import summarize
 from mergetune.search.leaderboard import build_leaderboard
 from mergetune.search.storage import heartbeat
 from mergetune.search.runner import StudyRunner
-from mergetune.search.trials import final_records, is_baseline, optuna_study_name, set_worker
-from mergetune.search.workers import DIED, Reaper
+from mergetune.search.trials import (
+    claim_final,
+    final_claim,
+    final_records,
+    is_baseline,
+    optuna_study_name,
+    set_final,
+    set_worker,
+)
+from mergetune.search.workers import DIED, FINAL_CLAIM_SECONDS, Reaper, Worker
 from mergetune.demo.study import tiny_study
 from mergetune.search.study_file import Budget, Evaluation, load_study
 from mergetune.demo.skills import HELDOUT_TASKS, SEARCH_TASKS, write_task_dir
@@ -193,6 +203,61 @@ def test_finalists_can_be_scored_on_other_tasks_such_as_held_out_facts(family_f3
     assert result.exit_code == 2, result.output
     assert f"{bad}: evaluation (tasks, suite or final.tasks): unknown task 'demo_nonexistent'" in result.output
     assert "loading" not in result.output  # refused before any model loads
+
+
+def test_a_finalist_another_live_worker_is_scoring_is_waited_for_and_one_whose_worker_died_is_taken_over(
+    family_f32, task_dir, tmp_path, monkeypatch
+):
+    """Finalists are scored once each: a worker claims one before scoring it (`final_claim.<number>`)."""
+    path = write_study(
+        tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 3}, evaluation={"final": {"finalists": 2}}
+    )
+    with monkeypatch.context() as patched:  # the trials, but no finalist scored yet
+        patched.setattr(StudyRunner, "finalize", lambda self, method, say=None: [])
+        assert runner.invoke(app, ["study", "run", str(path), "--quiet"]).exit_code == 0
+    study = load_study(path)
+    optuna_study = optuna.load_study(study_name=optuna_study_name(study.spec, "slerp"), storage=study.storage_url)
+    complete = [t for t in optuna_study.trials if t.state == TrialState.COMPLETE]
+    best = sorted(complete, key=lambda t: -t.value)[:2]
+    finalists = best + [t for t in complete if is_baseline(t) and t not in best]
+    live, dead = finalists[0].number, finalists[1].number
+    here = Worker.this()
+    parent = psutil.Process(os.getppid())  # alive for the whole test, on this machine
+    claim_final(optuna_study, live, {**here.as_attr(), "pid": parent.pid, "started": parent.create_time()})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    claim_final(optuna_study, dead, {**here.as_attr(), "pid": gone.pid, "started": 1.0})
+    stored: list = []
+
+    def live_worker_finishes() -> None:  # once the dead worker's finalist is scored, stores that held-out record
+        deadline = time.monotonic() + 120
+        while dead not in final_records(optuna_study) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stored.append(final_records(optuna_study).get(dead))
+        set_final(optuna_study, live, stored[0])
+
+    threading.Thread(target=live_worker_finishes, daemon=True).start()
+
+    result = runner.invoke(app, ["study", "run", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"waiting for trial {live}'s held-out score from worker {here.host}:{parent.pid}" in result.output
+    assert f"final evaluation of trial {live}" not in result.output  # never scored twice
+    assert f"final evaluation of trial {dead}" in result.output  # its worker died: taken over
+    finals = final_records(optuna_study)
+    assert stored[0] is not None and finals[live] == stored[0] and set(finals) == {t.number for t in finalists}
+    assert final_claim(optuna_study, dead)["worker"]["pid"] == os.getpid()
+
+
+def test_a_claim_on_a_finalist_from_another_machine_holds_until_it_is_too_old():
+    here = Worker.this()
+    there = {**here.as_attr(), "host": "elsewhere", "boot": "another boot"}
+    now = time.time()
+    assert here.holding({"worker": there, "at": now - 60}, now=now) == Worker(**there)
+    assert here.holding({"worker": there, "at": now - FINAL_CLAIM_SECONDS - 1}, now=now) is None
+    assert here.holding({"worker": here.as_attr(), "at": now}, now=now) is None  # its own, from an interrupted try
+    rebooted = {**here.as_attr(), "boot": "before the restart"}
+    assert here.holding({"worker": rebooted, "at": now}, now=now) is None
+    assert here.holding(None) is None
 
 
 def test_finalists_left_fewer_documents_than_final_limit_are_scored_on_those_with_a_warning(
