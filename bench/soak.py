@@ -43,7 +43,7 @@ from mergetune.demo.study import tiny_study
 from mergetune.demo.skills import write_task_dir
 from mergetune.demo.tiny import build_family
 
-WORKER = [sys.executable, "-c", "from mergetune.cli import app; app()"]
+WORKER = [sys.executable, "-c", "from mergetune.cli import run; run()"]
 
 
 def write_study(directory: Path, trials: int, storage: str) -> Path:

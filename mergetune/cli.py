@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -45,6 +46,16 @@ def user_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def run() -> None:
+    """The console script: `app`, then Ctrl-C ignored while the interpreter shuts down. The command's work is
+    done and said by then; a Ctrl-C would only print a traceback from an exit hook (torch registers some) or turn
+    a finished command's exit code into 130."""
+    try:
+        app()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @app.callback()

@@ -270,6 +270,24 @@ def test_a_merge_killed_midway_leaves_no_output_directory_and_the_next_merge_cle
     assert (out / "model.safetensors").exists() and not leftovers[0].exists()
 
 
+def test_a_ctrl_c_once_a_merge_is_written_changes_neither_its_output_nor_its_exit_code(family_f32, tmp_path):
+    """The Ctrl-C arrives as the interpreter shuts down (here from an exit hook, as torch's run then)."""
+    recipe = write_recipe(tmp_path, slerp(family_f32))
+    out = tmp_path / "out"
+    script = (
+        "import atexit, os, signal, sys, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))\n"
+        "from mergetune.cli import run\n"
+        f"sys.argv = ['mergetune', 'merge', {str(recipe)!r}, {str(out)!r}]\n"
+        "run()\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "KeyboardInterrupt" not in completed.stderr and "Traceback" not in completed.stderr
+    assert (out / "model.safetensors").exists()
+
+
 def test_ctrl_c_exits_130_and_cleans_up(family_f32, tmp_path, monkeypatch):
     import mergetune.merge_ops.writer as writer
 
