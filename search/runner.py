@@ -139,6 +139,7 @@ class StudyRunner:
 
         A Ctrl-C at any moment after `ask` created the trial fails it as interrupted (one that already
         ended keeps its end): left RUNNING without a worker, the next run would wait out the grace period for it.
+        Its parameters are queued again, as a dead worker's are, so the next run scores them (a baseline included).
         One during `ask` itself, between creating the trial and returning it, is held until `ask` returns.
         """
         with warnings.catch_warnings(), interrupts.held() as interrupt:
@@ -149,7 +150,8 @@ class StudyRunner:
                 raise KeyboardInterrupt
             return self._run_asked(optuna_study, trial, method, target)
         except KeyboardInterrupt:
-            self._finish(optuna_study, trial, TrialState.FAIL, reason="interrupted")
+            if self._finish(optuna_study, trial, TrialState.FAIL, reason="interrupted"):
+                Reaper.requeue(optuna_study, trial_id(trial))
             raise
 
     def _run_asked(self, optuna_study: optuna.Study, trial: optuna.Trial, method: str, target: Optional[int]) -> TrialOutcome:

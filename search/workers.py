@@ -155,7 +155,7 @@ class Reaper:
                     self.grace_period,
                 )
             elif reason and self._fail(optuna_study, trial, reason):
-                queued = self._requeue(optuna_study, trial_id(trial))
+                queued = self.requeue(optuna_study, trial_id(trial))
                 log.warning(
                     "%s: trial %d failed: %s; %s",
                     optuna_study.study_name,
@@ -187,7 +187,7 @@ class Reaper:
             return False
 
     @staticmethod
-    def _requeue(optuna_study: optuna.Study, failed_id: int) -> bool:
+    def requeue(optuna_study: optuna.Study, failed_id: int) -> bool:
         """Queue the failed trial's parameters again; False if it died before choosing any (a new trial takes its place)."""
         failed = storage_of(optuna_study).get_trial(failed_id)
         if not failed.params and not was_enqueued(failed):

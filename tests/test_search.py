@@ -1023,6 +1023,22 @@ def test_a_ctrl_c_as_a_trial_starts_fails_it_as_interrupted_and_the_next_run_goe
     assert [t.user_attrs for t in after[:2]] == [t.user_attrs for t in before[:2]]
 
 
+def test_a_baseline_interrupted_by_ctrl_c_is_run_again_on_the_next_run(family_f32, task_dir, tmp_path, monkeypatch, caplog):
+    """As a dead worker's trial: failed as interrupted, its parameters queued again (a baseline keeps its mark)."""
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 3})
+
+    def ctrl_c_at_the_baseline(trial: optuna.Trial, worker: dict) -> None:
+        if trial.number == 0:
+            raise KeyboardInterrupt
+        set_worker(trial, worker)
+
+    before, after = interrupted_then_run_again(path, "mergetune.search.trials.set_worker", ctrl_c_at_the_baseline, monkeypatch, caplog)
+    assert is_baseline(before[0]) and before[0].user_attrs["fail_reason"] == "interrupted"
+    [baseline] = [t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and is_baseline(t)]
+    assert baseline.params == before[0].system_attrs["fixed_params"] and baseline.system_attrs["retry_history"] == [0]
+    assert counted(after) == 3
+
+
 @pytest.fixture
 def at_a_terminal():
     """SIGINT raises KeyboardInterrupt, as in a terminal, whatever pytest inherited: a shell's background job
