@@ -245,23 +245,31 @@ def test_overwrite_never_replaces_a_folder_that_holds_no_model(family_f32, tmp_p
     assert [p.name for p in precious.iterdir()] == ["thesis.tex"] and (precious / "thesis.tex").read_text() == "years of work"
 
 
+def merge_in_a_child(prelude: str, family: dict, tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """A SLERP of `family` merged by the console script in a fresh process, after `prelude` (which may use atexit,
+    os, signal, sys and time): the process, the recipe and the output directory."""
+    recipe, out = write_recipe(tmp_path, slerp(family)), tmp_path / "out"
+    script = (
+        "import atexit, os, signal, sys, time\n"
+        f"{prelude}"
+        "from mergetune.cli import run\n"
+        f"sys.argv = ['mergetune', 'merge', {str(recipe)!r}, {str(out)!r}]\n"
+        "run()\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120), recipe, out
+
+
 def test_a_merge_killed_midway_leaves_no_output_directory_and_the_next_merge_clears_its_leftovers(family_f32, tmp_path):
     """SIGKILL during the merge: the target never appears; the hidden partial directory goes with the next merge."""
-    recipe = write_recipe(tmp_path, slerp(family_f32))
-    out = tmp_path / "out"
-    script = (
-        "import os, signal, sys\n"
+    killed_at_the_fifth_tensor = (
         "import mergetune.merge_ops.writer as writer\n"
         "original = writer.ShardedWriter.write\n"
         "def write(self, name, tensor):\n"
         "    if self._position == 5: os.kill(os.getpid(), signal.SIGKILL)\n"
         "    original(self, name, tensor)\n"
         "writer.ShardedWriter.write = write\n"
-        "from mergetune.cli import app\n"
-        f"sys.argv = ['mergetune', 'merge', {str(recipe)!r}, {str(out)!r}]\n"
-        "app()\n"
     )
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    completed, recipe, out = merge_in_a_child(killed_at_the_fifth_tensor, family_f32, tmp_path)
     assert completed.returncode == -9
     assert not out.exists()
     leftovers = list(tmp_path.glob(".out.partial-*"))
@@ -272,17 +280,11 @@ def test_a_merge_killed_midway_leaves_no_output_directory_and_the_next_merge_cle
 
 def test_a_ctrl_c_once_a_merge_is_written_changes_neither_its_output_nor_its_exit_code(family_f32, tmp_path):
     """The Ctrl-C arrives as the interpreter shuts down (here from an exit hook, as torch's run then)."""
-    recipe = write_recipe(tmp_path, slerp(family_f32))
-    out = tmp_path / "out"
-    script = (
-        "import atexit, os, signal, sys, time\n"
+    ctrl_c_at_exit = (
         "signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal\n"
         "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))\n"
-        "from mergetune.cli import run\n"
-        f"sys.argv = ['mergetune', 'merge', {str(recipe)!r}, {str(out)!r}]\n"
-        "run()\n"
     )
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    completed, _, out = merge_in_a_child(ctrl_c_at_exit, family_f32, tmp_path)
     assert completed.returncode == 0, completed.stderr
     assert "KeyboardInterrupt" not in completed.stderr and "Traceback" not in completed.stderr
     assert (out / "model.safetensors").exists()

@@ -1003,19 +1003,24 @@ def interrupted_then_run_again(
     return interrupted, trials(path, "slerp")
 
 
+def ctrl_c_as_trial_starts(number: int) -> Callable[[optuna.Trial, dict], None]:
+    """A `set_worker` that raises KeyboardInterrupt for trial `number`: Ctrl-C right after `ask` created it."""
+
+    def set_worker_or_ctrl_c(trial: optuna.Trial, worker: dict) -> None:
+        if trial.number == number:
+            raise KeyboardInterrupt
+        set_worker(trial, worker)
+
+    return set_worker_or_ctrl_c
+
+
 def test_a_ctrl_c_as_a_trial_starts_fails_it_as_interrupted_and_the_next_run_goes_straight_on(
     family_f32, task_dir, tmp_path, monkeypatch, caplog
 ):
     """Ctrl-C right after `ask` created trial 2, before its worker named itself: left RUNNING and unnamed, the next
     run would wait out the grace period for it, then fail it as a dead worker's."""
     path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 4})
-
-    def ctrl_c_at_trial_2(trial: optuna.Trial, worker: dict) -> None:
-        if trial.number == 2:
-            raise KeyboardInterrupt
-        set_worker(trial, worker)
-
-    before, after = interrupted_then_run_again(path, "mergetune.search.trials.set_worker", ctrl_c_at_trial_2, monkeypatch, caplog)
+    before, after = interrupted_then_run_again(path, "mergetune.search.trials.set_worker", ctrl_c_as_trial_starts(2), monkeypatch, caplog)
     assert len(before) == 3 and before[2].state == TrialState.FAIL and before[2].user_attrs == {"fail_reason": "interrupted"}
     assert counted(after) == 4 and [(t.number, t.user_attrs.get("fail_reason")) for t in after if t.state == TrialState.FAIL] == [
         (2, "interrupted")
@@ -1026,13 +1031,7 @@ def test_a_ctrl_c_as_a_trial_starts_fails_it_as_interrupted_and_the_next_run_goe
 def test_a_baseline_interrupted_by_ctrl_c_is_run_again_on_the_next_run(family_f32, task_dir, tmp_path, monkeypatch, caplog):
     """As a dead worker's trial: failed as interrupted, its parameters queued again (a baseline keeps its mark)."""
     path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 3})
-
-    def ctrl_c_at_the_baseline(trial: optuna.Trial, worker: dict) -> None:
-        if trial.number == 0:
-            raise KeyboardInterrupt
-        set_worker(trial, worker)
-
-    before, after = interrupted_then_run_again(path, "mergetune.search.trials.set_worker", ctrl_c_at_the_baseline, monkeypatch, caplog)
+    before, after = interrupted_then_run_again(path, "mergetune.search.trials.set_worker", ctrl_c_as_trial_starts(0), monkeypatch, caplog)
     assert is_baseline(before[0]) and before[0].user_attrs["fail_reason"] == "interrupted"
     [baseline] = [t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and is_baseline(t)]
     assert baseline.params == before[0].system_attrs["fixed_params"] and baseline.system_attrs["retry_history"] == [0]
