@@ -309,16 +309,17 @@ class StudyRunner:
                 else:
                     waiting.append(trial)
             for trial in waiting:  # then another worker's result, or the trial itself once that worker is gone
-                announced = False
+                announced: Optional[Worker] = None
                 while not trials.has_final(optuna_study, trial.number):
                     interrupts.check()
                     if self._score_final_unless_held(optuna_study, method, trial, say):
                         done.append(trial.number)
                         break
-                    holder = self.worker.holding(trials.final_claim(optuna_study, trial.number))
-                    if holder is not None and not announced:
-                        say(f"{method}: waiting for trial {trial.number}'s held-out score from worker {holder.host}:{holder.pid}")
-                        announced = True
+                    claim = trials.final_claim(optuna_study, trial.number)
+                    holder = self.worker.holding(claim)
+                    if holder is not None and holder != announced:
+                        say(f"{method}: waiting for trial {trial.number}'s held-out score from {self.worker.describe(holder, claim)}")
+                        announced = holder
                     time.sleep(POLL_SECONDS)
         return done
 
@@ -330,8 +331,14 @@ class StudyRunner:
             return False
         if not trials.claim_final(optuna_study, trial.number, self.worker.as_attr()):
             return False
+        if trials.has_final(optuna_study, trial.number):  # stored by a worker that claimed it before this one read
+            return False
         say(f"{method}: final evaluation of trial {trial.number}")
-        trials.set_final(optuna_study, trial.number, self.score_final(trial))
+        try:
+            trials.set_final(optuna_study, trial.number, self.score_final(trial))
+        except BaseException:  # out of memory, a refusal, Ctrl-C: the others need not wait for this worker
+            trials.release_final(optuna_study, trial.number)
+            raise
         return True
 
 

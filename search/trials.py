@@ -71,7 +71,8 @@ key                        written by, when                            read by
                            worker gets there): held-out evidence       benchmarks
 ``final_claim.<number>``   finalists, before a worker scores that      finalists (another worker skips it, then
                            trial's held-out documents: its ``worker``  waits for its ``final.<number>`` or takes
-                           and the time (``at``); last writer wins     it over once that worker is gone)
+                           and the time (``at``); last writer wins;    it over once that worker is gone)
+                           null once its scoring failed
 =========================  ==========================================  =========================================
 """
 
@@ -229,6 +230,11 @@ def claim_final(optuna_study: optuna.Study, number: int, worker: dict[str, Any])
     key, claim = f"{FINAL_CLAIM_PREFIX}{number}", {"worker": worker, "at": time.time()}
     optuna_study.set_user_attr(key, claim)
     return optuna_study.user_attrs.get(key) == claim
+
+
+def release_final(optuna_study: optuna.Study, number: int) -> None:
+    """Withdraw this worker's claim on trial `number`: its scoring failed, another worker may take it."""
+    optuna_study.set_user_attr(f"{FINAL_CLAIM_PREFIX}{number}", None)
 
 
 def final_claim(optuna_study: optuna.Study, number: int) -> Optional[dict[str, Any]]:

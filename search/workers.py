@@ -99,6 +99,14 @@ class Worker:
         age = (time.time() if now is None else now) - float(claim.get("at", 0))
         return holder if age < FINAL_CLAIM_SECONDS else None
 
+    def describe(self, holder: "Worker", claim: dict) -> str:
+        """Whose claim this worker waits for, and until when (`holding`)."""
+        name = f"worker {holder.host}:{holder.pid}"
+        if holder.host == self.host:
+            return f"{name} (on this machine; taken over if its process ends)"
+        minutes = (time.time() - float(claim.get("at", 0))) / 60
+        return f"{name} (claimed {minutes:.0f} min ago; taken over after {FINAL_CLAIM_SECONDS // 3600} h if no score arrives)"
+
 
 def _boot_id() -> str:
     try:

@@ -98,8 +98,6 @@ def test_three_workers_complete_exactly_the_requested_trials(three_workers):
     assert not idle  # all three ran trials at once (they meet at their first scoring call) and finished them
     baselines = [t for t in trials if t.state in COUNTED and t.user_attrs.get("baseline")]
     assert len(baselines) == 1  # queued once, though all started at once
-    scored = [line for _, out, _ in three_workers.results for line in out.splitlines() if "final evaluation of trial" in line]
-    assert scored and len(scored) == len(set(scored))  # each finalist by one worker, though all finished at once
 
 
 def test_a_worker_killed_mid_trial_has_its_trial_finished_by_another(three_workers):

@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from mergetune.cli import app
+from mergetune.errors import MergetuneError
 from mergetune.demo.tiny import load_state
 from mergetune.eval.evidence import summarize
 from mergetune.search.leaderboard import build_leaderboard
@@ -246,6 +247,25 @@ def test_a_finalist_another_live_worker_is_scoring_is_waited_for_and_one_whose_w
     finals = final_records(optuna_study)
     assert stored[0] is not None and finals[live] == stored[0] and set(finals) == {t.number for t in finalists}
     assert final_claim(optuna_study, dead)["worker"]["pid"] == os.getpid()
+
+
+def test_a_worker_whose_held_out_scoring_fails_withdraws_its_claim_for_the_next_run(family_f32, task_dir, tmp_path, monkeypatch):
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 2})
+
+    def out_of_memory(self, trial):
+        raise MergetuneError("out of memory")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(StudyRunner, "score_final", out_of_memory)
+        result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 2 and "out of memory" in result.output, result.output
+    study = load_study(path)
+    optuna_study = optuna.load_study(study_name=optuna_study_name(study.spec, "slerp"), storage=study.storage_url)
+    numbers = [t.number for t in optuna_study.trials if t.state == TrialState.COMPLETE]
+    assert [final_claim(optuna_study, n) for n in numbers] == [None] * len(numbers)
+    result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
+    assert result.exit_code == 0 and "waiting for" not in result.output, result.output
+    assert final_records(optuna_study)
 
 
 def test_a_claim_on_a_finalist_from_another_machine_holds_until_it_is_too_old():
