@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import optuna
-from optuna.storages import BaseStorage
-from optuna.trial import TrialState
+from optuna.storages import BaseStorage, RetryFailedTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
 from mergetune.errors import MergetuneError
 from mergetune.eval.evidence import PairedDifference, Record, Summary, paired_bootstrap, repeated_documents, summarize
+from mergetune.search.optuna_adapter import experimental
 from mergetune.search.storage import storage_errors
 from mergetune.search.trials import COUNTED, StoredTrial, best_by_search, final_records, load_optuna_study
 from mergetune.search.study_file import Study
@@ -94,6 +95,14 @@ class Failure:
     method: str
     trial: int
     reason: str
+    retried_as: Optional[int] = None  # the trial that ran its parameters again (a dead worker's, an interrupted one)
+
+
+def retries(all_trials: list[FrozenTrial]) -> dict[int, int]:
+    """Failed trial number → the number of the trial queued again with its parameters."""
+    with experimental():
+        retried = {t.number: RetryFailedTrialCallback.retried_trial_number(t) for t in all_trials}
+    return {failed: retry for retry, failed in retried.items() if failed is not None}
 
 
 #: Characters of a failure's reason shown in a board's lines (the stored reason holds up to 2,000).
@@ -104,15 +113,16 @@ def failure_lines(failures: list[Failure]) -> list[str]:
     """One line per method: how many trials failed, grouped by the first line of their reason."""
     lines = []
     for method in dict.fromkeys(f.method for f in failures):
-        by_reason: dict[str, list[int]] = {}
+        by_reason: dict[str, list[str]] = {}
         for failure in failures:
             if failure.method == method:
                 first = (failure.reason.strip() or "no reason stored").splitlines()[0]
                 shown = first if len(first) <= REASON_CHARS else first[: REASON_CHARS - 1] + "…"
-                by_reason.setdefault(shown, []).append(failure.trial)
+                retry = "" if failure.retried_as is None else f" (run again as trial {failure.retried_as})"
+                by_reason.setdefault(shown, []).append(f"{failure.trial}{retry}")
         count = sum(len(numbers) for numbers in by_reason.values())
         groups = "; ".join(
-            f"trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}: {reason}"
+            f"trial{'s' if len(numbers) > 1 else ''} {', '.join(numbers)}: {reason}"
             for reason, numbers in by_reason.items()
         )
         lines.append(f"{method}: {count} failed trial{'s' if count > 1 else ''}, not ranked ({groups})")
@@ -158,9 +168,11 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
             continue
         finals = final_records(optuna_study)
         counted = [StoredTrial.of(t) for t in optuna_study.get_trials(deepcopy=False, states=COUNTED)]
+        every_trial = optuna_study.get_trials(deepcopy=False)
+        retried_as = retries(every_trial)
         failures += [
-            Failure(method, t.number, t.fail_reason or "")
-            for t in map(StoredTrial.of, optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+            Failure(method, t.number, t.fail_reason or "", retried_as.get(t.number))
+            for t in map(StoredTrial.of, (t for t in every_trial if t.state == TrialState.FAIL))
         ]
         races = races_of(method, counted)
         if races is not None:

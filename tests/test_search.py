@@ -32,7 +32,7 @@ from mergetune.cli import app
 from mergetune.errors import MergetuneError
 from mergetune.demo.tiny import load_state
 from mergetune.eval.evidence import summarize
-from mergetune.search.leaderboard import build_leaderboard
+from mergetune.search.leaderboard import build_leaderboard, failure_lines
 from mergetune.search.storage import heartbeat
 from mergetune.search.runner import StudyRunner
 from mergetune.search.trials import (
@@ -1056,6 +1056,8 @@ def test_a_baseline_interrupted_by_ctrl_c_is_run_again_on_the_next_run(family_f3
     [baseline] = [t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and is_baseline(t)]
     assert baseline.params == before[0].system_attrs["fixed_params"] and baseline.system_attrs["retry_history"] == [0]
     assert counted(after) == 3
+    board = build_leaderboard(load_study(path))
+    assert failure_lines(board.failures) == [f"slerp: 1 failed trial, not ranked (trial 0 (run again as trial {baseline.number}): interrupted)"]
 
 
 @pytest.fixture
