@@ -167,8 +167,8 @@ def build_leaderboard(study: Study, storage: Optional[BaseStorage] = None, boots
         if optuna_study is None:
             continue
         finals = final_records(optuna_study)
-        counted = [StoredTrial.of(t) for t in optuna_study.get_trials(deepcopy=False, states=COUNTED)]
         every_trial = optuna_study.get_trials(deepcopy=False)
+        counted = [StoredTrial.of(t) for t in every_trial if t.state in COUNTED]
         retried_as = retries(every_trial)
         failures += [
             Failure(method, t.number, t.fail_reason or "", retried_as.get(t.number))

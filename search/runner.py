@@ -304,7 +304,8 @@ class StudyRunner:
                 interrupts.check()
                 if trials.has_final(optuna_study, trial.number):
                     continue
-                if self._score_final_unless_held(optuna_study, method, trial, say):
+                held = self.worker.holding(trials.final_claim(optuna_study, trial.number))
+                if held is None and self._claim_and_score_final(optuna_study, method, trial, say):
                     done.append(trial.number)
                 else:
                     waiting.append(trial)
@@ -312,23 +313,23 @@ class StudyRunner:
                 announced: Optional[Worker] = None
                 while not trials.has_final(optuna_study, trial.number):
                     interrupts.check()
-                    if self._score_final_unless_held(optuna_study, method, trial, say):
-                        done.append(trial.number)
-                        break
                     claim = trials.final_claim(optuna_study, trial.number)
                     holder = self.worker.holding(claim)
-                    if holder is not None and holder != announced:
+                    if holder is None:
+                        if self._claim_and_score_final(optuna_study, method, trial, say):
+                            done.append(trial.number)
+                            break
+                    elif holder != announced:
                         say(f"{method}: waiting for trial {trial.number}'s held-out score from {self.worker.describe(holder, claim)}")
                         announced = holder
                     time.sleep(POLL_SECONDS)
         return done
 
-    def _score_final_unless_held(
+    def _claim_and_score_final(
         self, optuna_study: optuna.Study, method: str, trial: FrozenTrial, say: Callable[[str], None]
     ) -> bool:
-        """Score `trial` on the held-out documents, unless another worker's claim on it holds (False)."""
-        if self.worker.holding(trials.final_claim(optuna_study, trial.number)) is not None:
-            return False
+        """Claim `trial` and score it on the held-out documents; False if another worker's claim, written at the same
+        moment, stands instead, or its score was stored meanwhile."""
         if not trials.claim_final(optuna_study, trial.number, self.worker.as_attr()):
             return False
         if trials.has_final(optuna_study, trial.number):  # stored by a worker that claimed it before this one read

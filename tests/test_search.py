@@ -46,7 +46,7 @@ from mergetune.search.trials import (
 )
 from mergetune.search.workers import DIED, FINAL_CLAIM_SECONDS, Reaper, Worker
 from mergetune.demo.study import tiny_study
-from mergetune.search.study_file import Budget, Evaluation, load_study
+from mergetune.search.study_file import Budget, Evaluation, Study, load_study
 from mergetune.demo.skills import HELDOUT_TASKS, SEARCH_TASKS, write_task_dir
 
 pytest.register_assert_rewrite("race_checks")
@@ -70,9 +70,13 @@ def write_study(directory: Path, family: dict, task_dir: Path, **overrides) -> P
     return path
 
 
+def optuna_study_of(study: Study, method: str) -> optuna.Study:
+    """The stored Optuna study of one method of a loaded study file."""
+    return optuna.load_study(study_name=optuna_study_name(study.spec, method), storage=study.storage_url)
+
+
 def trials(study_path: Path, method: str) -> list[optuna.trial.FrozenTrial]:
-    study = load_study(study_path)
-    return optuna.load_study(study_name=optuna_study_name(study.spec, method), storage=study.storage_url).get_trials()
+    return optuna_study_of(load_study(study_path), method).get_trials()
 
 
 def scored_docs(trial: optuna.trial.FrozenTrial) -> dict[str, set[int]]:
@@ -121,7 +125,7 @@ def test_leaderboard_numbers_equal_a_recomputation_from_stored_documents(finishe
     study = load_study(finished_study)
     board = build_leaderboard(study)
     for method in ("slerp", "dare_ties"):
-        optuna_study = optuna.load_study(study_name=optuna_study_name(study.spec, method), storage=study.storage_url)
+        optuna_study = optuna_study_of(study, method)
         finals = final_records(optuna_study)
         for row in (r for r in board.rows if r.method == method):
             trial = optuna_study.trials[row.trial]
@@ -136,7 +140,7 @@ def test_leaderboard_numbers_equal_a_recomputation_from_stored_documents(finishe
     final_ids = {
         tuple(sorted((leaf, tuple(doc for doc, _ in rows)) for leaf, rows in json.loads(v)["tasks"][t]["docs"].items()))
         for method in ("slerp", "dare_ties")
-        for k, v in optuna.load_study(study_name=optuna_study_name(study.spec, method), storage=study.storage_url).user_attrs.items()
+        for k, v in optuna_study_of(study, method).user_attrs.items()
         if k.startswith("final.")
         for t in SEARCH_TASKS
     }
@@ -172,7 +176,7 @@ def test_final_documents_are_held_out_from_the_search(finished_study):
     trial = next(t for t in trials(finished_study, "slerp") if t.state == TrialState.COMPLETE)
     search = json.loads(trial.user_attrs["record"])
     study = load_study(finished_study)
-    optuna_study = optuna.load_study(study_name=optuna_study_name(study.spec, "slerp"), storage=study.storage_url)
+    optuna_study = optuna_study_of(study, "slerp")
     final = next(iter(final_records(optuna_study).values()))
     for name in SEARCH_TASKS:
         for leaf, rows in final["tasks"][name]["docs"].items():
@@ -189,7 +193,7 @@ def test_finalists_can_be_scored_on_other_tasks_such_as_held_out_facts(family_f3
         if trial.state == TrialState.COMPLETE:
             assert set(json.loads(trial.user_attrs["record"])["tasks"]) == set(SEARCH_TASKS)
     study = load_study(path)
-    optuna_study = optuna.load_study(study_name=optuna_study_name(study.spec, "slerp"), storage=study.storage_url)
+    optuna_study = optuna_study_of(study, "slerp")
     finals = final_records(optuna_study)
     assert finals and all(set(record["tasks"]) == set(HELDOUT_TASKS) for record in finals.values())
     for record in finals.values():
@@ -217,7 +221,7 @@ def test_a_finalist_another_live_worker_is_scoring_is_waited_for_and_one_whose_w
         patched.setattr(StudyRunner, "finalize", lambda self, method, say=None: [])
         assert runner.invoke(app, ["study", "run", str(path), "--quiet"]).exit_code == 0
     study = load_study(path)
-    optuna_study = optuna.load_study(study_name=optuna_study_name(study.spec, "slerp"), storage=study.storage_url)
+    optuna_study = optuna_study_of(study, "slerp")
     complete = [t for t in optuna_study.trials if t.state == TrialState.COMPLETE]
     best = sorted(complete, key=lambda t: -t.value)[:2]
     finalists = best + [t for t in complete if is_baseline(t) and t not in best]
@@ -260,7 +264,7 @@ def test_a_worker_whose_held_out_scoring_fails_withdraws_its_claim_for_the_next_
         result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
     assert result.exit_code == 2 and "out of memory" in result.output, result.output
     study = load_study(path)
-    optuna_study = optuna.load_study(study_name=optuna_study_name(study.spec, "slerp"), storage=study.storage_url)
+    optuna_study = optuna_study_of(study, "slerp")
     numbers = [t.number for t in optuna_study.trials if t.state == TrialState.COMPLETE]
     assert [final_claim(optuna_study, n) for n in numbers] == [None] * len(numbers)
     result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
