@@ -1,7 +1,7 @@
 """The `mergetune` command: the only place that prints to the user.
 
 Every subcommand turns a `MergetuneError` into one line on stderr and exit code 2,
-and Ctrl-C into exit code 130, without a traceback.
+Ctrl-C into exit code 130 and SIGTERM into 143, without a traceback.
 """
 
 from __future__ import annotations
@@ -41,21 +41,22 @@ def user_errors(func: F) -> F:
         except MergetuneError as error:
             typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as stop:  # the shell's codes: 128 + the signal's number
+            typer.secho(interrupts.describe(stop), fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(143 if isinstance(stop, interrupts.Terminated) else 130) from None
 
     return wrapper  # type: ignore[return-value]
 
 
 def run() -> None:
-    """The console script: `app`, then Ctrl-C ignored while the interpreter shuts down. The command's work is
-    done and said by then; a Ctrl-C would only print a traceback from an exit hook (torch registers some) or turn
-    a finished command's exit code into 130."""
+    """The console script: `app`, then Ctrl-C and SIGTERM ignored while the interpreter shuts down. The command's
+    work is done and said by then; a Ctrl-C would only print a traceback from an exit hook (torch registers some)
+    or turn a finished command's exit code into 130 (a SIGTERM into 143)."""
     try:
         app()
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in interrupts.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 @app.callback()

@@ -1,10 +1,14 @@
-"""A Ctrl-C that is never lost, and one that waits for the end of a step that must not be cut.
+"""A Ctrl-C (or SIGTERM) that is never lost, and one that waits for the end of a step that must not be cut.
 
 Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives. When that is a weakref
 callback or a `__del__` (garbage collected inside datasets, lm-eval or torch while a study prepares its
 tasks), Python prints "Exception ignored in ..." and carries on: a study interrupted then would run to its
 budget and exit 0. So the commands run under `noticed()`, whose handler records the interrupt as it
 raises it, and long loops call `check()` at their safe points, which raises a recorded one again.
+
+SIGTERM is what a cluster scheduler's preemption, `kill`, `timeout` or `docker stop` sends. Python's default
+ends the process on the spot, leaving a merge's partial output behind and a running trial to the reaper's
+grace period; under `noticed()` it raises `Terminated`, a KeyboardInterrupt, and takes the Ctrl-C path.
 """
 
 from __future__ import annotations
@@ -14,46 +18,72 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
-_received = False
+#: The signals a command stops on, handled alike.
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+#: What a signal is set back to where its handler before was none Python can set back (one set from C).
+_DEFAULT = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+
+_received: Optional[int] = None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stops a command as a Ctrl-C does (stored trials, no partial output), with its own name and exit code."""
+
+
+def interruption(signum: int) -> KeyboardInterrupt:
+    """The exception a signal of `SIGNALS` stops a command with."""
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def describe(interrupt: KeyboardInterrupt) -> str:
+    """How the user and a stored failed trial name the stop: `terminated` (SIGTERM) or `interrupted` (Ctrl-C)."""
+    return "terminated" if isinstance(interrupt, Terminated) else "interrupted"
 
 
 @dataclass
 class Held:
-    received: bool = False
+    signum: Optional[int] = None
+
+    def raise_if_received(self) -> None:
+        """Raise what was held in the block, now that the step is whole."""
+        if self.signum is not None:
+            raise interruption(self.signum)
 
 
 def _record_and_raise(signum: int, frame: object) -> None:
     global _received
-    _received = True
-    raise KeyboardInterrupt
+    _received = signum
+    raise interruption(signum)
 
 
 @contextlib.contextmanager
-def _handling(handler: Callable[[int, object], None]) -> Iterator[bool]:
-    """SIGINT goes to `handler` inside the block; yields False (and changes nothing) off the main
-    thread, the only one that receives signals, and where SIGINT is ignored: a shell starts a background
-    job (`mergetune study run … &`) so, to keep Ctrl-C at the terminal for the foreground, as Python does."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield False
+def _handling(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """`SIGNALS` go to `handler` inside the block. Nothing changes off the main thread, the only one that receives
+    signals, nor for a signal that is ignored: a shell starts a background job (`mergetune study run … &`) with
+    SIGINT ignored, to keep Ctrl-C at the terminal for the foreground, as Python does; `nohup` ignores none of these."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
-        yield True
-    finally:  # None: a handler not set from Python, which Python cannot set back
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before if before is not None else _DEFAULT[signum])
 
 
 @contextlib.contextmanager
 def noticed() -> Iterator[None]:
-    """Record every Ctrl-C inside the block, for `check()`; one Python drops is not printed as a traceback."""
+    """Record every Ctrl-C or SIGTERM inside the block, for `check()`; one Python drops is not printed as a traceback."""
     global _received
-    _received = False
+    _received = None
     previous_hook = sys.unraisablehook
 
     def quiet_when_recorded(unraisable: "sys.UnraisableHookArgs") -> None:
-        if not (_received and isinstance(unraisable.exc_value, KeyboardInterrupt)):
+        if not (_received is not None and isinstance(unraisable.exc_value, KeyboardInterrupt)):
             previous_hook(unraisable)
 
     sys.unraisablehook = quiet_when_recorded
@@ -62,23 +92,24 @@ def noticed() -> Iterator[None]:
             yield
     finally:
         sys.unraisablehook = previous_hook
-        _received = False
+        _received = None
 
 
 def check() -> None:
-    """Raise the Ctrl-C received inside `noticed()` if it got lost on its way (see the module's docstring)."""
-    if _received:
-        raise KeyboardInterrupt
+    """Raise the Ctrl-C or SIGTERM received inside `noticed()` if it got lost on its way (see the module's docstring)."""
+    if _received is not None:
+        raise interruption(_received)
 
 
 @contextlib.contextmanager
 def held() -> Iterator[Held]:
-    """Hold a Ctrl-C that arrives inside the block and say so afterwards (`Held.received`), instead of
-    raising in the middle of it; the caller raises it once the step is whole."""
+    """Hold a Ctrl-C or SIGTERM that arrives inside the block and say so afterwards (`Held.raise_if_received`),
+    instead of raising in the middle of it; the caller raises it once the step is whole."""
     state = Held()
 
     def hold(signum: int, frame: object) -> None:
-        state.received = True
+        if state.signum is None:
+            state.signum = signum
 
     with _handling(hold):
         yield state

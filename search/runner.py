@@ -137,8 +137,9 @@ class StudyRunner:
     def run_trial(self, optuna_study: optuna.Study, method: str, target: Optional[int] = None) -> TrialOutcome:
         """One trial, start to stored end; a failure is stored with its reason and counted, not raised.
 
-        A Ctrl-C at any moment after `ask` created the trial fails it as interrupted (one that already
-        ended keeps its end): left RUNNING without a worker, the next run would wait out the grace period for it.
+        A Ctrl-C (or SIGTERM) at any moment after `ask` created the trial fails it as interrupted (terminated;
+        one that already ended keeps its end): left RUNNING without a worker, the next run would wait out the
+        grace period for it.
         Its parameters are queued again, as a dead worker's are, so the next run scores them (a baseline included).
         One during `ask` itself, between creating the trial and returning it, is held until `ask` returns.
         """
@@ -146,11 +147,10 @@ class StudyRunner:
             warnings.filterwarnings("ignore", message="Heartbeat of storage")  # we record heartbeats ourselves
             trial = optuna_study.ask()
         try:
-            if interrupt.received:
-                raise KeyboardInterrupt
+            interrupt.raise_if_received()
             return self._run_asked(optuna_study, trial, method, target)
-        except KeyboardInterrupt:
-            if self._finish(optuna_study, trial, TrialState.FAIL, reason="interrupted"):
+        except KeyboardInterrupt as stop:
+            if self._finish(optuna_study, trial, TrialState.FAIL, reason=interrupts.describe(stop)):
                 Reaper.requeue(optuna_study, trial_id(trial))
             raise
 

@@ -1,4 +1,4 @@
-"""A merge stopped at any moment (SIGKILL, Ctrl-C) leaves its inputs byte-identical and no finished-looking output.
+"""A merge stopped at any moment (SIGKILL, Ctrl-C, SIGTERM) leaves its inputs byte-identical and no finished-looking output.
 
 The merge runs in a child process whose writer is slowed down a little, so the
 signal lands while tensors are being written (or, for the later delays, while the
@@ -24,10 +24,11 @@ from mergetune.cli import app
 runner = CliRunner()
 # The child stands for a merge run in a terminal, where Ctrl-C raises KeyboardInterrupt. Started from a shell's
 # background job (`cmd &` without job control, as CI scripts may run pytest) it would inherit SIGINT ignored and
-# never see the signal, so its handler is set back to Python's default first.
+# never see the signal, so its handler is set back to Python's default first (SIGTERM's too, for the same reason).
 SLOW_MERGE = """
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 import mergetune.merge_ops.writer as writer
 original = writer.ShardedWriter.write
 def write(self, name, tensor):
@@ -126,15 +127,19 @@ def test_an_overwrite_killed_at_any_moment_leaves_the_old_output_or_the_new_one(
         assert [tree(path) for path in sorted(tmp_path.glob(".out.*"))] == [new, old]  # .partial-, .replaced-
 
 
-def test_ctrl_c_during_a_merge_exits_130_and_removes_the_partial_output(merges, family_f32, tmp_path):
+@pytest.mark.parametrize(
+    "signum, code, said",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],  # Ctrl-C; `kill`, a scheduler, `timeout`
+)
+def test_ctrl_c_or_sigterm_during_a_merge_exits_and_removes_the_partial_output(signum, code, said, merges, family_f32, tmp_path):
     recipe, _ = merges[0.3]
     out = tmp_path / "out"
     before = inputs(family_f32)
     child = start_merge(recipe, out, seconds_per_tensor=0.05)
     time.sleep(0.1)
-    child.send_signal(signal.SIGINT)
+    child.send_signal(signum)
     _, stderr = child.communicate(timeout=60)
-    assert child.returncode == 130, stderr
-    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert child.returncode == code, stderr
+    assert stderr.strip().splitlines()[-1] == said and "Traceback" not in stderr
     assert inputs(family_f32) == before
     assert not out.exists() and not list(tmp_path.glob(".out.*"))

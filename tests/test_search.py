@@ -41,6 +41,7 @@ from mergetune.search.trials import (
     final_records,
     is_baseline,
     optuna_study_name,
+    set_candidate,
     set_final,
     set_worker,
 )
@@ -1011,14 +1012,17 @@ def test_a_declared_space_the_declaration_contradicts_is_refused_before_models_l
 
 
 def interrupted_then_run_again(
-    path: Path, target: str, ctrl_c: Callable, monkeypatch, caplog
+    path: Path, target: str, ctrl_c: Callable, monkeypatch, caplog, stopped_as: tuple[int, str] = (130, "interrupted")
 ) -> tuple[list[optuna.trial.FrozenTrial], list[optuna.trial.FrozenTrial]]:
-    """The study run with `target` replaced by `ctrl_c` (which raises KeyboardInterrupt), then run again to its end:
-    the stored trials after each; on the second run the reaper says nothing (no trial left to wait for or fail)."""
+    """The study run with `target` replaced by `ctrl_c` (which raises KeyboardInterrupt or sends a signal), exiting
+    with `stopped_as` (exit code, last line), then run again to its end: the stored trials after each; on the second
+    run the reaper says nothing (no trial left to wait for or fail)."""
     with monkeypatch.context() as patch:
         patch.setattr(target, ctrl_c)
         result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
-    assert result.exit_code == 130 and "interrupted" in result.output, result.output
+    code, line = stopped_as
+    assert result.exit_code == code and result.output.strip().splitlines()[-1] == line, result.output
+    assert "Traceback" not in result.output, result.output
     interrupted = trials(path, "slerp")
     with caplog.at_level(logging.WARNING, logger="mergetune.search.workers"):
         result = runner.invoke(app, ["study", "run", str(path), "--quiet"])
@@ -1073,16 +1077,34 @@ def at_a_terminal():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture
+def as_a_scheduled_job():
+    """SIGTERM ends the process, as it does a job a scheduler (SLURM, Kubernetes, `timeout`) will preempt, unless
+    mergetune handles it: a test that sends one without mergetune's handler in place dies."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
 ASK = optuna.Study.ask
 
 
-def ask_with_ctrl_c_at_trial_2(self, *args, **kwargs):
-    """Optuna's `ask`, with a SIGINT delivered while it has created trial 2 but not yet returned it."""
-    trial = ASK(self, *args, **kwargs)
-    if trial.number == 2:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)  # the signal is handled here, inside `ask`
-    return trial
+def signal_at_trial_2(original: Callable, signum: int = signal.SIGINT) -> Callable:
+    """`original` (Optuna's `ask`, or a step of a trial) with `signum` delivered to this process while it handles
+    trial 2: for `ask`, when it has created the trial but not yet returned it."""
+
+    def with_signal(*args, **kwargs):
+        result = original(*args, **kwargs)
+        trial = result if isinstance(result, optuna.Trial) else args[0]
+        if trial.number == 2:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.2)  # the signal is handled here, inside the call
+        return result
+
+    return with_signal
+
+
+ask_with_ctrl_c_at_trial_2 = signal_at_trial_2(ASK)
 
 
 def test_a_ctrl_c_inside_ask_is_held_until_the_trial_exists_and_then_fails_it_as_interrupted(
@@ -1095,6 +1117,34 @@ def test_a_ctrl_c_inside_ask_is_held_until_the_trial_exists_and_then_fails_it_as
     assert len(before) == 3 and before[2].state == TrialState.FAIL and before[2].user_attrs == {"fail_reason": "interrupted"}
     assert counted(after) == 4
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
+
+
+def test_a_sigterm_mid_trial_stops_the_study_as_a_ctrl_c_does_and_names_the_trial_terminated(
+    family_f32, task_dir, tmp_path, monkeypatch, caplog, as_a_scheduled_job
+):
+    """A scheduler's preemption, `kill` or `timeout` sends SIGTERM, which used to end the process on the spot: the
+    running trial then stayed RUNNING until the reaper's grace period ran out. Now it is stored as failed at once and
+    its parameters queued again, and the command exits 143 without a traceback."""
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 4})
+    sigterm_as_trial_2_is_built = signal_at_trial_2(set_candidate, signal.SIGTERM)
+    before, after = interrupted_then_run_again(
+        path, "mergetune.search.trials.set_candidate", sigterm_as_trial_2_is_built, monkeypatch, caplog, (143, "terminated")
+    )
+    assert before[2].state == TrialState.FAIL and before[2].user_attrs["fail_reason"] == "terminated"
+    assert [t.state for t in before[3:]] == [TrialState.WAITING]  # its parameters, queued again
+    [retry] = [t for t in after if t.system_attrs.get("retry_history") == [2]]
+    assert retry.params == before[2].params and counted(after) == 4
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was
+
+
+def test_a_sigterm_inside_ask_is_held_until_the_trial_exists(
+    family_f32, task_dir, tmp_path, monkeypatch, caplog, as_a_scheduled_job
+):
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 4})
+    before, _ = interrupted_then_run_again(
+        path, "optuna.Study.ask", signal_at_trial_2(ASK, signal.SIGTERM), monkeypatch, caplog, (143, "terminated")
+    )
+    assert len(before) == 3 and before[2].user_attrs == {"fail_reason": "terminated"}
 
 
 def test_a_study_started_as_a_background_job_with_ctrl_c_ignored_leaves_it_ignored_and_runs_on(
