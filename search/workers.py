@@ -9,7 +9,7 @@ storage; they agree through the storage alone:
   same host, by its silent heartbeat from elsewhere — and its trial is failed and
   its parameters queued again, once, by whoever noticed first (`Reaper`); a trial
   no worker has named itself for may be one being started elsewhere this moment, so
-  it is failed only after the grace period, and the wait is logged, not silent.
+  it is failed only after the grace period, and a long wait is logged, not silent.
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ from mergetune.search.optuna_adapter import experimental, stale_trial_ids, stora
 from mergetune.search.storage import heartbeat_interval
 
 log = logging.getLogger(__name__)
+
+#: How long a trial may run without a worker's name before the wait is a warning: a healthy worker names itself
+#: moments after `ask`, so a trial unnamed for longer is likely one whose worker died as it started.
+UNNAMED_WARNING_SECONDS = 10.0
 
 COUNTED = trials.COUNTED
 AHEAD = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -139,29 +143,27 @@ class Reaper:
         self.me = Worker.this()
         self.grace_period = grace_period
         self._unnamed_since: dict[int, float] = {}  # trial id → when first seen running without a worker
+        self._warned: set[int] = set()  # trial ids whose long wait has been logged as a warning
 
     def reap(self, optuna_study: optuna.Study) -> list[int]:
         """Numbers of the trials this call failed; each is logged, saying whether its parameters were queued again.
 
-        A trial without a worker that this reaper had not seen before is logged too, once, with how long it waits
-        for it: otherwise a worker whose last trial to wait for is such a one would sit silent the whole grace period.
+        A trial without a worker is logged too, with how long it may be waited for: at info level when first seen
+        (most often another worker's, asked a moment ago), once as a warning when it stays unnamed past
+        UNNAMED_WARNING_SECONDS (or half the grace period, if shorter): otherwise a worker whose last trial to wait
+        for is such a one would sit silent the whole grace period.
         """
         running = optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         stale = stale_trial_ids(optuna_study) if heartbeat_interval(storage_of(optuna_study)) else set()
         now = time.monotonic()
         seen = self._unnamed_since
         self._unnamed_since = {trial_id(t): seen.get(trial_id(t), now) for t in running if trials.worker_attr(t) is None}
+        self._warned &= self._unnamed_since.keys()
         reaped = []
         for trial in running:
             reason = self._cause_of_death(trial, stale, now)
-            if reason is None and trial_id(trial) in self._unnamed_since.keys() - seen.keys():
-                log.warning(
-                    "%s: trial %d is running but no worker has named itself for it; if none does within %g s "
-                    "(storage_options.grace_period), its worker is taken to have died as it started and it is failed",
-                    optuna_study.study_name,
-                    trial.number,
-                    self.grace_period,
-                )
+            if reason is None and trial_id(trial) in self._unnamed_since:
+                self._log_unnamed(optuna_study.study_name, trial, first_seen=trial_id(trial) not in seen, now=now)
             elif reason and self._fail(optuna_study, trial, reason):
                 queued = self.requeue(optuna_study, trial_id(trial))
                 log.warning(
@@ -173,6 +175,28 @@ class Reaper:
                 )
                 reaped.append(trial.number)
         return reaped
+
+    def _log_unnamed(self, study_name: str, trial: FrozenTrial, first_seen: bool, now: float) -> None:
+        """Say that `trial` runs without a worker's name: at info level when first seen, as a warning once it is late."""
+        waited = now - self._unnamed_since[trial_id(trial)]
+        if first_seen:
+            log.info(
+                "%s: trial %d has no worker's name yet (most likely another worker asked for it a moment ago); "
+                "if none names itself within %g s (storage_options.grace_period), it is failed as a dead worker's",
+                study_name,
+                trial.number,
+                self.grace_period,
+            )
+        elif waited > min(UNNAMED_WARNING_SECONDS, self.grace_period / 2) and trial_id(trial) not in self._warned:
+            self._warned.add(trial_id(trial))
+            log.warning(
+                "%s: trial %d is running but no worker has named itself for it after %.0f s; if none does within "
+                "%g s (storage_options.grace_period), its worker is taken to have died as it started and it is failed",
+                study_name,
+                trial.number,
+                waited,
+                self.grace_period,
+            )
 
     def _cause_of_death(self, trial: FrozenTrial, stale: set[int], now: float) -> Optional[str]:
         owner = Worker.of(trial)
