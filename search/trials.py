@@ -44,8 +44,10 @@ key                     written by, when                             read by
                         among them), the score to beat (``bar``),
                         ``z``, and each estimate as [documents,
                         value, stderr]
-``fail_reason``         runner (a failing or refused trial) or       leaderboard and report (failed trials,
-                        reaper (a dead worker's), before the FAIL    not ranked), people, tests
+``fail_reason``         runner (a failing or refused trial; one      leaderboard and report (failed trials,
+                        stopped by Ctrl-C, ``interrupted``, or by    not ranked), people, tests
+                        SIGTERM, ``terminated``) or reaper (a dead
+                        worker's), before the FAIL
 ======================  ===========================================  ========================================
 
 Optuna's own fields carry the rest: ``state`` (RUNNING is owned by the worker
