@@ -21,6 +21,7 @@ from typing import BinaryIO, Iterator, Optional, Sequence
 import psutil
 import torch
 
+from mergetune import interrupts
 from mergetune.errors import MergetuneError
 from mergetune.merge_ops.card import RECIPE_FILE
 from mergetune.merge_ops.sources import SAFETENSORS_DTYPES
@@ -171,7 +172,9 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a sibling temporary directory; rename it onto `target` only if the block succeeds.
 
     A failed, killed or interrupted merge leaves no directory at `target`, so
-    nothing half-written can pass for a finished model.
+    nothing half-written can pass for a finished model. A Ctrl-C or SIGTERM while
+    the finished output moves into place is held: the merge ends, and the signal
+    stops the command at its next safe point (`interrupts.check`), if any.
     """
     target = Path(target)
     if target.exists() or target.is_symlink():
@@ -191,7 +194,8 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     partial.mkdir()
     try:
         yield partial
-        _move_into_place(partial, target)
+        with interrupts.held():  # once the new output is in place, a signal must not report the merge failed
+            _move_into_place(partial, target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -6,6 +6,10 @@ tasks), Python prints "Exception ignored in ..." and carries on: a study interru
 budget and exit 0. So the commands run under `noticed()`, whose handler records the interrupt as it
 raises it, and long loops call `check()` at their safe points, which raises a recorded one again.
 
+Only the first signal raises. A second one (Ctrl-C pressed twice, a scheduler or `timeout` signalling again)
+would otherwise land in the cleanup the first one started (storing the trial in flight and queueing its
+parameters again, removing a merge's partial output) and cut it short.
+
 SIGTERM is what a cluster scheduler's preemption, `kill`, `timeout` or `docker stop` sends. Python's default
 ends the process on the spot, leaving a merge's partial output behind and a running trial to the reaper's
 grace period; under `noticed()` it raises `Terminated`, a KeyboardInterrupt, and takes the Ctrl-C path.
@@ -26,7 +30,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: What a signal is set back to where its handler before was none Python can set back (one set from C).
 _DEFAULT = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
-_received: Optional[int] = None
+_received: Optional[int] = None  # the first signal received inside `noticed()`
+_raised = False  # whether it has been raised: the command is stopping, and cleans up
 
 
 class Terminated(KeyboardInterrupt):
@@ -49,14 +54,25 @@ class Held:
 
     def raise_if_received(self) -> None:
         """Raise what was held in the block, now that the step is whole."""
+        global _raised
         if self.signum is not None:
+            _raised = True
             raise interruption(self.signum)
 
 
-def _record_and_raise(signum: int, frame: object) -> None:
+def _record(signum: int) -> None:
     global _received
-    _received = signum
-    raise interruption(signum)
+    if _received is None:
+        _received = signum
+
+
+def _record_and_raise(signum: int, frame: object) -> None:
+    """The first signal raises; the next ones, arriving while the command cleans up after it, are dropped."""
+    global _raised
+    _record(signum)
+    if not _raised:
+        _raised = True
+        raise interruption(_received)
 
 
 @contextlib.contextmanager
@@ -78,13 +94,16 @@ def _handling(handler: Callable[[int, object], None]) -> Iterator[None]:
 @contextlib.contextmanager
 def noticed() -> Iterator[None]:
     """Record every Ctrl-C or SIGTERM inside the block, for `check()`; one Python drops is not printed as a traceback."""
-    global _received
-    _received = None
+    global _received, _raised
+    _received, _raised = None, False
     previous_hook = sys.unraisablehook
 
     def quiet_when_recorded(unraisable: "sys.UnraisableHookArgs") -> None:
+        global _raised
         if not (_received is not None and isinstance(unraisable.exc_value, KeyboardInterrupt)):
             previous_hook(unraisable)
+        else:  # lost, so nothing is stopping: the next signal raises again (and `check()` raises this one)
+            _raised = False
 
     sys.unraisablehook = quiet_when_recorded
     try:
@@ -92,22 +111,27 @@ def noticed() -> Iterator[None]:
             yield
     finally:
         sys.unraisablehook = previous_hook
-        _received = None
+        _received, _raised = None, False
 
 
 def check() -> None:
-    """Raise the Ctrl-C or SIGTERM received inside `noticed()` if it got lost on its way (see the module's docstring)."""
+    """Raise the Ctrl-C or SIGTERM received inside `noticed()` if it got lost on its way (see the module's docstring)
+    or was held (`held`)."""
+    global _raised
     if _received is not None:
+        _raised = True
         raise interruption(_received)
 
 
 @contextlib.contextmanager
 def held() -> Iterator[Held]:
     """Hold a Ctrl-C or SIGTERM that arrives inside the block and say so afterwards (`Held.raise_if_received`),
-    instead of raising in the middle of it; the caller raises it once the step is whole."""
+    instead of raising in the middle of it: the caller raises it once the step is whole, or the next `check()`
+    does (inside `noticed()`, where it is recorded)."""
     state = Held()
 
     def hold(signum: int, frame: object) -> None:
+        _record(signum)
         if state.signum is None:
             state.signum = signum
 

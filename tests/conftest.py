@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,12 @@ def family_bf16_tied(tmp_path_factory) -> dict[str, Path]:
         dtype=torch.bfloat16,
         seed=1,
     )
+
+
+@pytest.fixture
+def as_a_scheduled_job():
+    """SIGTERM ends the process, as it does a job a scheduler (SLURM, Kubernetes, `timeout`) will preempt, unless
+    mergetune handles it: a test that sends one without mergetune's handler in place dies."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -288,6 +291,29 @@ def test_a_ctrl_c_once_a_merge_is_written_changes_neither_its_output_nor_its_exi
     assert completed.returncode == 0, completed.stderr
     assert "KeyboardInterrupt" not in completed.stderr and "Traceback" not in completed.stderr
     assert (out / "model.safetensors").exists()
+
+
+def test_a_sigterm_as_the_finished_merge_replaces_the_old_one_lets_it_end_as_a_success(
+    family_f32, tmp_path, monkeypatch, as_a_scheduled_job
+):
+    """Raised while the new output moved into place, the signal reported a merge failed whose new output was already
+    there, and left the old one half deleted beside it."""
+    import mergetune.merge_ops.writer as writer
+
+    out, recipe = tmp_path / "out", write_recipe(tmp_path, slerp(family_f32))
+    assert runner.invoke(app, ["merge", str(recipe), str(out)]).exit_code == 0
+    move = writer._move_into_place
+
+    def signalled_as_it_moves(partial: Path, target: Path) -> None:
+        move(partial, target)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # handled here, as the move ends
+
+    monkeypatch.setattr(writer, "_move_into_place", signalled_as_it_moves)
+    recipe.write_text(yaml.safe_dump(slerp(family_f32, parameters={"t": 0.25})))
+    result = runner.invoke(app, ["merge", str(recipe), str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "t: 0.25" in (out / "mergekit_config.yml").read_text() and not list(tmp_path.glob(".out.*"))
 
 
 def test_ctrl_c_exits_130_and_cleans_up(family_f32, tmp_path, monkeypatch):

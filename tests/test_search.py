@@ -1077,15 +1077,6 @@ def at_a_terminal():
     signal.signal(signal.SIGINT, previous)
 
 
-@pytest.fixture
-def as_a_scheduled_job():
-    """SIGTERM ends the process, as it does a job a scheduler (SLURM, Kubernetes, `timeout`) will preempt, unless
-    mergetune handles it: a test that sends one without mergetune's handler in place dies."""
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    yield
-    signal.signal(signal.SIGTERM, previous)
-
-
 ASK = optuna.Study.ask
 
 
@@ -1135,6 +1126,29 @@ def test_a_sigterm_mid_trial_stops_the_study_as_a_ctrl_c_does_and_names_the_tria
     [retry] = [t for t in after if t.system_attrs.get("retry_history") == [2]]
     assert retry.params == before[2].params and counted(after) == 4
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was
+
+
+def test_a_second_sigterm_while_the_first_one_stores_the_trial_does_not_cut_that_short(
+    family_f32, task_dir, tmp_path, monkeypatch, caplog, as_a_scheduled_job
+):
+    """Schedulers and `timeout` may signal again, people press Ctrl-C twice: raised in the middle of storing the stopped
+    trial, the second signal lost its queued parameters (or left it RUNNING for the reaper)."""
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 4})
+    requeue = Reaper.requeue
+
+    def signalled_again_as_it_queues(optuna_study, failed_id):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # handled here
+        return requeue(optuna_study, failed_id)
+
+    monkeypatch.setattr("mergetune.search.runner.Reaper.requeue", signalled_again_as_it_queues)
+    before, after = interrupted_then_run_again(
+        path, "mergetune.search.trials.set_candidate", signal_at_trial_2(set_candidate, signal.SIGTERM), monkeypatch, caplog,
+        (143, "terminated"),
+    )
+    assert before[2].user_attrs["fail_reason"] == "terminated" and [t.state for t in before[3:]] == [TrialState.WAITING]
+    [retry] = [t for t in after if t.system_attrs.get("retry_history") == [2]]
+    assert retry.params == before[2].params
 
 
 def test_a_sigterm_inside_ask_is_held_until_the_trial_exists(
