@@ -85,17 +85,18 @@ def merge(
     from mergetune.search.cli import TensorBars
 
     recipe_file = load_recipes(recipe)
-    result = merge_recipe_file(
-        recipe_file,
-        out_dir,
-        seed=seed,
-        device=device,
-        allow_pickle=allow_pickle,
-        overwrite=overwrite,
-        shard_bytes=parse_size(shard_size),
-        progress=TensorBars(quiet),
-        protected={"recipe file": recipe},
-    )
+    with TensorBars(quiet) as progress:
+        result = merge_recipe_file(
+            recipe_file,
+            out_dir,
+            seed=seed,
+            device=device,
+            allow_pickle=allow_pickle,
+            overwrite=overwrite,
+            shard_bytes=parse_size(shard_size),
+            progress=progress,
+            protected={"recipe file": recipe},
+        )
     for warning in result.warnings:
         typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
     seed_note = f", seed {result.seed}" if result.seed is not None else ""

@@ -97,12 +97,27 @@ def print_leaderboard(board, top: Optional[int] = None, console: Optional[Consol
         console.print(line)
 
 
-class TensorBars:
-    """A merge's progress (`merge_ops.disk.Progress`): a tqdm bar of tensors per stage on stderr."""
+LOADING = "loading models"  # BarProgress's key for the models' loading bar, beside the methods'
+
+
+class Bars:
+    """tqdm bars on stderr, closed as the block ends, however it ends: a bar left open by an error or a Ctrl-C is
+    redrawn when collected, after (and on the line of) the command's last message."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.bars: dict = {}
+
+    def __enter__(self) -> "Bars":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+class TensorBars(Bars):
+    """A merge's progress (`merge_ops.disk.Progress`): a tqdm bar of tensors per stage on stderr."""
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         from tqdm import tqdm
@@ -115,13 +130,8 @@ class TensorBars:
             bar.close()
 
 
-class BarProgress:
+class BarProgress(Bars):
     """A tqdm bar per method on stderr; tqdm estimates the time left from the trial rate, a timeout adds its own."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-        self.bars: dict = {}
-        self.load_bar = None
 
     def start(self, method: str, total: int) -> None:
         from tqdm import tqdm
@@ -137,16 +147,17 @@ class BarProgress:
         bar.set_postfix_str(", ".join(notes))
 
     def finish(self, method: str) -> None:
-        self.bars.pop(method).close()
+        self.bars[method].close()
 
     def loading(self, done: int, total: int) -> None:
         from tqdm import tqdm
 
-        if self.load_bar is None:
-            self.load_bar = tqdm(total=total, desc="loading models", unit="B", unit_scale=True, file=sys.stderr, disable=self.quiet)
-        self.load_bar.update(done - self.load_bar.n)
+        bar = self.bars.get(LOADING)
+        if bar is None:
+            bar = self.bars[LOADING] = tqdm(total=total, desc=LOADING, unit="B", unit_scale=True, file=sys.stderr, disable=self.quiet)
+        bar.update(done - bar.n)
         if done >= total:
-            self.load_bar.close()
+            bar.close()
 
 
 def run_with_progress(
@@ -164,7 +175,8 @@ def run_with_progress(
         from datasets.utils.logging import disable_progress_bar
 
         disable_progress_bar()
-    return run_study(study, n_trials, timeout, say=typer.echo, progress=BarProgress(quiet), max_failures=max_failures)
+    with BarProgress(quiet) as progress:
+        return run_study(study, n_trials, timeout, say=typer.echo, progress=progress, max_failures=max_failures)
 
 
 def study_run(
@@ -234,10 +246,11 @@ def export_command(
 
     check_output_dir(out_dir, "output directory")
     study = _load(study_file, storage)
-    result = export_trial(
-        study, out_dir, method, trial, overwrite, storage=open_storage(study, create=False), device=device,
-        progress=TensorBars(quiet),
-    )
+    with TensorBars(quiet) as progress:
+        result = export_trial(
+            study, out_dir, method, trial, overwrite, storage=open_storage(study, create=False), device=device,
+            progress=progress,
+        )
     if result.note:
         typer.secho(f"warning: {result.note}", fg=typer.colors.YELLOW, err=True)
     typer.echo(

@@ -62,11 +62,11 @@ def write_recipe(tmp_path: Path, family: dict, t: float) -> Path:
     return path
 
 
-def start_merge(recipe: Path, out: Path, *flags: str, seconds_per_tensor: float) -> subprocess.Popen:
+def start_merge(recipe: Path, out: Path, *flags: str, seconds_per_tensor: float, quiet: bool = True) -> subprocess.Popen:
     """The merge in a child process; returns once it has begun writing (its hidden partial directory exists)."""
     environment = {**os.environ, "SECONDS_PER_TENSOR": str(seconds_per_tensor)}
     child = subprocess.Popen(
-        [sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out), "--quiet", *flags],
+        [sys.executable, "-c", SLOW_MERGE, "merge", str(recipe), str(out), *["--quiet"] * quiet, *flags],
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -132,13 +132,14 @@ def test_an_overwrite_killed_at_any_moment_leaves_the_old_output_or_the_new_one(
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],  # Ctrl-C; `kill`, a scheduler, `timeout`
 )
 def test_ctrl_c_or_sigterm_during_a_merge_exits_and_removes_the_partial_output(signum, code, said, merges, family_f32, tmp_path):
+    """With the progress bar drawn: the message is the last line, not glued to the bar and drawn over by it."""
     recipe, _ = merges[0.3]
     out = tmp_path / "out"
     before = inputs(family_f32)
-    child = start_merge(recipe, out, seconds_per_tensor=0.05)
+    child = start_merge(recipe, out, seconds_per_tensor=0.05, quiet=False)
     time.sleep(0.1)
     child.send_signal(signum)
-    _, stderr = child.communicate(timeout=60)
+    _, stderr = child.communicate(timeout=60)  # the bar's carriage returns read as line ends
     assert child.returncode == code, stderr
     assert stderr.strip().splitlines()[-1] == said and "Traceback" not in stderr
     assert inputs(family_f32) == before
