@@ -66,6 +66,13 @@ class TrialOutcome:
     docs_scored: int
     reason: Optional[str] = None  # why it failed, or why it was not run
 
+    def describe(self) -> str:
+        """How it ended, for the log: `complete: 62.50, 180 documents, 4.2 s`, or `failed: <reason>`."""
+        if self.state == TrialState.FAIL:
+            return f"failed: {self.reason}"
+        score = "" if self.value is None else f" {100 * self.value:.2f},"
+        return f"{self.state.name.lower()}:{score} {self.docs_scored} documents, {self.seconds:.1f} s"
+
 
 @dataclass
 class MethodRun:
@@ -148,11 +155,13 @@ class StudyRunner:
             trial = optuna_study.ask()
         try:
             interrupt.raise_if_received()
-            return self._run_asked(optuna_study, trial, method, target)
+            outcome = self._run_asked(optuna_study, trial, method, target)
         except KeyboardInterrupt as stop:
             if self._finish(optuna_study, trial, TrialState.FAIL, reason=interrupts.describe(stop)):
                 Reaper.requeue(optuna_study, trial_id(trial))
             raise
+        log.info("%s: trial %d %s", method, outcome.number, outcome.describe())
+        return outcome
 
     def _run_asked(self, optuna_study: optuna.Study, trial: optuna.Trial, method: str, target: Optional[int]) -> TrialOutcome:
         """`run_trial` once the trial exists: claimed by this worker, admitted or stood down, evaluated, stored."""
@@ -163,6 +172,7 @@ class StudyRunner:
                 reason = NOT_RUN.format(target=target)
                 self._finish(optuna_study, trial, TrialState.FAIL, reason=reason)
                 return TrialOutcome(trial.number, TrialState.FAIL, None, 0.0, 0, reason)
+            log.info("%s: trial %d started", method, trial.number)
             try:
                 state, value, docs_scored = self._evaluate(optuna_study, trial, method)
             except UpdateFinishedTrialError:  # declared dead meanwhile: its retry runs elsewhere

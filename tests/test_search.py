@@ -1110,6 +1110,19 @@ def test_a_ctrl_c_inside_ask_is_held_until_the_trial_exists_and_then_fails_it_as
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back as it was
 
 
+def test_with_verbose_logging_each_trial_says_when_it_starts_and_how_it_ended(family_f32, task_dir, tmp_path, caplog):
+    path = write_study(tmp_path, family_f32, task_dir, methods=["slerp"], budget={"n_trials": 3})
+    with caplog.at_level(logging.INFO, logger="mergetune.search.runner"):
+        assert runner.invoke(app, ["study", "run", str(path), "--quiet"]).exit_code == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "mergetune.search.runner" and ": trial " in r.getMessage()]
+    stored = trials(path, "slerp")
+    assert len(said) == 2 * len(stored) == 6
+    for trial, (started, ended) in zip(stored, zip(said[::2], said[1::2])):
+        assert started == f"slerp: trial {trial.number} started"
+        score = f"complete: {100 * trial.value:.2f}," if trial.state == TrialState.COMPLETE else "pruned:"
+        assert re.fullmatch(rf"slerp: trial {trial.number} {score} \d+ documents, [\d.]+ s", ended), ended
+
+
 def test_a_sigterm_mid_trial_stops_the_study_as_a_ctrl_c_does_and_names_the_trial_terminated(
     family_f32, task_dir, tmp_path, monkeypatch, caplog, as_a_scheduled_job
 ):
