@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NoReturn, Optional
 
 #: The signals a command stops on, handled alike.
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -54,10 +54,15 @@ class Held:
 
     def raise_if_received(self) -> None:
         """Raise what was held in the block, now that the step is whole."""
-        global _raised
         if self.signum is not None:
-            _raised = True
-            raise interruption(self.signum)
+            _stop(self.signum)
+
+
+def _stop(signum: int) -> NoReturn:
+    """Raise `signum`'s interruption, marking the command as stopping (later signals are dropped)."""
+    global _raised
+    _raised = True
+    raise interruption(signum)
 
 
 def _record(signum: int) -> None:
@@ -68,11 +73,9 @@ def _record(signum: int) -> None:
 
 def _record_and_raise(signum: int, frame: object) -> None:
     """The first signal raises; the next ones, arriving while the command cleans up after it, are dropped."""
-    global _raised
     _record(signum)
     if not _raised:
-        _raised = True
-        raise interruption(_received)
+        _stop(_received)
 
 
 @contextlib.contextmanager
@@ -117,10 +120,8 @@ def noticed() -> Iterator[None]:
 def check() -> None:
     """Raise the Ctrl-C or SIGTERM received inside `noticed()` if it got lost on its way (see the module's docstring)
     or was held (`held`)."""
-    global _raised
     if _received is not None:
-        _raised = True
-        raise interruption(_received)
+        _stop(_received)
 
 
 @contextlib.contextmanager

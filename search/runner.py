@@ -67,9 +67,7 @@ class TrialOutcome:
     reason: Optional[str] = None  # why it failed, or why it was not run
 
     def describe(self) -> str:
-        """How it ended, for the log: `complete: 62.50, 180 documents, 4.2 s`, or `failed: <reason>`."""
-        if self.state == TrialState.FAIL:
-            return f"failed: {self.reason}"
+        """How a scored trial ended, for the log: `complete: 62.50, 180 documents, 4.2 s` (`pruned: …`)."""
         score = "" if self.value is None else f" {100 * self.value:.2f},"
         return f"{self.state.name.lower()}:{score} {self.docs_scored} documents, {self.seconds:.1f} s"
 
@@ -160,7 +158,8 @@ class StudyRunner:
             if self._finish(optuna_study, trial, TrialState.FAIL, reason=interrupts.describe(stop)):
                 Reaper.requeue(optuna_study, trial_id(trial))
             raise
-        log.info("%s: trial %d %s", method, outcome.number, outcome.describe())
+        if outcome.state != TrialState.FAIL:  # a failure is logged, as a warning, where it is stored
+            log.info("%s: trial %d %s", method, outcome.number, outcome.describe())
         return outcome
 
     def _run_asked(self, optuna_study: optuna.Study, trial: optuna.Trial, method: str, target: Optional[int]) -> TrialOutcome:
